@@ -1,0 +1,24 @@
+"""shrinktunnel: a model shrink tunnel. A trained PyTorch model goes in with a little data; a
+smaller, faster model comes out, with the measured figures that prove it.
+
+    import shrinktunnel as st
+    q = st.quantize(model, st.QuantConfig(), data=calib)
+    result = st.compress(model, "recipe.yaml", data=calib, eval_fn=...)
+    result.save("out/"); model = st.load("out/")
+    st.export_onnx(result, "model.onnx", example_inputs=x)
+"""
+
+from ._version import __version__
+from .api import compress, load, quantize, save
+from .core.history import set_model_ref
+from .core.recipe import load_recipe
+from .core.result import Result
+from .errors import ArtifactError, ConfigError, DataError, ExportError, ModelError, ShrinkError
+from .export import export_onnx
+from .quant import ActivationQuant, QuantConfig, WeightQuant
+
+__all__ = [
+    "__version__", "quantize", "compress", "load", "save", "export_onnx", "load_recipe", "set_model_ref",
+    "Result", "QuantConfig", "WeightQuant", "ActivationQuant",
+    "ShrinkError", "ConfigError", "DataError", "ModelError", "ArtifactError", "ExportError",
+]

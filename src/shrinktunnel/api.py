@@ -1,0 +1,103 @@
+"""The public functions: thin wrappers over the registry, the artifact and measurement."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from .core import data as D
+from .core.artifact import load_artifact, save_artifact
+from .core.history import append_stage, set_model_ref, model_ref as _model_ref
+from .core.recipe import load_recipe
+from .core.registry import Context, get_method
+from .core.result import Result
+from .errors import ModelError
+from .measure import artifact_bytes, count_macs, count_weights, float_safetensors_bytes
+from .quant.config import QuantConfig
+
+__all__ = ["quantize", "compress", "load", "save", "run_stage"]
+
+
+def run_stage(model: nn.Module, method: str, config: Any, ctx: Context) -> nn.Module:
+    """Apply one registered method to a copy of `model` and record it for replay."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    m = get_method(method)
+    cfg = m.config_cls.parse(config)
+    new_model, replay = m.apply(model, cfg, ctx)
+    append_stage(new_model, method, cfg.to_dict(), replay)
+    return new_model
+
+
+def quantize(model: nn.Module, config: QuantConfig | dict | None = None, *, data: Any = None, progress: bool = True) -> nn.Module:
+    """Return a NEW quantized model (post-training); `model` is not changed. `data`: calibration batches."""
+    return run_stage(model, "quantize", config, Context(data=data, progress=progress))
+
+
+def compress(
+    model: nn.Module,
+    recipe: Any,
+    *,
+    data: Any = None,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    example_inputs: Any = None,
+    model_ref: str | None = None,
+    progress: bool = True,
+) -> Result:
+    """Run every stage of `recipe` on a copy of `model`; return a Result with before/after metrics.
+
+    `model_ref` ("pkg.module:factory" or "file.py:factory") lets `st.load` rebuild the architecture
+    without being handed the model; models from `shrinktunnel.assets` carry theirs already.
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"compress expects a torch.nn.Module, got {type(model).__name__}")
+    stages = load_recipe(recipe)
+    ctx = Context(data=data, example_inputs=example_inputs, eval_fn=eval_fn, progress=progress)
+    if model_ref is not None:
+        set_model_ref(model, model_ref)
+    if data is not None:
+        D.check_model_runs(model, data)
+    current = model
+    for stage in stages:
+        current = run_stage(current, stage.method, stage.config, ctx)
+    if example_inputs is None and data is not None:
+        example_inputs = next(D.batches(data))
+    metrics = {"before": _measure(model, example_inputs, eval_fn), "after": _measure(current, example_inputs, eval_fn, artifact=True)}
+    return Result(current, metrics, ctx.warnings)
+
+
+def _measure(model: nn.Module, example: Any, eval_fn, artifact: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"weights": count_weights(model)}
+    if artifact:
+        with tempfile.TemporaryDirectory() as d:
+            out["bytes"] = artifact_bytes(save_artifact(model, Path(d) / "a"))
+    else:
+        out["bytes"] = float_safetensors_bytes(model)
+    out["bits_per_weight"] = 8.0 * out["bytes"] / max(out["weights"], 1)
+    if example is not None:
+        inputs, _ = D.split(example)
+        out["macs"] = count_macs(model, inputs)
+    if eval_fn is not None:
+        out["metric"] = float(eval_fn(model))
+    return out
+
+
+def load(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the compressed model saved at `path` (no pickle). `model`: the original architecture,
+    only needed when the artifact records no model reference."""
+    return load_artifact(path, model)
+
+
+def save(model: nn.Module | Result, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Save a model returned by a method (or a Result) as an artifact directory."""
+    if isinstance(model, Result):
+        return model.save(path, overwrite=overwrite)
+    return save_artifact(model, path, overwrite=overwrite)
+
+
+def model_reference(model: nn.Module) -> str | None:
+    return _model_ref(model)

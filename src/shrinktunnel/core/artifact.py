@@ -1,0 +1,206 @@
+"""The artifact: a directory with `manifest.json` and `model.safetensors`. Never pickle.
+
+Format: docs/artifact-format.md. Saving writes into a hidden sibling directory and renames it into
+place, so a crash leaves either the old artifact or the new one at the target, never half of one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .._version import __version__
+from ..errors import ArtifactError, ModelError
+from .history import get_record, set_model_ref
+from .registry import get_method
+
+FORMAT = "shrinktunnel-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TENSORS = "model.safetensors"
+
+__all__ = ["save_artifact", "load_artifact", "read_manifest", "FORMAT_VERSION"]
+
+
+def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict made contiguous, with tensors that share storage stored once (aliases)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple, torch.dtype], str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]
+            continue
+        if key is not None:
+            seen[key] = name
+        tensors[name] = t.detach().cpu().contiguous()
+    return tensors, aliases
+
+
+def build_manifest(model: nn.Module, metrics: dict[str, Any] | None = None, warnings: list[str] | None = None) -> dict[str, Any]:
+    record = get_record(model)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "toolkit": {"name": "shrinktunnel", "version": __version__, "torch": torch.__version__.split("+")[0]},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": {"ref": record["model_ref"], "class": type(model).__name__},
+        "stages": record["stages"],
+        "metrics": metrics or {},
+        "warnings": warnings or [],
+    }
+
+
+def save_artifact(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    metrics: dict[str, Any] | None = None,
+    warnings: list[str] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write `model` as an artifact directory at `path`, atomically; return the path."""
+    target = Path(path)
+    if target.exists() and not _replaceable(target):
+        raise ArtifactError(
+            f"{str(target)!r} exists and is not a shrinktunnel artifact (no {MANIFEST}); "
+            f"choose an empty or new directory so nothing of yours is overwritten"
+        )
+    if target.exists() and not overwrite:
+        raise ArtifactError(f"artifact {str(target)!r} already exists; pass overwrite=True (or --force) to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        tensors, aliases = _tensors(model)
+        save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
+        manifest = build_manifest(model, metrics, warnings)
+        manifest["tensors"] = {
+            "file": TENSORS,
+            "sha256": _sha256(tmp / TENSORS),
+            "bytes": (tmp / TENSORS).stat().st_size,
+            "aliases": aliases,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _replaceable(target: Path) -> bool:
+    return target.is_dir() and ((target / MANIFEST).is_file() or not any(target.iterdir()))
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(tmp, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed, checked manifest of the artifact at `path`."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ArtifactError(f"artifact directory {str(root)!r} does not exist; give the folder `save` wrote")
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"{str(root)!r} has no {MANIFEST}: it is not a shrinktunnel artifact, or saving it did not finish")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{str(mpath)!r} is not valid JSON ({exc}); the artifact is corrupted, save it again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{str(mpath)!r} is not a {FORMAT} manifest (its 'format' field is missing or different)")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise ArtifactError(
+            f"artifact format version {version!r} is not supported by shrinktunnel {__version__} "
+            f"(it reads versions 1 to {FORMAT_VERSION}); upgrade shrinktunnel"
+        )
+    for key, kind in (("stages", list), ("tensors", dict), ("model", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ArtifactError(f"{str(mpath)!r}: field {key!r} is missing or not a {kind.__name__}; the artifact is corrupted")
+    return manifest
+
+
+def load_artifact(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the compressed module saved at `path`. `model`: the original architecture, needed only
+    when the manifest has no model reference; it is copied, not changed."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    tinfo = manifest["tensors"]
+    tpath = root / str(tinfo.get("file", TENSORS))
+    if not tpath.is_file():
+        raise ArtifactError(f"{str(tpath)!r} is missing; the artifact is incomplete, save it again")
+    if tinfo.get("sha256") and _sha256(tpath) != tinfo["sha256"]:
+        raise ArtifactError(f"{str(tpath)!r} does not match the checksum in the manifest: the file is corrupted or was changed")
+
+    ref = manifest["model"].get("ref")
+    if model is not None:
+        import copy
+
+        base = copy.deepcopy(model)
+    elif ref:
+        from .refs import load_model
+
+        try:
+            base = load_model(ref)
+        except ModelError as exc:
+            raise ArtifactError(f"cannot rebuild the original model from {ref!r}: {exc}; or pass model=...") from None
+    else:
+        raise ArtifactError(
+            "the manifest records no model reference, so the original architecture is unknown: "
+            "call st.load(path, model=<the original model>), or compress with model_ref='pkg.module:factory'"
+        )
+    base = base.eval()
+    for i, stage in enumerate(manifest["stages"]):
+        try:
+            method = get_method(stage["method"])
+            base = method.replay(base, stage["replay"])
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise ArtifactError(f"cannot replay stage {i} ({stage.get('method')!r}): {type(exc).__name__}: {exc}") from None
+    try:
+        tensors = load_file(str(tpath))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"cannot read {str(tpath)!r}: {exc}; the file is corrupted") from None
+    for alias, original in tinfo.get("aliases", {}).items():
+        if original in tensors:
+            tensors[alias] = tensors[original]
+    try:
+        base.load_state_dict(tensors, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"the tensors do not fit the rebuilt model: {str(exc).splitlines()[0]} ...") from None
+    record = get_record(base)
+    record["stages"] = manifest["stages"]
+    set_model_ref(base, ref)
+    return base

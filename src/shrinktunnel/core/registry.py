@@ -1,0 +1,82 @@
+"""The method registry: a method is a config class plus two plain functions.
+
+- `apply(model, config, ctx) -> (new_model, replay)`: compresses a copy of `model`; `replay` is
+  JSON-ready data that lets `replay_fn` rebuild the compressed structure from the original one.
+- `replay(model, replay) -> model`: rebuilds the structure (shapes and dtypes, not values) in place,
+  so that `st.load` can then fill it from safetensors. Values never travel through the manifest
+  except small scalars a method chooses to keep there (documented in docs/artifact-format.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from ..errors import ConfigError
+from .config import Config
+
+__all__ = ["Method", "Context", "register_method", "get_method", "method_for_config", "METHODS"]
+
+
+@dataclass
+class Context:
+    """Live objects a stage may need; never part of a config."""
+
+    data: Any = None  # calibration / fine-tuning batches
+    example_inputs: Any = None
+    eval_fn: Callable[[nn.Module], float] | None = None
+    progress: bool = True
+    warnings: list[str] = field(default_factory=list)  # things skipped, shown in the report
+
+    def warn(self, message: str) -> None:
+        import warnings
+
+        self.warnings.append(message)
+        warnings.warn(message, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_cls: type[Config]
+    apply: Callable[[nn.Module, Config, Context], tuple[nn.Module, dict[str, Any]]]
+    replay: Callable[[nn.Module, dict[str, Any]], nn.Module]
+    summary: str = ""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, config_cls: type[Config], *, replay: Callable, summary: str = ""):
+    """Decorator: `@register_method("quantize", QuantConfig, replay=replay_quantize)`."""
+
+    def wrap(fn: Callable) -> Callable:
+        METHODS[name] = Method(name, config_cls, fn, replay, summary or (fn.__doc__ or "").split("\n")[0])
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> Method:
+    _load_builtin_methods()
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown method {name!r}; available methods: {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+def method_for_config(config: Config) -> Method:
+    _load_builtin_methods()
+    for method in METHODS.values():
+        if type(config) is method.config_cls:
+            return method
+    raise ConfigError(f"no method takes a {type(config).__name__}; pass one of the method configs")
+
+
+def _load_builtin_methods() -> None:
+    # Importing a method's module registers it; done lazily to keep `import shrinktunnel` cheap.
+    from .. import quant  # noqa: F401

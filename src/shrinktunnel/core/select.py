@@ -1,0 +1,60 @@
+"""Layer selection by ordered glob patterns over module names (`fnmatch` syntax).
+
+Patterns are matched against the dotted names of `model.named_modules()`: `conv_layers.*`,
+`*.attention.*`, `fc_layers.0`. Rules are ordered and the last matching rule wins, so a broad rule
+first and narrow exceptions after it reads naturally, and a search can later set anything per layer.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Iterable, Sequence, TypeVar
+
+from torch import nn
+
+T = TypeVar("T")
+
+__all__ = ["matches", "select_modules", "resolve"]
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatchcase(name, p) for p in patterns)
+
+
+def resolve(name: str, rules: Sequence[tuple[str, T]], default: T) -> T:
+    """The value of the last rule whose pattern matches `name`, else `default`."""
+    value = default
+    for pattern, rule_value in rules:
+        if fnmatchcase(name, pattern):
+            value = rule_value
+    return value
+
+
+def select_modules(
+    model: nn.Module,
+    kinds: tuple[type[nn.Module], ...],
+    include: Sequence[str] = ("*",),
+    exclude: Sequence[str] = (),
+) -> list[tuple[str, nn.Module]]:
+    """Modules of the given kinds whose names match an include pattern and no exclude pattern."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if name and isinstance(module, kinds) and matches(name, include) and not matches(name, exclude)
+    ]
+
+
+def unmatched_patterns(model: nn.Module, patterns: Iterable[str]) -> list[str]:
+    """Patterns that match no module at all: almost always a typo worth reporting."""
+    names = [n for n, _ in model.named_modules() if n]
+    return [p for p in patterns if p != "*" and not any(fnmatchcase(n, p) for n in names)]
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, child = get_submodule_parent(model, name)
+    setattr(parent, child, module)

@@ -1,0 +1,28 @@
+"""Typed errors. Every message names the problem, the offending value and the fix.
+
+The CLI turns any `ShrinkError` into one line on stderr and exit code 2; anything else is a bug.
+"""
+
+
+class ShrinkError(Exception):
+    """Base of every error shrinktunnel raises on purpose."""
+
+
+class ConfigError(ShrinkError, ValueError):
+    """A config, recipe or option is invalid (unknown key, value out of range, wrong type)."""
+
+
+class DataError(ShrinkError, ValueError):
+    """The data cannot be used: empty, wrong shape, wrong type, or the model fails on it."""
+
+
+class ModelError(ShrinkError, ValueError):
+    """The model cannot be loaded, built or run."""
+
+
+class ArtifactError(ShrinkError, OSError):
+    """An artifact directory is missing, incomplete, corrupted or of an unknown version."""
+
+
+class ExportError(ShrinkError, RuntimeError):
+    """Export to ONNX or running the exported model failed."""

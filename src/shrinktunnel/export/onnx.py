@@ -1,0 +1,112 @@
+"""QDQ ONNX export through torch's exporter (torch.export + onnxscript).
+
+Quantized layers simulate with `quantized_decomposed` operators, which the exporter writes as
+QuantizeLinear / DequantizeLinear with the layer's own scales and zero points, and integer weight
+initializers: ONNX Runtime's QDQ transformers then fuse DQ -> Conv/MatMul -> Q into integer kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import data as D
+from ..errors import ExportError
+
+__all__ = ["export_onnx"]
+
+
+def export_onnx(
+    model: Any,
+    path: str | os.PathLike,
+    example_inputs: Any,
+    *,
+    dynamic_batch: bool = True,
+    opset: int = 18,
+) -> Path:
+    """Write `model` (an nn.Module or a Result) as ONNX at `path`, atomically; return the path.
+
+    `example_inputs` is one batch in the data convention (tensor, (inputs, target) or dict). The batch
+    dimension (0) of every input is dynamic unless `dynamic_batch=False`.
+    """
+    module: nn.Module = getattr(model, "model", model)
+    if not isinstance(module, nn.Module):
+        raise ExportError(f"export_onnx needs an nn.Module or a Result, got {type(model).__name__}")
+    if example_inputs is None:
+        raise ExportError("export_onnx needs example_inputs: one batch the model accepts, e.g. torch.randn(2, 1, 28, 28)")
+    (args, kwargs), _ = D.split(example_inputs)
+    args, kwargs = _batch_at_least_two(args, kwargs)
+    module = module.eval()
+    dynamic = _dynamic_shapes(module, args, kwargs) if dynamic_batch else None
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with _quiet():
+            torch.onnx.export(
+                module, args, str(tmp), kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic,
+                opset_version=opset, external_data=False, optimize=True, verbose=False,
+            )
+        _check_runs(tmp)
+        os.replace(tmp, target)
+    except ExportError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first}; run with --debug for the full trace") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _batch_at_least_two(args, kwargs):
+    # torch.export specialises a dimension of size 1, which would pin the batch size.
+    def grow(t):
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == 1:
+            return torch.cat([t, t])
+        return t
+
+    return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
+
+
+def _dynamic_shapes(module: nn.Module, args, kwargs):
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    spec = lambda t: {0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None  # noqa: E731
+    if kwargs:
+        return {**{f"arg{i}": spec(a) for i, a in enumerate(args)}, **{k: spec(v) for k, v in kwargs.items()}} if args else {k: spec(v) for k, v in kwargs.items()}
+    return tuple(spec(a) for a in args)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter prints progress lines and warns about optional torchvision ops; keep them out."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _check_runs(path: Path) -> None:
+    from .runtime import ort_session
+
+    try:
+        ort_session(path, threads=1)
+    except Exception as exc:
+        raise ExportError(f"ONNX Runtime rejects the exported model: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,11 @@
+"""Measurement reused by every method: size, parameters, MACs, latency, accuracy, fidelity."""
+
+from .latency import LatencyStats, onnx_latency, torch_latency
+from .macs import count_macs
+from .quality import accuracy, fidelity
+from .size import artifact_bytes, count_weights, float_safetensors_bytes
+
+__all__ = [
+    "LatencyStats", "torch_latency", "onnx_latency", "count_macs", "accuracy", "fidelity",
+    "artifact_bytes", "count_weights", "float_safetensors_bytes",
+]

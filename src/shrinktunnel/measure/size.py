@@ -1,0 +1,45 @@
+"""Sizes: bytes on disk and weight counts."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import nn
+
+__all__ = ["artifact_bytes", "count_weights", "float_safetensors_bytes", "bits_per_weight"]
+
+
+def artifact_bytes(path: str | os.PathLike) -> int:
+    """Bytes of every file in an artifact directory (or of one file)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def count_weights(model: nn.Module) -> int:
+    """Learned values: parameters, and the integer weights of compressed layers (not their scales)."""
+    total = 0
+    for module in model.modules():
+        own = getattr(module, "num_weights", None)
+        if callable(own):
+            total += own()
+        else:
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total
+
+
+def float_safetensors_bytes(model: nn.Module) -> int:
+    """Size of the model's float state dict written as one safetensors file: the size baseline."""
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "model.safetensors"
+        save_file(tensors, str(path))
+        return path.stat().st_size
+
+
+def bits_per_weight(nbytes: int, weights: int) -> float:
+    return 8.0 * nbytes / max(weights, 1)

@@ -1,0 +1,7 @@
+"""Quantization: formats, observers, quantized layers, post-training quantization."""
+
+from .config import ActivationQuant, Calibrator, Granularity, QuantConfig, WeightQuant
+from .modules import QuantizedLayer
+from .ptq import quantize_model
+
+__all__ = ["ActivationQuant", "Calibrator", "Granularity", "QuantConfig", "WeightQuant", "QuantizedLayer", "quantize_model"]

@@ -1,0 +1,51 @@
+"""Configs of the quantization methods."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from ..core.config import Config, StrEnum
+
+__all__ = ["Granularity", "Calibrator", "WeightQuant", "ActivationQuant", "QuantConfig"]
+
+
+class Granularity(StrEnum):
+    PER_TENSOR = "per_tensor"
+    PER_CHANNEL = "per_channel"
+
+
+class Calibrator(StrEnum):
+    MINMAX = "minmax"
+
+
+def _only_8_bits(bits: int) -> int:
+    if bits != 8:
+        raise ValueError(f"bits={bits} is not supported yet; use 8 (other widths arrive with the quantization issue)")
+    return bits
+
+
+class WeightQuant(Config):
+    bits: int = 8  # 8: int8 kernels exist in every CPU runtime; near-lossless with per-channel scales
+    granularity: Granularity = Granularity.PER_CHANNEL  # per_channel: one scale per output channel
+    symmetric: bool = True  # True: zero point 0, so integer kernels skip a zero-point correction term
+
+    _bits = field_validator("bits")(_only_8_bits)
+
+
+class ActivationQuant(Config):
+    bits: int = 8
+    symmetric: bool = False  # False: uint8 with a zero point uses all 256 levels on post-ReLU tensors
+    calibrator: Calibrator = Calibrator.MINMAX  # minmax: the observed range, nothing clipped
+
+    _bits = field_validator("bits")(_only_8_bits)
+
+
+class QuantConfig(Config):
+    """Post-training quantization (static: weights and activations; weight-only when activations is None)."""
+
+    weights: WeightQuant = WeightQuant()
+    activations: ActivationQuant | None = ActivationQuant()  # None: weight-only, no calibration data needed
+    layers: list[str] = ["*"]  # glob patterns over module names; Linear, Conv1d and Conv2d among them are quantized
+    skip: list[str] = []  # glob patterns of layers kept in floating point, applied after `layers`
+    calibration_batches: int | None = Field(default=None, ge=1)  # None: every batch of the data given
+    fuse_relu: bool = True  # a ReLU right after a layer joins its output quantizer, as runtimes fuse it
