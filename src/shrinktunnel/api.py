@@ -11,7 +11,7 @@ from torch import nn
 
 from .core import data as D
 from .core.artifact import load_artifact, save_artifact
-from .core.history import append_stage, set_model_ref, model_ref as _model_ref
+from .core.history import append_stage, get_record, record_inputs, set_model_ref, model_ref as _model_ref
 from .core.recipe import load_recipe
 from .core.registry import Context, get_method
 from .core.result import Result
@@ -30,6 +30,10 @@ def run_stage(model: nn.Module, method: str, config: Any, ctx: Context) -> nn.Mo
     cfg = m.config_cls.parse(config)
     new_model, replay = m.apply(model, cfg, ctx)
     append_stage(new_model, method, cfg.to_dict(), replay)
+    example = ctx.example_inputs if ctx.example_inputs is not None else (
+        next(D.batches(ctx.data)) if ctx.data is not None else None)
+    if example is not None and get_record(new_model).get("inputs") is None:
+        record_inputs(new_model, example)
     return new_model
 
 

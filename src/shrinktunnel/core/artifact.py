@@ -10,8 +10,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from torch import nn
 
 from .._version import __version__
 from ..errors import ArtifactError, ModelError
+from .atomic import atomic_dir
 from .history import get_record, set_model_ref
 from .registry import get_method
 
@@ -30,7 +29,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "model.safetensors"
 
-__all__ = ["save_artifact", "load_artifact", "read_manifest", "FORMAT_VERSION"]
+__all__ = ["save_artifact", "load_artifact", "read_manifest", "check_output_dir", "FORMAT_VERSION"]
 
 
 def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -57,6 +56,7 @@ def build_manifest(model: nn.Module, metrics: dict[str, Any] | None = None, warn
         "toolkit": {"name": "shrinktunnel", "version": __version__, "torch": torch.__version__.split("+")[0]},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "model": {"ref": record["model_ref"], "class": type(model).__name__},
+        "inputs": record.get("inputs"),
         "stages": record["stages"],
         "metrics": metrics or {},
         "warnings": warnings or [],
@@ -72,18 +72,8 @@ def save_artifact(
     overwrite: bool = True,
 ) -> Path:
     """Write `model` as an artifact directory at `path`, atomically; return the path."""
-    target = Path(path)
-    if target.exists() and not _replaceable(target):
-        raise ArtifactError(
-            f"{str(target)!r} exists and is not a shrinktunnel artifact (no {MANIFEST}); "
-            f"choose an empty or new directory so nothing of yours is overwritten"
-        )
-    if target.exists() and not overwrite:
-        raise ArtifactError(f"artifact {str(target)!r} already exists; pass overwrite=True (or --force) to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
+    target = check_output_dir(path, overwrite=overwrite)
+    with atomic_dir(target) as tmp:
         tensors, aliases = _tensors(model)
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
         manifest = build_manifest(model, metrics, warnings)
@@ -94,29 +84,23 @@ def save_artifact(
             "aliases": aliases,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-        _swap_into_place(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
-def _replaceable(target: Path) -> bool:
-    return target.is_dir() and ((target / MANIFEST).is_file() or not any(target.iterdir()))
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def check_output_dir(path: str | os.PathLike, *, overwrite: bool, marker: str = MANIFEST) -> Path:
+    """The target as a Path, if writing there may replace only an earlier output of ours (it holds
+    `marker`) or an empty directory; raise ArtifactError before any work is done otherwise."""
+    target = Path(path)
+    if target.exists():
+        replaceable = target.is_dir() and ((target / marker).is_file() or not any(target.iterdir()))
+        if not replaceable:
+            raise ArtifactError(
+                f"{str(target)!r} exists and is not an earlier shrinktunnel output (no {marker}); "
+                f"choose a new or empty directory, so that nothing of yours is overwritten"
+            )
+        if not overwrite and any(target.iterdir()):
+            raise ArtifactError(f"artifact {str(target)!r} already exists; pass overwrite=True (--force) to replace it")
+    return target
 
 
 def _sha256(path: Path) -> str:
@@ -202,5 +186,6 @@ def load_artifact(path: str | os.PathLike, model: nn.Module | None = None) -> nn
         raise ArtifactError(f"the tensors do not fit the rebuilt model: {str(exc).splitlines()[0]} ...") from None
     record = get_record(base)
     record["stages"] = manifest["stages"]
+    record["inputs"] = manifest.get("inputs")
     set_model_ref(base, ref)
     return base

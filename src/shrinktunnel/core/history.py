@@ -19,7 +19,7 @@ __all__ = ["get_record", "set_model_ref", "append_stage", "model_ref", "stages"]
 def get_record(model: nn.Module) -> dict[str, Any]:
     record = model.__dict__.get(_ATTR)
     if record is None:
-        record = {"model_ref": None, "stages": []}
+        record = {"model_ref": None, "inputs": None, "stages": []}
         model.__dict__[_ATTR] = record
     return record
 
@@ -43,6 +43,33 @@ def append_stage(model: nn.Module, method: str, config: dict, replay: dict) -> N
     record = get_record(model)
     # Copy-on-write: a model deep-copied from another must not share the parent's stage list.
     model.__dict__[_ATTR] = {
-        "model_ref": record["model_ref"],
+        **record,
         "stages": copy.deepcopy(record["stages"]) + [{"method": method, "config": config, "replay": replay}],
     }
+
+
+def record_inputs(model: nn.Module, batch: Any) -> None:
+    """Remember the input signature (shapes with the batch dimension as null, dtypes) of one batch,
+    so that export can build example inputs from an artifact alone."""
+    from .data import split
+
+    (args, kwargs), _ = split(batch)
+    describe = lambda t: {"shape": [None, *t.shape[1:]], "dtype": str(t.dtype).removeprefix("torch.")}  # noqa: E731
+    get_record(model)["inputs"] = {
+        "args": [describe(a) for a in args],
+        "kwargs": {k: describe(v) for k, v in kwargs.items()},
+    }
+
+
+def example_inputs(spec: dict[str, Any] | None, batch: int = 2) -> Any:
+    """Zeros shaped as a recorded input signature (see `record_inputs`), or None."""
+    import torch
+
+    if not spec:
+        return None
+    make = lambda d: torch.zeros([batch, *d["shape"][1:]], dtype=getattr(torch, d["dtype"]))  # noqa: E731
+    args = [make(d) for d in spec.get("args", [])]
+    kwargs = {k: make(d) for k, d in spec.get("kwargs", {}).items()}
+    if kwargs:
+        return kwargs
+    return args[0] if len(args) == 1 else (tuple(args), None)

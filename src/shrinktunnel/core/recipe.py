@@ -50,12 +50,13 @@ def load_recipe(recipe: Any) -> list[Stage]:
 
 
 def _read_yaml(source: str | os.PathLike) -> Any:
-    path = Path(source)
-    looks_like_path = isinstance(source, os.PathLike) or str(source).endswith((".yaml", ".yml")) or "\n" not in str(source)
-    if looks_like_path and not path.is_file():
-        if str(source).endswith((".yaml", ".yml")) or isinstance(source, os.PathLike):
-            raise ConfigError(f"recipe file {str(path)!r} does not exist; check the path (relative to {Path.cwd()})")
-    text = path.read_text() if path.is_file() else str(source)
+    text = str(source)
+    is_text = isinstance(source, str) and ("\n" in text or ":" in text and not text.endswith((".yaml", ".yml")))
+    if not is_text:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"recipe file {text!r} does not exist; check the path (relative to {Path.cwd()})")
+        text = path.read_text()
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -22,7 +22,8 @@ __all__ = ["accuracy", "fidelity"]
 def accuracy(model: Callable, data: Any, *, progress: bool = False, description: str = "evaluating") -> float:
     """Top-1 accuracy in [0, 1] over every (inputs, target) batch of `data`."""
     correct = total = 0
-    for batch in track(D.batches(data), description, enabled=progress):
+    n_batches = len(data) if hasattr(data, "__len__") and not isinstance(data, (tuple, dict)) else None
+    for batch in track(D.batches(data), description, total=n_batches, enabled=progress):
         inputs, target = D.split(batch)
         if target is None:
             raise DataError("accuracy needs labelled batches (inputs, target); use fidelity() for unlabelled data")

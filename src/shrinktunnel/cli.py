@@ -1,0 +1,101 @@
+"""The `shrink` command line. Every ShrinkError becomes one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
+
+import typer
+from rich.console import Console
+
+from .errors import ShrinkError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="shrinktunnel: make trained PyTorch models smaller and faster, with measured results.",
+)
+console = Console()
+err_console = Console(stderr=True)
+_debug = {"on": False}
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors.")) -> None:
+    _debug["on"] = debug
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("shrink-out/demo"), "--out", help="Output folder (replaced if it holds an earlier run)."),
+    threads: int = typer.Option(2, "--threads", min=1, help="Intra-op threads for every latency measurement."),
+) -> None:
+    """Quantize the built-in MNIST CNN to int8 and print a before/after table."""
+    from .demo import run_demo
+
+    run_demo(out, threads=threads, console=console)
+
+
+@app.command()
+def compress(
+    model: str = typer.Argument(..., help="MODEL: 'package.module:factory' or 'file.py:factory'."),
+    recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML file."),
+    data: str = typer.Option(..., "--data", "-d", help="Calibration DATA: 'pkg.mod:factory', 'file.py:factory', .npz or .safetensors."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled DATA to measure accuracy before and after."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Batch size for .npz / .safetensors data."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing artifact at --out."),
+) -> None:
+    """Run a recipe on MODEL and write the artifact (plus report.json and report.md) to --out."""
+    from .cli_commands import run_compress
+
+    run_compress(model, recipe, data, out, eval_data, batch_size, force, console)
+
+
+@app.command()
+def inspect(path: Path = typer.Argument(..., help="Artifact directory.")) -> None:
+    """Show what an artifact holds: model, stages, layers, sizes and metrics."""
+    from .cli_commands import run_inspect
+
+    run_inspect(path, console)
+
+
+@app.command("export")
+def export_cmd(
+    path: Path = typer.Argument(..., help="Artifact directory."),
+    onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write."),
+) -> None:
+    """Export an artifact to ONNX (QDQ where quantized), with a dynamic batch dimension."""
+    from .cli_commands import run_export
+
+    run_export(path, onnx, console)
+
+
+@app.command("eval")
+def eval_cmd(
+    path: Path = typer.Argument(..., help="Artifact directory."),
+    data: str = typer.Option(..., "--data", "-d", help="Labelled DATA to score on."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    threads: int = typer.Option(2, "--threads", min=1),
+) -> None:
+    """Accuracy and latency of an artifact, in PyTorch and in ONNX Runtime."""
+    from .cli_commands import run_eval
+
+    run_eval(path, data, batch_size, threads, console)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        # Standalone mode: usage errors print as usual and exit 2; our errors arrive here.
+        app(args=argv, prog_name="shrink")
+    except ShrinkError as exc:
+        if _debug["on"]:
+            traceback.print_exc()
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)

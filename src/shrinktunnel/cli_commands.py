@@ -1,0 +1,93 @@
+"""Bodies of the CLI verbs, kept apart from argument parsing."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+from .api import compress, load
+from .compare import Variant, compare_variants, variants_table
+from .core.artifact import check_output_dir, read_manifest
+from .core.atomic import atomic_dir
+from .core.history import example_inputs, get_record
+from .core.refs import load_data, load_model
+from .errors import ExportError
+from .export import export_onnx
+from .measure import accuracy, artifact_bytes
+from .report import Table, fmt_bytes, fmt_pct, write_reports
+
+
+def run_compress(model_ref, recipe, data_ref, out, eval_ref, batch_size, force, console: Console) -> None:
+    from .core.recipe import load_recipe
+
+    out = check_output_dir(out, overwrite=force)  # fail before any work, never after
+    stages = load_recipe(Path(recipe) if not Path(recipe).suffix == "" else recipe)
+    model = load_model(model_ref)
+    data = load_data(data_ref, batch_size)
+    eval_data = load_data(eval_ref, batch_size) if eval_ref else None
+    eval_fn = (lambda m: accuracy(m, eval_data)) if eval_data is not None else None
+    result = compress(model, [(s.method, s.config) for s in stages], data=data, eval_fn=eval_fn)
+    with atomic_dir(out) as tmp:
+        result.save(tmp)
+        table = _before_after(result.metrics)
+        write_reports(tmp, f"shrink compress {model_ref}", {"model": model_ref, "recipe": recipe, **result.manifest}, [table])
+    console.print(table.to_rich())
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    console.print(f"artifact written to [bold]{out.resolve()}[/]")
+
+
+def _before_after(metrics: dict) -> Table:
+    b, a = metrics["before"], metrics["after"]
+    table = Table("before / after", ["", "original", "compressed", "ratio"])
+    table.add("size on disk", fmt_bytes(b["bytes"]), fmt_bytes(a["bytes"]), f"{a['bytes'] / b['bytes']:.3f}")
+    table.add("bits per weight", f"{b['bits_per_weight']:.2f}", f"{a['bits_per_weight']:.2f}", "")
+    table.add("weights", f"{b['weights']:,}", f"{a['weights']:,}", "")
+    if "macs" in b:
+        table.add("MACs per sample", f"{b['macs']:,}", f"{a['macs']:,}", f"{a['macs'] / max(b['macs'], 1):.3f}")
+    if "metric" in b:
+        table.add("accuracy", fmt_pct(b["metric"]), fmt_pct(a["metric"]), f"{100 * (a['metric'] - b['metric']):+.2f} pt")
+    return table
+
+
+def run_inspect(path: Path, console: Console) -> None:
+    manifest = read_manifest(path)
+    console.print(f"[bold]{path}[/]: shrinktunnel artifact v{manifest['format_version']}, "
+                  f"written by shrinktunnel {manifest['toolkit']['version']} on {manifest.get('created', '?')}")
+    console.print(f"model: {manifest['model'].get('class')} (rebuilt from {manifest['model'].get('ref') or 'a model you pass'})")
+    total = artifact_bytes(path)
+    console.print(f"size on disk: {fmt_bytes(total)} ({total:,} bytes)")
+    for i, stage in enumerate(manifest["stages"]):
+        console.print(f"stage {i}: [bold]{stage['method']}[/] {stage['config']}")
+        layers = stage.get("replay", {}).get("layers", {})
+        if layers:
+            t = Table(f"stage {i} layers", ["layer", "kind", "weight", "dtype", "input scale / zp", "output scale / zp", "fused"])
+            for name, spec in layers.items():
+                q = lambda s: "-" if not s else f"{s['scale']:.4g} / {s['zero_point']}"  # noqa: E731
+                t.add(name, spec["kind"], "x".join(map(str, spec["weight_shape"])), spec["weight"]["dtype"],
+                      q(spec.get("input")), q(spec.get("output")), spec.get("activation") or "")
+            console.print(t.to_rich())
+    for w in manifest.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+    if manifest.get("metrics"):
+        console.print(_before_after(manifest["metrics"]).to_rich())
+
+
+def run_export(path: Path, onnx: Path, console: Console) -> None:
+    model = load(path)
+    example = example_inputs(get_record(model).get("inputs"))
+    if example is None:
+        raise ExportError(f"artifact {str(path)!r} records no input signature; export from Python with st.export_onnx(model, path, example_inputs=...)")
+    export_onnx(model, onnx, example)
+    console.print(f"ONNX written to [bold]{onnx.resolve()}[/] ({fmt_bytes(onnx.stat().st_size)})")
+
+
+def run_eval(path: Path, data_ref: str, batch_size: int, threads: int, console: Console) -> None:
+    model = load(path)
+    data = load_data(data_ref, batch_size)
+    with tempfile.TemporaryDirectory() as d:
+        v = Variant(path.name or "artifact", model, artifact_bytes(path))
+        compare_variants([v], data, Path(d), threads=threads)
+    console.print(variants_table([v], f"{path}", threads).to_rich())

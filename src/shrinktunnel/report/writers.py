@@ -1,0 +1,27 @@
+"""Write a report as JSON (for machines) and Markdown (for people)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .tables import Table
+
+__all__ = ["write_reports"]
+
+
+def write_reports(directory: Path, title: str, data: dict[str, Any], tables: list[Table], notes: list[str] = ()) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    jpath, mpath = directory / "report.json", directory / "report.md"
+    jpath.write_text(json.dumps(data, indent=2, default=str, allow_nan=False) + "\n")
+    parts = [f"# {title}", ""]
+    for table in tables:
+        parts += [table.to_markdown(), ""]
+    warnings = data.get("warnings") or []
+    if warnings:
+        parts += ["### Warnings (skipped or unchanged)", ""] + [f"- {w}" for w in warnings] + [""]
+    if notes:
+        parts += ["### Notes", ""] + [f"- {n}" for n in notes] + [""]
+    mpath.write_text("\n".join(parts))
+    return jpath, mpath
