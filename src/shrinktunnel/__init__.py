@@ -8,6 +8,7 @@ smaller, faster model comes out, with the measured figures that prove it.
     st.export_onnx(result, "model.onnx", example_inputs=x)
 """
 
+from . import measure
 from ._version import __version__
 from .api import compress, load, quantize, save
 from .core.history import set_model_ref
@@ -18,7 +19,7 @@ from .export import export_onnx
 from .quant import ActivationQuant, QuantConfig, WeightQuant
 
 __all__ = [
-    "__version__", "quantize", "compress", "load", "save", "export_onnx", "load_recipe", "set_model_ref",
+    "__version__", "measure", "quantize", "compress", "load", "save", "export_onnx", "load_recipe", "set_model_ref",
     "Result", "QuantConfig", "WeightQuant", "ActivationQuant",
     "ShrinkError", "ConfigError", "DataError", "ModelError", "ArtifactError", "ExportError",
 ]
