@@ -21,6 +21,7 @@ from torch import nn
 from .._version import __version__
 from ..errors import ArtifactError, ModelError
 from .atomic import atomic_dir
+from .jsonio import write_json
 from .history import get_record, set_model_ref
 from .registry import get_method
 
@@ -83,7 +84,7 @@ def save_artifact(
             "bytes": (tmp / TENSORS).stat().st_size,
             "aliases": aliases,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+        write_json(tmp / MANIFEST, manifest)
     return target
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from ..core.jsonio import write_json
 from .tables import Table
 
 __all__ = ["write_reports"]
@@ -14,7 +14,7 @@ __all__ = ["write_reports"]
 def write_reports(directory: Path, title: str, data: dict[str, Any], tables: list[Table], notes: list[str] = ()) -> tuple[Path, Path]:
     directory.mkdir(parents=True, exist_ok=True)
     jpath, mpath = directory / "report.json", directory / "report.md"
-    jpath.write_text(json.dumps(data, indent=2, default=str, allow_nan=False) + "\n")
+    write_json(jpath, data)
     parts = [f"# {title}", ""]
     for table in tables:
         parts += [table.to_markdown(), ""]
