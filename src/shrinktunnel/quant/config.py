@@ -6,7 +6,7 @@ from pydantic import Field, field_validator
 
 from ..core.config import Config, StrEnum
 
-__all__ = ["Granularity", "Calibrator", "WeightQuant", "ActivationQuant", "QuantConfig"]
+__all__ = ["Granularity", "Calibrator", "WeightQuant", "ActivationQuant", "LayerOverride", "QuantConfig"]
 
 
 class Granularity(StrEnum):
@@ -40,6 +40,15 @@ class ActivationQuant(Config):
     _bits = field_validator("bits")(_only_8_bits)
 
 
+class LayerOverride(Config):
+    """Per-layer settings: layers whose name matches `pattern` take the fields given here. Rules are
+    applied in order and the last match wins, field by field; a field left out is inherited."""
+
+    pattern: str  # fnmatch pattern over module names, e.g. "fc_layers.*"
+    weights: WeightQuant | None = None  # given: the weight format of the matching layers
+    activations: ActivationQuant | None = None  # given: their activation format; null: weight-only there
+
+
 class QuantConfig(Config):
     """Post-training quantization (static: weights and activations; weight-only when activations is None)."""
 
@@ -49,3 +58,4 @@ class QuantConfig(Config):
     skip: list[str] = []  # glob patterns of layers kept in floating point, applied after `layers`
     calibration_batches: int | None = Field(default=None, ge=1)  # None: every batch of the data given
     fuse_relu: bool = True  # a ReLU right after a layer joins its output quantizer, as runtimes fuse it
+    overrides: list[LayerOverride] = []  # per-layer exceptions, last match wins (a search sets these)

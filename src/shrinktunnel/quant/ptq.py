@@ -1,8 +1,10 @@
-"""Post-training quantization: observe, compute scales, convert to integer-weight layers."""
+"""Post-training quantization: plan per layer, observe in one pass, convert to integer-weight layers."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -13,12 +15,24 @@ from ..core.progress import track
 from ..core.registry import Context, register_method
 from ..core.select import matches, select_modules, set_submodule, unmatched_patterns
 from ..errors import DataError
-from .config import Granularity, QuantConfig
-from .modules import SUPPORTED, ActQuant, QuantizedLayer
+from .config import ActivationQuant, Granularity, QuantConfig, WeightQuant
+from .modules import SUPPORTED, QuantizedLayer
 from .observers import make_observer
 from .ops import qrange, quantize_weight, symmetric_scale
 
-__all__ = ["quantize_model", "replay_quantize"]
+__all__ = ["quantize_model", "replay_quantize", "plan_layers", "LayerPlan"]
+
+
+@dataclass
+class LayerPlan:
+    """What one layer will become: its weight format, its activation format (None: weight-only)
+    and the ReLU folded into it, if any."""
+
+    name: str
+    module: nn.Module
+    weights: WeightQuant
+    activations: ActivationQuant | None
+    relu: str | None = None
 
 
 def replay_quantize(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
@@ -28,6 +42,31 @@ def replay_quantize(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
     for name in replay.get("fused", []):
         set_submodule(model, name, nn.Identity())
     return model
+
+
+def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerPlan]:
+    """Resolve which layers are quantized and how; warn about everything selected but not handled."""
+    override_patterns = [rule.pattern for rule in cfg.overrides]
+    for pattern in unmatched_patterns(model, [*cfg.layers, *cfg.skip, *override_patterns]):
+        ctx.warn(f"quantize: pattern {pattern!r} matches no module")
+    for name, module in model.named_modules():
+        selected = name and matches(name, cfg.layers) and not matches(name, cfg.skip)
+        if selected and _has_own_weight(module) and not isinstance(module, SUPPORTED):
+            ctx.warn(f"quantize: {name} ({type(module).__name__}) is not a supported layer kind; kept in float")
+    plans = []
+    for name, module in select_modules(model, SUPPORTED, cfg.layers, cfg.skip):
+        weights, activations = cfg.weights, cfg.activations
+        for rule in cfg.overrides:  # last match wins, field by field
+            if fnmatchcase(name, rule.pattern):
+                if "weights" in rule.model_fields_set and rule.weights is not None:
+                    weights = rule.weights
+                if "activations" in rule.model_fields_set:
+                    activations = rule.activations
+        relu = _following_relu(model, name) if (cfg.fuse_relu and activations is not None) else None
+        plans.append(LayerPlan(name, module, weights, activations, relu))
+    if not plans:
+        ctx.warn("quantize: no Linear/Conv1d/Conv2d layer selected; the model is unchanged")
+    return plans
 
 
 def _following_relu(model: nn.Module, name: str) -> str | None:
@@ -43,10 +82,7 @@ def _following_relu(model: nn.Module, name: str) -> str | None:
     return None
 
 
-def _weight_qparams(weight: torch.Tensor, cfg: QuantConfig) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    wq = cfg.weights
-    if not wq.symmetric:
-        raise NotImplementedError("asymmetric weights")  # unreachable with the issue-2 config
+def _weight_qparams(weight: torch.Tensor, wq: WeightQuant) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     qmin, qmax = qrange(wq.bits, signed=True, narrow=True)
     w = weight.detach().float()
     if wq.granularity == Granularity.PER_CHANNEL:
@@ -59,19 +95,17 @@ def _weight_qparams(weight: torch.Tensor, cfg: QuantConfig) -> tuple[dict[str, A
     return meta, scale, zero_point
 
 
-def _calibrate(model, targets, relus, cfg: QuantConfig, ctx: Context):
-    """One pass over the calibration data; returns {name: (input observer, output observer)}."""
-    name_of = cfg.activations.calibrator.value
-    observers = {name: (make_observer(name_of), make_observer(name_of)) for name, _ in targets}
-    hooks = []
-    for name, module in targets:
-        in_obs, out_obs = observers[name]
-        hooks.append(module.register_forward_hook(lambda m, i, o, obs=in_obs: obs.update(i[0])))
-        # With a fused ReLU, the output range is the ReLU's output range.
-        where = model.get_submodule(relus[name]) if name in relus else module
+def _calibrate(model: nn.Module, plans: list[LayerPlan], cfg: QuantConfig, ctx: Context):
+    """One pass over the calibration data feeds every observer; returns {name: (input, output)}."""
+    observers, hooks = {}, []
+    for plan in plans:
+        kind = plan.activations.calibrator.value
+        in_obs, out_obs = observers[plan.name] = (make_observer(kind), make_observer(kind))
+        hooks.append(plan.module.register_forward_hook(lambda m, i, o, obs=in_obs: obs.update(i[0])))
+        # With a folded ReLU, the output range is the ReLU's output range.
+        where = model.get_submodule(plan.relu) if plan.relu else plan.module
         hooks.append(where.register_forward_hook(lambda m, i, o, obs=out_obs: obs.update(o)))
     try:
-        D.check_model_runs(model, ctx.data)
         batches = list(D.take(ctx.data, cfg.calibration_batches))
         with torch.no_grad():
             for batch in track(batches, "calibrating", enabled=ctx.progress):
@@ -83,61 +117,58 @@ def _calibrate(model, targets, relus, cfg: QuantConfig, ctx: Context):
     return observers
 
 
+def _act_spec(name: str, side: str, obs, aq: ActivationQuant) -> dict[str, Any]:
+    qmin, qmax = qrange(aq.bits, signed=aq.symmetric)
+    try:
+        scale, zero_point = obs.qparams(qmin, qmax, aq.symmetric)
+    except (RuntimeError, ValueError) as exc:
+        raise DataError(f"quantize: cannot calibrate the {side} of {name}: {exc}; check the calibration data") from None
+    return {"scale": scale, "zero_point": zero_point, "qmin": qmin, "qmax": qmax,
+            "dtype": "int8" if aq.symmetric else "uint8"}
+
+
+def _convert(plan: LayerPlan, observers: dict) -> QuantizedLayer:
+    module = plan.module
+    meta, scale, zero_point = _weight_qparams(module.weight, plan.weights)
+    spec = QuantizedLayer.geometry(module)
+    spec.update(weight=meta, activation="relu" if plan.relu else None)
+    if plan.activations is not None:
+        in_obs, out_obs = observers[plan.name]
+        spec["input"] = _act_spec(plan.name, "input", in_obs, plan.activations)
+        spec["output"] = _act_spec(plan.name, "output", out_obs, plan.activations)
+    layer = QuantizedLayer.from_spec(spec)
+    layer.qweight.copy_(quantize_weight(module.weight, scale, zero_point, meta["qmin"], meta["qmax"], torch.int8))
+    layer.weight_scale.copy_(scale)
+    layer.weight_zero_point.copy_(zero_point)
+    if module.bias is not None:
+        layer.bias.data.copy_(module.bias.detach().float())
+    return layer
+
+
 @register_method("quantize", QuantConfig, replay=replay_quantize)
 def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     """Post-training quantization of a copy of `model`: int8 weights per channel, activations calibrated."""
     model = copy.deepcopy(model).eval()
-    for pattern in unmatched_patterns(model, [*cfg.layers, *cfg.skip]):
-        ctx.warn(f"quantize: pattern {pattern!r} matches no module")
-    targets = select_modules(model, SUPPORTED, cfg.layers, cfg.skip)
-    for name, module in model.named_modules():
-        if name and matches(name, cfg.layers) and not matches(name, cfg.skip) and _has_own_weight(module) \
-                and not isinstance(module, SUPPORTED):
-            ctx.warn(f"quantize: {name} ({type(module).__name__}) is not a supported layer kind; kept in float")
-    if not targets:
-        ctx.warn("quantize: no Linear/Conv1d/Conv2d layer selected; the model is unchanged")
-    relus = {}
-    if cfg.fuse_relu and cfg.activations is not None:
-        relus = {n: r for n, _ in targets if (r := _following_relu(model, n)) is not None}
-
+    plans = plan_layers(model, cfg, ctx)
+    static = [p for p in plans if p.activations is not None]
     observers = {}
-    act_meta: dict[str, Any] = {}
-    if cfg.activations is not None and targets:
+    if static:
         if ctx.data is None:
             raise DataError(
-                "static quantization needs calibration data: pass data=..., or set activations: null "
-                "for weight-only quantization"
+                "static quantization needs calibration data: pass data=... (--data), or set "
+                "activations: null for weight-only quantization"
             )
-        observers = _calibrate(model, targets, relus, cfg, ctx)
-        signed = cfg.activations.symmetric
-        qmin, qmax = qrange(cfg.activations.bits, signed=signed)
-        act_meta = {"qmin": qmin, "qmax": qmax, "dtype": "int8" if signed else "uint8"}
-
+        D.check_model_runs(model, ctx.data)
+        observers = _calibrate(model, static, cfg, ctx)
     layers: dict[str, Any] = {}
-    for name, module in targets:
-        meta, scale, zero_point = _weight_qparams(module.weight, cfg)
-        spec = QuantizedLayer.geometry(module)
-        spec["weight"] = meta
-        spec["activation"] = "relu" if name in relus else None
-        if observers:
-            in_obs, out_obs = observers[name]
-            for side, obs in (("input", in_obs), ("output", out_obs)):
-                try:
-                    s, z = obs.qparams(act_meta["qmin"], act_meta["qmax"], cfg.activations.symmetric)
-                except (RuntimeError, ValueError) as exc:
-                    raise DataError(f"quantize: cannot calibrate the {side} of {name}: {exc}") from None
-                spec[side] = {"scale": s, "zero_point": z, **act_meta}
-        qlayer = QuantizedLayer.from_spec(spec)
-        qlayer.qweight.copy_(quantize_weight(module.weight, scale, zero_point, meta["qmin"], meta["qmax"], torch.int8))
-        qlayer.weight_scale.copy_(scale)
-        qlayer.weight_zero_point.copy_(zero_point)
-        if module.bias is not None:
-            qlayer.bias.data.copy_(module.bias.detach().float())
-        set_submodule(model, name, qlayer)
-        layers[name] = qlayer.spec()
-    for relu in relus.values():
+    for plan in plans:
+        layer = _convert(plan, observers)
+        set_submodule(model, plan.name, layer)
+        layers[plan.name] = layer.spec()
+    fused = sorted(p.relu for p in plans if p.relu)
+    for relu in fused:
         set_submodule(model, relu, nn.Identity())
-    return model, {"layers": layers, "fused": sorted(relus.values())}
+    return model, {"layers": layers, "fused": fused}
 
 
 def _has_own_weight(module: nn.Module) -> bool:
