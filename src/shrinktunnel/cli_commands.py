@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -60,14 +61,15 @@ def run_inspect(path: Path, console: Console) -> None:
     total = artifact_bytes(path)
     console.print(f"size on disk: {fmt_bytes(total)} ({total:,} bytes)")
     for i, stage in enumerate(manifest["stages"]):
-        console.print(f"stage {i}: [bold]{stage['method']}[/] {stage['config']}")
+        console.print(f"stage {i}: [bold]{stage['method']}[/] {json.dumps(stage['config'])}", highlight=False)
         layers = stage.get("replay", {}).get("layers", {})
         if layers:
-            t = Table(f"stage {i} layers", ["layer", "kind", "weight", "dtype", "input scale / zp", "output scale / zp", "fused"])
+            t = Table(f"stage {i}: quantized layers", ["layer", "kind", "weight", "input (scale, zp)", "output (scale, zp)"])
             for name, spec in layers.items():
-                q = lambda s: "-" if not s else f"{s['scale']:.4g} / {s['zero_point']}"  # noqa: E731
-                t.add(name, spec["kind"], "x".join(map(str, spec["weight_shape"])), spec["weight"]["dtype"],
-                      q(spec.get("input")), q(spec.get("output")), spec.get("activation") or "")
+                q = lambda s: "float" if not s else f"{s['scale']:.4g}, {s['zero_point']} {s['dtype']}"  # noqa: E731
+                relu = " +relu" if spec.get("activation") else ""
+                t.add(name, spec["kind"] + relu, "x".join(map(str, spec["weight_shape"])) + " " + spec["weight"]["dtype"],
+                      q(spec.get("input")), q(spec.get("output")))
             console.print(t.to_rich())
     for w in manifest.get("warnings", []):
         console.print(f"[yellow]warning:[/] {w}")

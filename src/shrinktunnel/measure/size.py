@@ -13,10 +13,15 @@ __all__ = ["artifact_bytes", "count_weights", "float_safetensors_bytes", "bits_p
 
 
 def artifact_bytes(path: str | os.PathLike) -> int:
-    """Bytes of every file in an artifact directory (or of one file)."""
+    """Bytes on disk of an artifact: its manifest plus its tensors file (reports or ONNX files kept
+    beside them are not part of it). For any other directory, every file; for a file, its size."""
     p = Path(path)
     if p.is_file():
         return p.stat().st_size
+    manifest = p / "manifest.json"
+    if manifest.is_file():
+        tensors = p / "model.safetensors"
+        return manifest.stat().st_size + (tensors.stat().st_size if tensors.is_file() else 0)
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
