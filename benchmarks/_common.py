@@ -14,13 +14,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
-import onnxruntime
-import torch
-
-import shrinktunnel
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS_DIR = HERE / "results"
@@ -52,6 +45,14 @@ def git_state() -> dict[str, Any]:
 
 
 def machine_info(threads: int) -> dict[str, Any]:
+    # Imported here so that run_all.py, which only pastes tables, starts without loading torch.
+    import numpy as np
+    import onnx
+    import onnxruntime
+    import torch
+
+    import shrinktunnel
+
     return {
         "arch": platform.machine(),  # what `uname -m` prints
         "cpu": cpu_model(),
@@ -70,7 +71,7 @@ def today() -> str:
     return dt.date.today().isoformat()
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     # A crash mid-write must not leave half a results file behind (`*.tmp` is git-ignored).
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -80,5 +81,5 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def write_results(json_path: Path, results: dict[str, Any], markdown: str) -> None:
     """Write the figures as JSON and the tables as Markdown beside it (same stem, `.md`)."""
-    _write_atomic(json_path, json.dumps(results, indent=2, allow_nan=False) + "\n")
-    _write_atomic(json_path.with_suffix(".md"), markdown)
+    write_text_atomic(json_path, json.dumps(results, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(json_path.with_suffix(".md"), markdown)

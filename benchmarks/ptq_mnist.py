@@ -41,7 +41,8 @@ from _common import COMMAND, RESULTS_DIR, git_state, machine_info, today, write_
 NAME = "ptq_mnist"
 THREADS = 2  # intra-op threads of PyTorch and of every ONNX Runtime session
 BATCH = 64  # latency batch: the first 64 test images
-ROUNDS = 5  # alternated rounds: the machine has slow spells, so no contender may be timed in one block
+ROUNDS = 9  # alternated rounds: the machine has slow spells, so no contender is timed in one block;
+            # odd, so that the median of the per-round ratios is one round's ratio
 RUNS = 50  # timed runs per contender per round (the round's figure is their median)
 WARMUP = 5
 
@@ -128,25 +129,35 @@ def measure_accuracy(torch_models: dict[str, nn.Module], runtimes: dict[str, Ort
     return figures
 
 
-def measure_latency(
-    torch_models: dict[str, nn.Module], runtimes: dict[str, OrtModel], x: torch.Tensor, rounds: int, runs: int
-) -> dict[str, list[LatencyStats]]:
-    """Every contender once per round, `rounds` times; returns each contender's stats of every round."""
-    contenders: dict[str, Callable[[], LatencyStats]] = {}
-    for name, runtime in runtimes.items():  # runtime.session is shrinktunnel.export.ort_session(path, threads)
-        feed = runtime.feed(x)
-        contenders[f"{name}/onnx"] = lambda s=runtime.session, f=feed: onnx_latency(s, f, warmup=WARMUP, runs=runs)
-    for name, model in torch_models.items():
-        contenders[f"{name}/torch"] = lambda m=model: torch_latency(m, ((x,), {}), threads=THREADS, warmup=WARMUP, runs=runs)
-    names = list(contenders)
-    per_round: dict[str, list[LatencyStats]] = {name: [] for name in names}
+def alternated_rounds(contenders: dict[str, Callable[[], LatencyStats]], rounds: int) -> dict[str, list[LatencyStats]]:
+    """Every contender once per round, `rounds` times; returns each contender's stats of every round.
+
+    interleaved(rounds=1) is one alternated round: we keep every round, not only the best, for the
+    per-round ratios. Odd rounds run in reverse order, so that no contender always runs first (right
+    after a warm cache or a quiet spell) and the middle one always runs next to both others."""
+    per_round: dict[str, list[LatencyStats]] = {name: [] for name in contenders}
     for r in range(rounds):
-        # interleaved(rounds=1) is one alternated round; we keep every round (not only the best) for the
-        # per-round ratios, and rotate the order so that no contender always runs right after another.
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = list(contenders) if r % 2 == 0 else list(reversed(contenders))
         for name, stats in interleaved({n: contenders[n] for n in order}, rounds=1).items():
             per_round[name].append(stats)
     return per_round
+
+
+def measure_latency(
+    torch_models: dict[str, nn.Module], runtimes: dict[str, OrtModel], x: torch.Tensor, rounds: int, runs: int
+) -> dict[str, list[LatencyStats]]:
+    """ONNX Runtime contenders in their own rounds, then PyTorch eager ones in theirs: an eager run takes
+    several times longer, and inside the same rounds it would put seconds between the ONNX Runtime
+    contenders that the targets compare. `runtimes` is ordered so that ours runs next to both others."""
+    onnx_contenders = {  # runtime.session is shrinktunnel.export.ort_session(path, threads=THREADS)
+        f"{name}/onnx": lambda s=rt.session, f=rt.feed(x): onnx_latency(s, f, warmup=WARMUP, runs=runs)
+        for name, rt in runtimes.items()
+    }
+    torch_contenders = {
+        f"{name}/torch": lambda m=model: torch_latency(m, ((x,), {}), threads=THREADS, warmup=WARMUP, runs=runs)
+        for name, model in torch_models.items()
+    }
+    return {**alternated_rounds(onnx_contenders, rounds), **alternated_rounds(torch_contenders, rounds)}
 
 
 def latency_summary(rounds: list[LatencyStats]) -> dict[str, Any]:
@@ -217,7 +228,8 @@ def run(workdir: Path, rounds: int, runs: int) -> dict[str, Any]:
     onnx_paths["ort"] = quantize_with_ort(onnx_paths["fp32"], calib, workdir)
 
     torch_models = {"fp32": model, "ours": ours}
-    runtimes = {name: OrtModel(path, threads=THREADS) for name, path in onnx_paths.items()}
+    # Ours in the middle: it then runs next to both contenders it is compared with (see measure_latency).
+    runtimes = {name: OrtModel(onnx_paths[name], threads=THREADS) for name in ("fp32", "ours", "ort")}
     log(f"accuracy on {sum(len(y) for _, y in test):,} test images")
     acc = measure_accuracy(torch_models, runtimes, test)
     log(f"latency: {rounds} alternated rounds of {runs} runs, batch {BATCH}, {THREADS} threads")
@@ -275,9 +287,10 @@ def figures_table(res: dict[str, Any]) -> Table:
     table = Table(
         f"MNIST CNN: fp32, shrinktunnel W8A8, ONNX Runtime quantize_static ({res['setup']['test_images']:,} test images)",
         ["", *LABELS.values()],
-        note=f"Latency: batch {setup['batch']}, {setup['threads']} threads; {setup['rounds']} alternated rounds of "
-             f"{setup['runs_per_round']} runs after {setup['warmup']} warm-up runs; a round's figure is the median of its "
-             f"runs; latency = best round, ratios = median of the per-round ratios. n/a: the contender has no such form.",
+        note=f"Latency: batch {setup['batch']}, {setup['threads']} threads; {setup['rounds']} alternated rounds (ONNX Runtime "
+             f"contenders together, PyTorch ones together) of {setup['runs_per_round']} runs after {setup['warmup']} "
+             f"warm-up runs; a round's figure is the median of its runs; latency = best round, ratio = median of the "
+             f"per-round ratios. n/a: the contender has no such form.",
     )
     na = "n/a"
     table.add("accuracy, PyTorch", fmt_pct(acc["fp32_torch"]), fmt_pct(acc["ours_torch"]), na)
