@@ -1,0 +1,330 @@
+"""Post-training quantization on the tiny models: what is replaced, what is kept, what it costs in
+accuracy, what it records, and that the input model is never touched."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import shrinktunnel as st
+from conftest import CASES, quantized_layers, snapshot, sqnr_db, state_dicts_equal
+from shrinktunnel.core.history import get_record
+from shrinktunnel.errors import DataError
+from shrinktunnel.quant import QuantizedLayer
+from shrinktunnel.quant.ops import affine_qparams
+
+# Floor for quantized-vs-float output SQNR on the tiny nets, measured on the calibration data itself
+# (no clipping). Measured over 20 seeds: worst 33 dB (grouped conv), typical 35-50 dB; int8 weights
+# and uint8 activations give ~40 dB per quantizer. 25 dB leaves margin without hiding a real bug
+# (a wrong scale or a lost ReLU costs far more than 10 dB).
+OUTPUT_SQNR_FLOOR_DB = 25.0
+
+pytestmark = pytest.mark.filterwarnings("ignore:quantize:UserWarning")
+
+
+def _out(model, xs):
+    with torch.no_grad():
+        return torch.cat([model(x) for x in xs])
+
+
+def test_quantize_returns_a_new_model_and_leaves_the_input_unchanged(case):
+    model, data = case.model(), case.batches()
+    before = snapshot(model)
+    types_before = {n: type(m) for n, m in model.named_modules()}
+    q = st.quantize(model, data=data, progress=False)
+    assert q is not model
+    assert state_dicts_equal(model, before)  # torch.equal on every tensor
+    assert {n: type(m) for n, m in model.named_modules()} == types_before
+    assert get_record(model)["stages"] == []  # the stage is recorded on the copy only
+    assert not any(isinstance(m, QuantizedLayer) for m in model.modules())
+
+
+def test_expected_layers_are_quantized_and_relus_folded(case):
+    q = st.quantize(case.model(), data=case.batches(), progress=False)
+    assert sorted(quantized_layers(q)) == sorted(case.quantized)
+    for name in case.fused:
+        assert isinstance(q.get_submodule(name), nn.Identity)
+    for name, layer in quantized_layers(q).items():
+        assert layer.qweight.dtype == torch.int8
+        assert layer.input_quant is not None and layer.output_quant is not None
+    # A folded ReLU "p.i" belongs to the layer just before it, "p.(i-1)".
+    folded_into = {f"{p}.{int(i) - 1}" for p, i in (f.rsplit(".", 1) for f in case.fused)}
+    assert {n for n, layer in quantized_layers(q).items() if layer.activation == "relu"} == folded_into
+
+
+def test_quantized_output_stays_close_to_float(case):
+    model, data = case.model(), case.batches()
+    q = st.quantize(model, data=data, progress=False)
+    assert sqnr_db(_out(model, data), _out(q, data)) > OUTPUT_SQNR_FLOOR_DB
+
+
+def test_quantization_is_deterministic(case):
+    model, data = case.model(), case.batches()
+    a = st.quantize(model, data=data, progress=False)
+    b = st.quantize(model, data=data, progress=False)
+    assert state_dicts_equal(a, b)
+    assert get_record(a)["stages"] == get_record(b)["stages"]
+
+
+def test_unsupported_layers_are_skipped_with_warnings():
+    case = CASES["unsupported"]
+    model, data = case.model(), case.batches()
+    with pytest.warns(UserWarning) as caught:
+        result = st.compress(model, [st.QuantConfig()], data=data, progress=False)
+    expected = ["quantize: emb (Embedding) is not a supported layer kind; kept in float",
+                "quantize: lstm (LSTM) is not a supported layer kind; kept in float"]
+    assert result.warnings == expected
+    assert [str(w.message) for w in caught if "quantize:" in str(w.message)] == expected
+    assert type(result.model.emb) is nn.Embedding and type(result.model.lstm) is nn.LSTM
+    assert torch.equal(result.model.lstm.weight_ih_l0, model.lstm.weight_ih_l0)
+    assert isinstance(result.model.head, QuantizedLayer)
+
+
+def test_conv_geometry_is_kept():
+    q = st.quantize(CASES["conv1d"].model(), data=CASES["conv1d"].batches(), progress=False)
+    first, second = q.body[0], q.body[2]
+    assert first.kind == "conv1d" and first._spec["stride"] == [2] and first._spec["padding"] == [2]
+    assert second._spec["dilation"] == [2]
+    g = st.quantize(CASES["grouped_conv"].model(), data=CASES["grouped_conv"].batches(), progress=False)
+    assert g.dw._spec["groups"] == 4 and g.gc._spec["groups"] == 2
+    assert g.gc.bias is None and g.dw.bias is not None
+
+
+def test_weight_scales_are_per_channel_max_over_127():
+    model = CASES["flatten"].model()
+    q = st.quantize(model, data=CASES["flatten"].batches(), progress=False)
+    w = model.fc.weight.detach()
+    assert torch.equal(q.fc.weight_scale, w.abs().amax(dim=1) / 127)
+    assert torch.equal(q.fc.weight_zero_point, torch.zeros(10, dtype=torch.int32))
+    assert torch.equal(q.fc.bias, model.fc.bias.detach())
+
+
+def test_per_tensor_granularity_shares_one_scale():
+    model = CASES["flatten"].model()
+    q = st.quantize(model, {"weights": {"granularity": "per_tensor"}}, data=CASES["flatten"].batches(), progress=False)
+    scale = q.fc.weight_scale
+    assert torch.equal(scale, torch.full_like(scale, float(model.fc.weight.detach().abs().max()) / 127))
+
+
+def test_input_range_is_the_min_max_of_every_calibration_batch():
+    case = CASES["functional_relu"]
+    data = case.batches(n=5)
+    q = st.quantize(case.model(), data=data, progress=False)
+    x = torch.cat(data)
+    scale, zp = affine_qparams(float(x.min()), float(x.max()), 0, 255, symmetric=False)
+    assert (q.fc1.input_quant.scale, q.fc1.input_quant.zero_point) == (scale, zp)
+
+
+def test_calibration_batches_limits_what_is_observed():
+    case = CASES["functional_relu"]
+    small = torch.full((4, 7), 0.5)
+    big = torch.full((4, 7), 100.0)
+    q1 = st.quantize(case.model(), {"calibration_batches": 1}, data=[small, big], progress=False)
+    q2 = st.quantize(case.model(), None, data=[small, big], progress=False)
+    assert q1.fc1.input_quant.scale == affine_qparams(0.0, 0.5, 0, 255, False)[0]
+    assert q2.fc1.input_quant.scale == affine_qparams(0.0, 100.0, 0, 255, False)[0]
+
+
+def test_folded_relu_gives_a_zero_point_of_zero():
+    case = CASES["flatten"]
+    q = st.quantize(case.model(), data=case.batches(), progress=False)
+    assert q.features[0].activation == "relu" and q.features[0].output_quant.zero_point == 0
+    assert bool((_out(q.features, case.batches()) >= 0).all())
+
+
+def test_fuse_relu_false_keeps_the_relu_module():
+    case = CASES["flatten"]
+    q = st.quantize(case.model(), {"fuse_relu": False}, data=case.batches(), progress=False)
+    assert type(q.features[1]) is nn.ReLU and q.features[0].activation is None
+    assert q.features[0].output_quant.zero_point > 0  # the pre-ReLU range has negatives
+
+
+def test_weight_only_needs_no_data_and_computes_with_the_dequantized_weight():
+    case = CASES["functional_relu"]
+    model = case.model()
+    q = st.quantize(model, {"activations": None}, progress=False)
+    layer = q.fc1
+    assert layer.input_quant is None and layer.output_quant is None
+    x = case.batches(n=1)[0]
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.dequantized_weight(), layer.bias))
+    assert sqnr_db(_out(model, [x]), _out(q, [x])) > 35.0
+
+
+def test_static_quantization_without_data_is_a_data_error():
+    with pytest.raises(DataError, match="calibration data"):
+        st.quantize(CASES["flatten"].model(), progress=False)
+
+
+def test_layers_and_skip_patterns():
+    case = CASES["attention"]
+    q = st.quantize(case.model(), {"layers": ["q", "k", "v", "o"], "skip": ["o"]}, data=case.batches(), progress=False)
+    assert sorted(quantized_layers(q)) == ["k", "q", "v"] and type(q.o) is nn.Linear
+
+
+def test_unmatched_pattern_warns():
+    case = CASES["attention"]
+    with pytest.warns(UserWarning, match="pattern 'qq' matches no module"):
+        result = st.compress(case.model(), [st.QuantConfig(skip=["qq"])], data=case.batches(), progress=False)
+    assert result.warnings == ["quantize: pattern 'qq' matches no module"]
+
+
+def test_nothing_selected_warns_and_keeps_the_model():
+    case = CASES["attention"]
+    model = case.model()
+    with pytest.warns(UserWarning, match="no Linear/Conv1d/Conv2d layer selected"):
+        q = st.quantize(model, {"skip": ["*"]}, data=case.batches(), progress=False)
+    assert state_dicts_equal(q, model)
+
+
+def test_overrides_last_match_wins_field_by_field():
+    case = CASES["attention"]
+    cfg = {
+        "overrides": [
+            {"pattern": "*", "weights": {"granularity": "per_tensor"}},
+            {"pattern": "o", "activations": None},  # weight-only there; weights still per tensor
+            {"pattern": "q", "weights": {"granularity": "per_channel"}},  # later rule wins for q
+        ]
+    }
+    q = st.quantize(case.model(), cfg, data=case.batches(), progress=False)
+    assert q.o.input_quant is None and q.o.output_quant is None
+    assert q.k.input_quant is not None
+    assert q.o._spec["weight"]["granularity"] == "per_tensor" and q.k._spec["weight"]["granularity"] == "per_tensor"
+    assert q.q._spec["weight"]["granularity"] == "per_channel"
+    assert len(set(q.k.weight_scale.tolist())) == 1 and len(set(q.q.weight_scale.tolist())) == 16
+
+
+def test_stage_is_recorded_for_replay():
+    case = CASES["conv1d"]
+    cfg = st.QuantConfig(calibration_batches=2)
+    q = st.quantize(case.model(), cfg, data=case.batches(), progress=False)
+    (stage,) = get_record(q)["stages"]
+    assert stage["method"] == "quantize" and stage["config"] == cfg.to_dict()
+    assert sorted(stage["replay"]["layers"]) == ["body.0", "body.2"] and stage["replay"]["fused"] == ["body.1"]
+    assert stage["replay"]["layers"]["body.0"] == q.body[0].spec()
+    assert get_record(q)["inputs"] == {"args": [{"shape": [None, 2, 20], "dtype": "float32"}], "kwargs": {}}
+
+
+def test_two_stages_chain_on_copies():
+    case = CASES["flatten"]
+    model = case.model()
+    first = st.quantize(model, {"layers": ["fc"]}, data=case.batches(), progress=False)
+    second = st.quantize(first, {"layers": ["features.0"]}, data=case.batches(), progress=False)
+    assert len(get_record(first)["stages"]) == 1 and len(get_record(second)["stages"]) == 2
+    assert sorted(quantized_layers(second)) == ["fc", "features.0"]
+
+
+def test_compress_metrics_and_copy_semantics():
+    case = CASES["flatten"]
+    model, data = case.model(), case.batches()
+    before = snapshot(model)
+    labelled = [(x, torch.zeros(len(x), dtype=torch.long)) for x in data]
+    result = st.compress(model, [st.QuantConfig()], data=labelled,
+                         eval_fn=lambda m: st.measure.accuracy(m, labelled), progress=False)
+    assert state_dicts_equal(model, before)
+    b, a = result.metrics["before"], result.metrics["after"]
+    assert b["weights"] == a["weights"] == sum(p.numel() for p in model.parameters())
+    assert b["macs"] == a["macs"] == st.measure.count_macs(model, ((data[0],), {}))
+    assert 0.0 <= a["metric"] <= 1.0 and b["metric"] == st.measure.accuracy(model, labelled)
+    assert a["bits_per_weight"] == 8.0 * a["bytes"] / a["weights"]
+
+
+@pytest.mark.xfail(strict=True, reason="bug: st.compress runs the ORIGINAL model (check_model_runs, before-"
+                   "metrics) in whatever mode it is in; a model left in train mode has its BatchNorm running "
+                   "stats changed (api.py compress, lines with D.check_model_runs(model, ...) and _measure(model, ...))")
+def test_compress_never_changes_a_train_mode_input_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
+    before = snapshot(model)  # a freshly built module is in train mode
+    st.compress(model, [st.QuantConfig()], data=[torch.randn(4, 1, 6, 6)], progress=False)
+    assert state_dicts_equal(model, before)
+
+
+class _MyLinear(nn.Linear):
+    pass
+
+
+class _WithMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.att(x, x, x)[0])
+
+
+@pytest.mark.xfail(strict=True, reason="bug: subclasses of nn.Linear pass the isinstance selection but crash "
+                   "with KeyError in QuantizedLayer.geometry (_KIND[type(module)], quant/modules.py); this "
+                   "includes nn.MultiheadAttention.out_proj, so any model with MHA / TransformerEncoderLayer fails")
+@pytest.mark.parametrize("which", ["linear-subclass", "multihead-attention"])
+def test_linear_subclasses_do_not_crash(which):
+    torch.manual_seed(0)
+    if which == "linear-subclass":
+        model, x = nn.Sequential(_MyLinear(4, 3)).eval(), torch.randn(5, 4)
+    else:
+        model, x = _WithMHA().eval(), torch.randn(2, 3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = st.quantize(model, {"activations": None}, progress=False)
+    assert sqnr_db(_out(model, [x]), _out(q, [x])) > 25.0
+
+
+@pytest.mark.xfail(strict=True, reason="bug: Conv padding_mode ('reflect', 'replicate', 'circular') is not "
+                   "recorded in the spec and QuantizedLayer always zero-pads (quant/modules.py geometry/forward)")
+def test_conv_padding_mode_is_kept():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")).eval()
+    x = torch.randn(4, 3, 8, 8)
+    q = st.quantize(model, data=[x], progress=False)
+    assert sqnr_db(_out(model, [x]), _out(q, [x])) > 25.0  # measured today: ~3 dB
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a  # one module under two names, applied twice
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a module registered under two names is replaced under the first "
+                   "name only (named_modules() de-duplicates); the second name silently keeps the float layer "
+                   "and the weight is stored twice (quant/ptq.py plan_layers / set_submodule)")
+def test_shared_module_is_quantized_under_every_name():
+    torch.manual_seed(0)
+    q = st.quantize(_Shared().eval(), data=[torch.randn(3, 4)], progress=False)
+    assert q.a is q.b and isinstance(q.b, QuantizedLayer)
+
+
+class _WithUnusedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.aux = nn.Linear(4, 2)  # e.g. an auxiliary head used only in training
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a selected layer that the forward never calls makes static "
+                   "quantization fail ('cannot calibrate the input of aux: observer saw no data') instead "
+                   "of warning and keeping it in float (quant/ptq.py _act_spec)")
+def test_layer_never_called_in_forward_is_skipped_with_a_warning():
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="aux"):
+        q = st.quantize(_WithUnusedHead().eval(), data=[torch.randn(3, 4)], progress=False)
+    assert isinstance(q.fc, QuantizedLayer)
+
+
+def test_deepcopy_of_a_quantized_model_is_independent():
+    case = CASES["flatten"]
+    q = st.quantize(case.model(), data=case.batches(), progress=False)
+    c = copy.deepcopy(q)
+    c.fc.qweight.zero_()
+    assert not torch.equal(c.fc.qweight, q.fc.qweight)
