@@ -154,13 +154,9 @@ BAD_COMPRESS = [
     pytest.param(lambda f: (MLP, f / "recipe.yaml", f / "empty.npz"), ["empty.npz", "empty"], id="empty-data"),
     pytest.param(lambda f: (MLP, f / "recipe.yaml", f / "no_x.npz"), ["'x'"], id="data-without-x"),
     pytest.param(lambda f: (MLP, f / "recipe.yaml", f / "missing.npz"), ["missing.npz", "does not exist"], id="missing-data-file"),
-    pytest.param(lambda f: (MLP, f / "invalid.yaml", f / "good.npz"), ["not valid YAML"], id="invalid-yaml",
-                 marks=pytest.mark.xfail(strict=True, reason="bug: the YAML parser's multi-line message is passed "
-                                         "through verbatim (core/recipe.py _read_yaml)")),
+    pytest.param(lambda f: (MLP, f / "invalid.yaml", f / "good.npz"), ["not valid YAML"], id="invalid-yaml"),
     pytest.param(lambda f: (f"{FACTORIES}:raising_factory_multiline", f / "recipe.yaml", f / "good.npz"), ["first line"],
-                 id="factory-raises-multiline",
-                 marks=pytest.mark.xfail(strict=True, reason="bug: a failing factory's full exception text goes into "
-                                         "the message (core/refs.py load_model / resolve_callable / load_data)")),
+                 id="factory-raises-multiline"),
 ]
 
 
@@ -236,11 +232,6 @@ def test_executable_debug_prints_the_traceback(files, tmp_path):
     assert "Traceback (most recent call last)" in proc.stderr and "ArtifactError" in proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="bug: `shrink eval` with data the model cannot take fails inside the ONNX "
-                   "exporter: torch's fake-tensor logger prints ~40 lines of tracebacks to stderr and the message "
-                   "('ONNX export failed: TorchExportError ... [96m...') names neither the data nor its shape "
-                   "(cli_commands.py run_eval should check_model_runs first; export/onnx.py _quiet misses "
-                   "torch._subclasses.fake_tensor)")
 def test_executable_eval_with_wrong_data_shape_prints_one_line(artifact, files, tmp_path):
     proc = run_shrink("eval", artifact, "--data", files / "wrong.npz", cwd=tmp_path)
     assert_one_line_error(proc.returncode, proc.stderr, "(40, 5)")

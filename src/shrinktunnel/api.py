@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -39,7 +40,7 @@ def run_stage(model: nn.Module, method: str, config: Any, ctx: Context) -> nn.Mo
 
 def quantize(model: nn.Module, config: QuantConfig | dict | None = None, *, data: Any = None, progress: bool = True) -> nn.Module:
     """Return a NEW quantized model (post-training); `model` is not changed. `data`: calibration batches."""
-    return run_stage(model, "quantize", config, Context(data=data, progress=progress))
+    return run_stage(model, "quantize", config, Context(data=D.reiterable(data), progress=progress))
 
 
 def compress(
@@ -60,17 +61,22 @@ def compress(
     if not isinstance(model, nn.Module):
         raise ModelError(f"compress expects a torch.nn.Module, got {type(model).__name__}")
     stages = load_recipe(recipe)
-    ctx = Context(data=data, example_inputs=example_inputs, eval_fn=eval_fn, progress=progress)
+    data = D.reiterable(data)
     if model_ref is not None:
         set_model_ref(model, model_ref)
+    # Everything runs on a copy in eval mode: running the caller's model (say, left in train mode)
+    # would update its BatchNorm statistics.
+    original = copy.deepcopy(model).eval()
     if data is not None:
-        D.check_model_runs(model, data)
-    current = model
+        D.check_model_runs(original, data)
+    ctx = Context(data=data, example_inputs=example_inputs, eval_fn=eval_fn, progress=progress)
+    current = original
     for stage in stages:
         current = run_stage(current, stage.method, stage.config, ctx)
     if example_inputs is None and data is not None:
         example_inputs = next(D.batches(data))
-    metrics = {"before": _measure(model, example_inputs, eval_fn), "after": _measure(current, example_inputs, eval_fn, artifact=True)}
+    metrics = {"before": _measure(original, example_inputs, eval_fn),
+               "after": _measure(current, example_inputs, eval_fn, artifact=True)}
     return Result(current, metrics, ctx.warnings)
 
 

@@ -97,5 +97,6 @@ def main(argv: list[str] | None = None) -> None:
     except ShrinkError as exc:
         if _debug["on"]:
             traceback.print_exc()
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(2)

@@ -9,6 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .api import compress, load
+from .core import data as D
 from .compare import Variant, compare_variants, variants_table
 from .core.artifact import check_output_dir, read_manifest
 from .core.atomic import atomic_dir
@@ -33,7 +34,7 @@ def run_compress(model_ref, recipe, data_ref, out, eval_ref, batch_size, force, 
     with atomic_dir(out) as tmp:
         result.save(tmp)
         table = _before_after(result.metrics)
-        write_reports(tmp, f"shrink compress {model_ref}", {"model": model_ref, "recipe": recipe, **result.manifest}, [table])
+        write_reports(tmp, f"shrink compress {model_ref}", {**result.manifest, "model_reference": model_ref, "recipe": recipe}, [table])
     console.print(table.to_rich())
     for w in result.warnings:
         console.print(f"[yellow]warning:[/] {w}")
@@ -88,7 +89,8 @@ def run_export(path: Path, onnx: Path, console: Console) -> None:
 
 def run_eval(path: Path, data_ref: str, batch_size: int, threads: int, console: Console) -> None:
     model = load(path)
-    data = load_data(data_ref, batch_size)
+    data = D.reiterable(load_data(data_ref, batch_size))
+    D.check_model_runs(model, data)  # a readable error before the exporter fails on the same shapes
     with tempfile.TemporaryDirectory() as d:
         v = Variant(path.name or "artifact", model, artifact_bytes(path))
         compare_variants([v], data, Path(d), threads=threads)

@@ -26,3 +26,12 @@ class ArtifactError(ShrinkError, OSError):
 
 class ExportError(ShrinkError, RuntimeError):
     """Export to ONNX or running the exported model failed."""
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """`Type: message` of an exception on one line (messages of YAML parsers, factories and torch
+    often span many lines; the command line promises one)."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

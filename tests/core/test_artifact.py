@@ -229,9 +229,6 @@ class TransposedBuffer(nn.Module):
         return x @ self.w + x @ self.wt
 
 
-@pytest.mark.xfail(strict=True, reason="bug: alias detection keys on (data_ptr, offset, shape, dtype) without "
-                   "strides (core/artifact.py _tensors), so a transposed view is stored as an alias of the "
-                   "original and reloads with the wrong values")
 def test_views_with_other_strides_are_not_aliases(tmp_path):
     torch.manual_seed(0)
     model = TransposedBuffer()

@@ -176,9 +176,6 @@ def test_empty_data_in_quantize_is_a_data_error(quiet_quantize):
         quiet_quantize(nn.Sequential(nn.Linear(2, 2)), None, [])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: one-shot iterables (generators) lose their first batch to "
-                   "check_model_runs and are then exhausted before api.run_stage takes its example batch: "
-                   "'data is empty' after calibrating (quant/ptq.py quantize_model, api.py run_stage)")
 def test_quantize_accepts_a_generator(quiet_quantize):
     torch.manual_seed(0)
     xs = [torch.randn(4, 6) for _ in range(3)]

@@ -158,8 +158,6 @@ def test_invalid_yaml_is_a_config_error(tmp_path):
     assert "not valid YAML" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a YAML parse error is put into the message verbatim, several lines "
-                   "long (core/recipe.py _read_yaml); the CLI promises a one-line error")
 def test_invalid_yaml_message_is_one_line(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text("stages:\n  - quantize: {a: [1, 2\n")
@@ -168,8 +166,6 @@ def test_invalid_yaml_message_is_one_line(tmp_path):
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a one-line YAML string without ':' (e.g. '- quantize') is taken for "
-                   "a file path and fails as 'recipe file ... does not exist' (core/recipe.py _read_yaml heuristic)")
 def test_one_line_yaml_string_without_colon():
     assert _only_stage(load_recipe("- quantize")) == QuantConfig()
 

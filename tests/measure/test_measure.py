@@ -84,9 +84,6 @@ def test_count_weights_is_unchanged_by_quantization(case):
     assert count_weights(q) == count_weights(model)  # integer weights count, scales do not
 
 
-@pytest.mark.xfail(strict=True, reason="bug: count_weights sums parameters(recurse=False) module by module, so a "
-                   "tied weight is counted once per module that holds it (measure/size.py); model.parameters() "
-                   "and the artifact (aliases) count it once, so bits_per_weight comes out too low")
 def test_count_weights_counts_shared_parameters_once():
     m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     m[1].weight = m[0].weight

@@ -232,9 +232,6 @@ def test_compress_metrics_and_copy_semantics():
     assert a["bits_per_weight"] == 8.0 * a["bytes"] / a["weights"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: st.compress runs the ORIGINAL model (check_model_runs, before-"
-                   "metrics) in whatever mode it is in; a model left in train mode has its BatchNorm running "
-                   "stats changed (api.py compress, lines with D.check_model_runs(model, ...) and _measure(model, ...))")
 def test_compress_never_changes_a_train_mode_input_model():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3))
@@ -257,9 +254,6 @@ class _WithMHA(nn.Module):
         return self.fc(self.att(x, x, x)[0])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: subclasses of nn.Linear pass the isinstance selection but crash "
-                   "with KeyError in QuantizedLayer.geometry (_KIND[type(module)], quant/modules.py); this "
-                   "includes nn.MultiheadAttention.out_proj, so any model with MHA / TransformerEncoderLayer fails")
 @pytest.mark.parametrize("which", ["linear-subclass", "multihead-attention"])
 def test_linear_subclasses_do_not_crash(which):
     torch.manual_seed(0)
@@ -273,8 +267,6 @@ def test_linear_subclasses_do_not_crash(which):
     assert sqnr_db(_out(model, [x]), _out(q, [x])) > 25.0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Conv padding_mode ('reflect', 'replicate', 'circular') is not "
-                   "recorded in the spec and QuantizedLayer always zero-pads (quant/modules.py geometry/forward)")
 def test_conv_padding_mode_is_kept():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, padding_mode="reflect")).eval()
@@ -293,9 +285,6 @@ class _Shared(nn.Module):
         return self.b(torch.relu(self.a(x)))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a module registered under two names is replaced under the first "
-                   "name only (named_modules() de-duplicates); the second name silently keeps the float layer "
-                   "and the weight is stored twice (quant/ptq.py plan_layers / set_submodule)")
 def test_shared_module_is_quantized_under_every_name():
     torch.manual_seed(0)
     q = st.quantize(_Shared().eval(), data=[torch.randn(3, 4)], progress=False)
@@ -312,9 +301,6 @@ class _WithUnusedHead(nn.Module):
         return self.fc(x)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a selected layer that the forward never calls makes static "
-                   "quantization fail ('cannot calibrate the input of aux: observer saw no data') instead "
-                   "of warning and keeping it in float (quant/ptq.py _act_spec)")
 def test_layer_never_called_in_forward_is_skipped_with_a_warning():
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="aux"):

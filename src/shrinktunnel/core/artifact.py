@@ -37,9 +37,10 @@ def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     """State dict made contiguous, with tensors that share storage stored once (aliases)."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    seen: dict[tuple[int, int, tuple, torch.dtype], str] = {}
+    seen: dict[tuple, str] = {}
     for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        # Same storage, offset, shape, strides and dtype: the same tensor (a transposed view is not).
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype) if t.numel() else None
         if key is not None and key in seen:
             aliases[name] = seen[key]
             continue

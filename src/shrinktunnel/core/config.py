@@ -17,10 +17,28 @@ from ..errors import ConfigError
 __all__ = ["Config", "StrEnum", "parse_config"]
 
 
-class Config(BaseModel):
+class _ConfigMeta(type(BaseModel)):
+    """Direct construction (`st.QuantConfig(...)`) raises ConfigError, as `parse` does. Done in the
+    metaclass, not in `__init__`: pydantic validates nested configs without going through here, so
+    messages are converted once, at the top, with the full path to the bad key."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as exc:
+            raise ConfigError(_describe(cls.__name__, exc)) from None
+
+
+class Config(BaseModel, metaclass=_ConfigMeta):
     """Base of every method config: unknown keys fail, assignment re-validates."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise ConfigError(_describe(type(self).__name__, exc)) from None
 
     @model_validator(mode="before")
     @classmethod

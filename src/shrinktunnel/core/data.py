@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import DataError
 
-__all__ = ["Inputs", "batches", "split", "forward", "first_tensor", "check_model_runs", "take"]
+__all__ = ["Inputs", "batches", "reiterable", "split", "forward", "first_tensor", "check_model_runs", "take"]
 
 Inputs = tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]
 
@@ -41,6 +41,19 @@ def batches(data: Any) -> Iterator[Any]:
     except StopIteration:
         raise DataError("data is empty: it yielded no batch; pass at least one batch") from None
     return itertools.chain([first], it)
+
+
+def reiterable(data: Any) -> Any:
+    """`data` itself when it can be iterated more than once (a list, a DataLoader), else its batches
+    gathered into a list once: a generator would otherwise be used up by the first pass (the check
+    run), leaving nothing for calibration and measurement."""
+    if data is None:
+        return None
+    try:
+        one_shot = iter(data) is data
+    except TypeError:
+        return data  # batches() raises the readable error
+    return list(batches(data)) if one_shot else data
 
 
 def take(data: Any, n: int | None) -> Iterator[Any]:

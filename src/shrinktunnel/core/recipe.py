@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from .config import Config
 from .registry import get_method, method_for_config
 
@@ -50,9 +50,13 @@ def load_recipe(recipe: Any) -> list[Stage]:
 
 
 def _read_yaml(source: str | os.PathLike) -> Any:
+    """A path (os.PathLike, a name ending in .yaml/.yml, or an existing file) is read; any other
+    string is YAML text itself."""
     text = str(source)
-    is_text = isinstance(source, str) and ("\n" in text or ":" in text and not text.endswith((".yaml", ".yml")))
-    if not is_text:
+    is_path = isinstance(source, os.PathLike) or text.endswith((".yaml", ".yml")) or (
+        "\n" not in text and len(text) < 4096 and Path(text).is_file()
+    )
+    if is_path:
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"recipe file {text!r} does not exist; check the path (relative to {Path.cwd()})")
@@ -60,7 +64,10 @@ def _read_yaml(source: str | os.PathLike) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {str(source)[:80]!r} is not valid YAML: {exc}") from None
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or one_line(exc)
+        raise ConfigError(f"recipe {str(source)[:60]!r} is not valid YAML{at}: {problem}; fix the YAML syntax") from None
 
 
 def _stage(i: int, item: Any) -> Stage:

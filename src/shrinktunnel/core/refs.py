@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DataError, ModelError
+from ..errors import DataError, ModelError, one_line
 from .history import set_model_ref
 
 __all__ = ["resolve_callable", "load_model", "load_data"]
@@ -45,13 +45,13 @@ def resolve_callable(ref: str, what: str = "model") -> Callable[[], Any]:
         try:
             spec.loader.exec_module(module)
         except Exception as exc:
-            raise err(f"importing {what} file {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
+            raise err(f"importing {what} file {str(path)!r} failed: {one_line(exc)}") from exc
     else:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
             raise err(
-                f"cannot import module {target!r} of {what} reference {ref!r}: {exc}; install the package "
+                f"cannot import module {target!r} of {what} reference {ref!r}: {one_line(exc)}; install the package "
                 f"or give a file path ending in .py"
             ) from exc
     fn = getattr(module, attr, None)
@@ -66,7 +66,7 @@ def load_model(ref: str) -> nn.Module:
     try:
         model = fn()
     except Exception as exc:
-        raise ModelError(f"model factory {ref!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise ModelError(f"model factory {ref!r} failed: {one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"model factory {ref!r} returned {type(model).__name__}, not a torch.nn.Module")
     return set_model_ref(model.eval(), ref)
@@ -92,7 +92,7 @@ def load_data(ref: str, batch_size: int = 64) -> Any:
     try:
         return fn()
     except Exception as exc:
-        raise DataError(f"data factory {ref!r} failed: {type(exc).__name__}: {exc}") from exc
+        raise DataError(f"data factory {ref!r} failed: {one_line(exc)}") from exc
 
 
 def _read_arrays(path: Path) -> dict[str, Any]:
@@ -104,4 +104,4 @@ def _read_arrays(path: Path) -> dict[str, Any]:
 
         return load_file(str(path))
     except Exception as exc:
-        raise DataError(f"cannot read data file {str(path)!r}: {type(exc).__name__}: {exc}") from exc
+        raise DataError(f"cannot read data file {str(path)!r}: {one_line(exc)}") from exc

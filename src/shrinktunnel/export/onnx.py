@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..core import data as D
-from ..errors import ExportError
+from ..errors import ExportError, one_line
 
 __all__ = ["export_onnx"]
 
@@ -63,8 +63,7 @@ def export_onnx(
     except ExportError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {first}; run with --debug for the full trace") from exc
+        raise ExportError(f"ONNX export failed: {one_line(exc)}; run with --debug for the full trace") from exc
     finally:
         tmp.unlink(missing_ok=True)
     return target
@@ -91,10 +90,11 @@ def _dynamic_shapes(module: nn.Module, args, kwargs):
 @contextlib.contextmanager
 def _quiet():
     """The exporter prints progress lines and warns about optional torchvision ops; keep them out."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export")]
+    names = ("torch", "torch.onnx", "torch.export", "torch._export", "torch._subclasses.fake_tensor", "torch.fx")
+    loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)  # a failure surfaces as our one-line ExportError instead
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
@@ -124,4 +124,4 @@ def _check_runs(path: Path) -> None:
     try:
         ort_session(path, threads=1)
     except Exception as exc:
-        raise ExportError(f"ONNX Runtime rejects the exported model: {type(exc).__name__}: {exc}") from exc
+        raise ExportError(f"ONNX Runtime rejects the exported model: {one_line(exc)}") from exc

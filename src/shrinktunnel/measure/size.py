@@ -28,12 +28,16 @@ def artifact_bytes(path: str | os.PathLike) -> int:
 def count_weights(model: nn.Module) -> int:
     """Learned values: parameters, and the integer weights of compressed layers (not their scales)."""
     total = 0
-    for module in model.modules():
+    seen: set[int] = set()  # a parameter tied between modules (shared embeddings) counts once
+    for module in model.modules():  # modules() itself yields a module used twice only once
         own = getattr(module, "num_weights", None)
         if callable(own):
             total += own()
-        else:
-            total += sum(p.numel() for p in module.parameters(recurse=False))
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
     return total
 
 

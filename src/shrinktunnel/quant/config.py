@@ -15,7 +15,10 @@ class Granularity(StrEnum):
 
 
 class Calibrator(StrEnum):
-    MINMAX = "minmax"
+    MINMAX = "minmax"  # the observed range, nothing clipped
+    PERCENTILE = "percentile"  # the range at a percentile of |x| (symmetric) or of both tails (asymmetric)
+    ENTROPY = "entropy"  # TensorRT's KL-divergence threshold on the histogram of |x|
+    MSE = "mse"  # the clip with the least expected squared quantization error
 
 
 def _only_8_bits(bits: int) -> int:
@@ -28,14 +31,29 @@ class WeightQuant(Config):
     bits: int = 8  # 8: int8 kernels exist in every CPU runtime; near-lossless with per-channel scales
     granularity: Granularity = Granularity.PER_CHANNEL  # per_channel: one scale per output channel
     symmetric: bool = True  # True: zero point 0, so integer kernels skip a zero-point correction term
+    reduce_range: bool = False  # True: 7-bit weights ([-63, 63]). x86 CPUs without VNNI run ONNX Runtime's
+    # u8s8 kernels with 16-bit intermediate sums that saturate on full-range weights; 7 bits cannot.
 
     _bits = field_validator("bits")(_only_8_bits)
+
+    @field_validator("symmetric")
+    @classmethod
+    def _only_symmetric(cls, symmetric: bool) -> bool:
+        if not symmetric:
+            raise ValueError("asymmetric weights are not supported yet; use symmetric: true "
+                             "(asymmetric and other formats arrive with the quantization issue)")
+        return symmetric
 
 
 class ActivationQuant(Config):
     bits: int = 8
     symmetric: bool = False  # False: uint8 with a zero point uses all 256 levels on post-ReLU tensors
     calibrator: Calibrator = Calibrator.MINMAX  # minmax: the observed range, nothing clipped
+    percentile: float = Field(default=99.99, gt=0, le=100)  # 99.99: clips the rarest 1 in 10,000 values, the
+    # outliers that stretch a min-max range, and little signal; only the percentile calibrator reads it
+    bins: int = Field(default=2048, ge=256, le=65536)  # 2048 (TensorRT's): >= 8 bins per uint8 step at the
+    # max. >= 256: the KL search needs a bin per uint8 level; <= 65536: memory is 32 bytes per bin per
+    # observed tensor. Read by the percentile, entropy and mse calibrators
 
     _bits = field_validator("bits")(_only_8_bits)
 

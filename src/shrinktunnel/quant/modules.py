@@ -78,7 +78,11 @@ class QuantizedLayer(nn.Module):
                 padding=pad if isinstance(pad, str) else list(pad),
                 dilation=list(module.dilation),
                 groups=module.groups,
+                padding_mode=module.padding_mode,
             )
+            if module.padding_mode != "zeros":
+                # Non-zero padding is applied by F.pad before a conv without padding, as torch does.
+                spec["explicit_padding"] = list(module._reversed_padding_repeated_twice)
         return spec
 
     @classmethod
@@ -116,7 +120,11 @@ class QuantizedLayer(nn.Module):
             y = F.linear(x, w, self.bias)
         else:
             conv = F.conv2d if s["kind"] == "conv2d" else F.conv1d
-            y = conv(x, w, self.bias, s["stride"], s["padding"], s["dilation"], s["groups"])
+            padding = s["padding"]
+            if s.get("padding_mode", "zeros") != "zeros":
+                x = F.pad(x, s["explicit_padding"], mode=s["padding_mode"])
+                padding = 0
+            y = conv(x, w, self.bias, s["stride"], padding, s["dilation"], s["groups"])
         if s.get("activation") == "relu":
             y = F.relu(y)
         if self.output_quant is not None:

@@ -33,12 +33,15 @@ class LayerPlan:
     weights: WeightQuant
     activations: ActivationQuant | None
     relu: str | None = None
+    aliases: tuple[str, ...] = ()  # other names of the same module object (a layer registered twice)
 
 
 def replay_quantize(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
     """Rebuild the quantized structure recorded by `quantize_model` (shapes only, no values)."""
     for name, spec in replay["layers"].items():
         set_submodule(model, name, QuantizedLayer.from_spec(spec))
+    for alias, name in replay.get("shared", {}).items():
+        set_submodule(model, alias, model.get_submodule(name))
     for name in replay.get("fused", []):
         set_submodule(model, name, nn.Identity())
     return model
@@ -53,8 +56,16 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
         selected = name and matches(name, cfg.layers) and not matches(name, cfg.skip)
         if selected and _has_own_weight(module) and not isinstance(module, SUPPORTED):
             ctx.warn(f"quantize: {name} ({type(module).__name__}) is not a supported layer kind; kept in float")
+    names_of: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(module), []).append(name)
     plans = []
     for name, module in select_modules(model, SUPPORTED, cfg.layers, cfg.skip):
+        if type(module) not in SUPPORTED:
+            # A subclass may override forward, or its parent may read its weight directly
+            # (nn.MultiheadAttention.out_proj): replacing it would change what the model computes.
+            ctx.warn(f"quantize: {name} ({type(module).__name__}) subclasses {type(module).__mro__[1].__name__}; kept in float")
+            continue
         weights, activations = cfg.weights, cfg.activations
         for rule in cfg.overrides:  # last match wins, field by field
             if fnmatchcase(name, rule.pattern):
@@ -63,7 +74,8 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
                 if "activations" in rule.model_fields_set:
                     activations = rule.activations
         relu = _following_relu(model, name) if (cfg.fuse_relu and activations is not None) else None
-        plans.append(LayerPlan(name, module, weights, activations, relu))
+        aliases = tuple(n for n in names_of[id(module)] if n != name)
+        plans.append(LayerPlan(name, module, weights, activations, relu, aliases))
     if not plans:
         ctx.warn("quantize: no Linear/Conv1d/Conv2d layer selected; the model is unchanged")
     return plans
@@ -83,7 +95,7 @@ def _following_relu(model: nn.Module, name: str) -> str | None:
 
 
 def _weight_qparams(weight: torch.Tensor, wq: WeightQuant) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    qmin, qmax = qrange(wq.bits, signed=True, narrow=True)
+    qmin, qmax = qrange(wq.bits - 1 if wq.reduce_range else wq.bits, signed=True, narrow=True)
     w = weight.detach().float()
     if wq.granularity == Granularity.PER_CHANNEL:
         amax = w.reshape(w.shape[0], -1).abs().amax(dim=1)
@@ -160,15 +172,22 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
             )
         D.check_model_runs(model, ctx.data)
         observers = _calibrate(model, static, cfg, ctx)
+        unused = [p.name for p in static if observers[p.name][0].count == 0]
+        for name in unused:
+            ctx.warn(f"quantize: {name} never ran on the calibration data, so its activations have no range; kept in float")
+        plans = [p for p in plans if p.name not in unused]
     layers: dict[str, Any] = {}
+    shared: dict[str, str] = {}
     for plan in plans:
         layer = _convert(plan, observers)
-        set_submodule(model, plan.name, layer)
+        for name in (plan.name, *plan.aliases):
+            set_submodule(model, name, layer)
         layers[plan.name] = layer.spec()
+        shared.update({alias: plan.name for alias in plan.aliases})
     fused = sorted(p.relu for p in plans if p.relu)
     for relu in fused:
         set_submodule(model, relu, nn.Identity())
-    return model, {"layers": layers, "fused": fused}
+    return model, {"layers": layers, "fused": fused, "shared": shared}
 
 
 def _has_own_weight(module: nn.Module) -> bool:
