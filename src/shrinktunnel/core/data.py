@@ -104,6 +104,15 @@ def first_tensor(output: Any) -> torch.Tensor:
     raise DataError(f"the model returned {type(output).__name__}, which holds no tensor to measure")
 
 
+def batch_size(inputs: Inputs) -> int:
+    """Size of dimension 0 of the first tensor input (1 when there is none)."""
+    args, kwargs = inputs
+    for t in list(args) + list(kwargs.values()):
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return t.shape[0]
+    return 1
+
+
 def describe(inputs: Inputs) -> str:
     args, kwargs = inputs
     shown = [f"{tuple(a.shape)} {str(a.dtype).removeprefix('torch.')}" for a in args if isinstance(a, torch.Tensor)]

@@ -51,7 +51,7 @@ def torch_latency(model: nn.Module, inputs: D.Inputs, *, threads: int = 2, warmu
     try:
         with torch.inference_mode():
             return time_fn(lambda: D.forward(model, inputs), warmup=warmup, runs=runs, threads=threads,
-                           batch=_batch(inputs))
+                           batch=D.batch_size(inputs))
     finally:
         torch.set_num_threads(previous)
 
@@ -74,10 +74,3 @@ def interleaved(contenders: dict[str, Callable[[], LatencyStats]], rounds: int =
                 best[name] = stats
     return best
 
-
-def _batch(inputs: D.Inputs) -> int:
-    args, kwargs = inputs
-    for t in list(args) + list(kwargs.values()):
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            return t.shape[0]
-    return 1

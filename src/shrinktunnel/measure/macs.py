@@ -18,14 +18,7 @@ def count_macs(model: nn.Module, inputs: D.Inputs, *, per_sample: bool = True) -
         D.forward(model, inputs)
     macs = counter.get_total_flops() // 2
     if per_sample:
-        batch = _batch_size(inputs)
+        batch = D.batch_size(inputs)
         macs //= max(batch, 1)
     return int(macs)
 
-
-def _batch_size(inputs: D.Inputs) -> int:
-    args, kwargs = inputs
-    for t in list(args) + list(kwargs.values()):
-        if isinstance(t, torch.Tensor) and t.dim() > 0:
-            return t.shape[0]
-    return 1
