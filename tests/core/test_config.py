@@ -65,7 +65,7 @@ def test_nested_unknown_key_lists_the_nested_allowed_keys():
         ({"calibration_batches": 0}, "calibration_batches"),
         ({"calibration_batches": -3}, "calibration_batches"),
         ({"weights": {"granularity": "per_row"}}, "per_row"),
-        ({"activations": {"calibrator": "percentile"}}, "percentile"),
+        ({"activations": {"calibrator": "kl"}}, "kl"),
         ({"layers": "conv1"}, "layers"),
         ({"fuse_relu": "maybe"}, "fuse_relu"),
     ],
@@ -101,7 +101,7 @@ def test_parse_none_gives_defaults_and_parse_instance_returns_it():
 def test_to_dict_is_plain_json_data():
     d = QuantConfig().to_dict()
     assert d["weights"] == {"bits": 8, "granularity": "per_channel", "symmetric": True, "reduce_range": False}
-    assert d["activations"] == {"bits": 8, "symmetric": False, "calibrator": "minmax"}
+    assert d["activations"] == {"bits": 8, "symmetric": False, "calibrator": "minmax", "percentile": 99.99, "bins": 2048}
     assert type(d["weights"]["granularity"]) is str  # the enum became its value
 
 

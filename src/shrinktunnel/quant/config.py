@@ -77,3 +77,6 @@ class QuantConfig(Config):
     calibration_batches: int | None = Field(default=None, ge=1)  # None: every batch of the data given
     fuse_relu: bool = True  # a ReLU right after a layer joins its output quantizer, as runtimes fuse it
     overrides: list[LayerOverride] = []  # per-layer exceptions, last match wins (a search sets these)
+    max_drop: float | None = Field(default=None, ge=0)  # None: quantize every selected layer. A number:
+    # return the most sensitive layers to float until the metric (eval_fn, or without one the mean
+    # cosine to the float model's outputs on the calibration data) is within max_drop of float's.

@@ -40,12 +40,16 @@ __all__ = [
     "MSEObserver",
     "OBSERVERS",
     "make_observer",
+    "kl_divergence_curve",
+    "kl_levels",
+    "expected_sq_error",
 ]
 
 MIN_BINS = 256  # the KL search needs at least as many bins as the 256 levels of uint8 (see ActivationQuant.bins)
 _W_MIN = 2.0**-126  # smallest bin width: the smallest normal float32, so 1/width is a float32 power of two
 MSE_CANDIDATES = 200  # clips tried by the MSE search ...
 MSE_SPAN = 2.0**-10  # ... geometrically spaced from max|x| * MSE_SPAN up to max|x| (3.5 % apart)
+KL_EPSILON = 1e-4  # count given to a bin where Q is empty and P is not (see kl_divergence_curve)
 _KL_CHUNK = 512  # KL candidates evaluated at once: bounds the search's scratch memory to a few MB
 
 
@@ -62,6 +66,7 @@ class Observer:
         self.count = 0  # non-empty batches seen (finite or not)
         self.nan_count = 0  # NaN values seen
         self.inf_count = 0  # +-Inf values seen
+        self.nonfinite_batches = 0  # batches with at least one of them (not used for the range)
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -77,6 +82,7 @@ class Observer:
         if not (math.isfinite(lo) and math.isfinite(hi)):
             self.nan_count += int(torch.isnan(x).sum())
             self.inf_count += int(torch.isinf(x).sum())
+            self.nonfinite_batches += 1
             return
         self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
         self._observe(x, lo, hi)
@@ -85,11 +91,11 @@ class Observer:
         pass
 
     def _check_ready(self) -> None:
-        if self.nan_count or self.inf_count:
+        if self.nonfinite_batches:
             raise DataError(
                 f"calibration data produced NaN/Inf in this tensor ({self.nan_count} NaN and "
-                f"{self.inf_count} infinite values over {self.count} batches; values that are not finite "
-                "have no quantization range); check the inputs or the model"
+                f"{self.inf_count} infinite values, in {self.nonfinite_batches} of {self.count} batches): "
+                "values that are not finite have no quantization range; check the inputs or the model"
             )
         if self.count == 0:
             raise RuntimeError("observer saw no data")
@@ -145,6 +151,7 @@ class HistogramObserver(Observer):
         self.counts = torch.zeros(4 * self.bins, dtype=torch.int64)
         self.width: float | None = None  # None until a non-zero value arrives (zeros go to bin 0 anyway)
         self.total = 0  # finite values counted
+        self.zeros = 0  # exact zeros among them (in bin 0; ReLU outputs are often half zeros)
 
     @classmethod
     def from_config(cls, aq: "ActivationQuant") -> "HistogramObserver":
@@ -188,21 +195,30 @@ class HistogramObserver(Observer):
             idx = torch.where(x < 0, (half - 1) - j, half + j)
             self.counts += torch.bincount(idx.flatten(), minlength=2 * half)
         self.total += x.numel()
+        self.zeros += int((x == 0).sum())
 
     # -- reading ---------------------------------------------------------------------------------
-    def abs_histogram(self) -> tuple[torch.Tensor, float]:
+    def abs_histogram(self, exact_zeros: bool = True) -> tuple[torch.Tensor, float]:
         """(counts, width): float64 counts of |x| in bins [j*w, (j+1)*w), on the CPU, up to the last
-        non-empty bin. Width 0.0 when every value seen was zero."""
+        non-empty bin: bins < len(counts) <= 2*bins, unless max|x| < bins * 2**-126. Width 0.0 when
+        every value seen was zero.
+        `exact_zeros=False` leaves the exact zeros out of bin 0."""
         c = self.counts.cpu().to(torch.float64)
         half = 2 * self.bins
         folded = c[half:] + c[:half].flip(0)
+        if not exact_zeros:
+            folded[0] -= self.zeros
         nonzero = torch.nonzero(folded).flatten()
         n = int(nonzero[-1]) + 1 if nonzero.numel() else 1
         return folded[:n], (self.width or 0.0)
 
-    def signed_histogram(self) -> tuple[torch.Tensor, float]:
-        """(counts, width): float64 counts of x, bin i covering [(i - 2*bins)*w, (i - 2*bins + 1)*w)."""
-        return self.counts.cpu().to(torch.float64), (self.width or 0.0)
+    def signed_histogram(self, exact_zeros: bool = True) -> tuple[torch.Tensor, float]:
+        """(counts, width): float64 counts of x, bin i covering [(i - 2*bins)*w, (i - 2*bins + 1)*w).
+        `exact_zeros=False` leaves the exact zeros out of their bin, 2*bins."""
+        c = self.counts.cpu().to(torch.float64)
+        if not exact_zeros:
+            c[2 * self.bins] -= self.zeros
+        return c, (self.width or 0.0)
 
     @property
     def amax(self) -> float:
@@ -266,7 +282,12 @@ def kl_divergence_curve(counts: torch.Tensor, levels: int) -> tuple[torch.Tensor
       Q: counts[0:i], *without* the outliers, quantized into `levels` groups (bin j goes to the group
          that holds its centre, floor((j + 1/2) * levels / i)); each group's total is spread uniformly
          over the bins of the group where P is non-zero, zero elsewhere;
-      both normalised; KL = sum over P_j > 0 of P_j log(P_j / Q_j), +inf where some P_j > 0 has Q_j = 0.
+      both normalised; KL = sum over P_j > 0 of P_j log(P_j / Q_j).
+    Zeros: terms with P_j = 0 are 0. Q_j = 0 with P_j > 0 happens only in the last bin, when the clipped
+    values fall in a group where the slice is empty (outliers beyond a gap); Q_j is then KL_EPSILON,
+    1e-4 of a count (the epsilon with which MXNet's and ONNX Runtime's ports of the procedure smooth
+    empty bins), so clipping isolated outliers costs a large, finite divergence. A candidate with an empty slice
+    (everything clipped) is +inf.
     Q is built from the slice without the outliers as in TensorRT's pseudocode: were the outliers in Q
     too, candidate i = levels (one bin per group) would give Q = P and KL = 0 whatever is clipped.
 
@@ -298,11 +319,17 @@ def kl_divergence_curve(counts: torch.Tensor, levels: int) -> tuple[torch.Tensor
         nz[:, -1] += ((last == 0) & (outliers > 0)).double()  # P's last bin is non-zero with outliers
         m = s.clone()
         m[:, -1] += outliers  # P's mass per group (the outliers sit in the last bin, last group)
-        q = s / (cum[i][:, None] * nz)  # normalised Q on each non-zero bin of the group
-        # m > 0 with q == 0 (a group of P with no slice mass) gives -inf, so KL = +inf: never chosen.
+        # Clipped values landing in a group where the slice is empty (isolated outliers past a gap):
+        # Q is zero where P is not. That bin of Q gets KL_EPSILON of a count instead, so such a clip
+        # costs a large but finite divergence (it would be infinite, and never chosen, otherwise).
+        empty_last = (s[:, -1] == 0) & (outliers > 0)
+        s[:, -1] = torch.where(empty_last, KL_EPSILON, s[:, -1])
+        q_total = cum[i] + KL_EPSILON * empty_last.double()
+        q = s / (q_total[:, None] * nz)  # normalised Q on each non-zero bin of the group
         term = torch.where(m > 0, m * torch.log(q), torch.zeros_like(m))
         plogp = (cum_hlogh[i - 1] + _xlogx(last + outliers)) / total - math.log(total)
         kl = plogp - term.sum(1) / total
+        kl[cum[i] == 0] = math.inf  # everything clipped: Q would be all epsilon, nothing to compare
         out.append(torch.nan_to_num(kl, nan=math.inf, posinf=math.inf))
     return cands, torch.cat(out)
 
@@ -319,12 +346,17 @@ class EntropyObserver(HistogramObserver):
     """Entropy (KL divergence) calibration, as TensorRT's: the threshold t on |x| that minimises the
     KL divergence of `kl_divergence_curve`, t at the upper edge i*w of the last kept bin (TensorRT's
     slides write (i + 0.5)*w; the edge is where values are actually clipped). Symmetric: [-t, t];
-    asymmetric: [-t, t] intersected with the observed [min, max]."""
+    asymmetric: [-t, t] intersected with the observed [min, max].
+
+    Exact zeros are left out of the histogram it searches: every grid holds 0 exactly, so they say
+    nothing about the threshold, while in bin 0 a ReLU's spike of zeros, smeared by Q over its whole
+    group, would push the search to ever narrower groups (on ReLU(N(0, 1)) the threshold falls from
+    4.4 to 1.8). NVIDIA's pytorch-quantization sets bin 0 to bin 1 for the same reason."""
 
     def divergences(self, qmin: int, qmax: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(thresholds, kl) of every candidate, for inspection and plots."""
         self._check_ready()
-        counts, w = self.abs_histogram()
+        counts, w = self.abs_histogram(exact_zeros=False)
         one_signed = self.lo >= 0 or self.hi <= 0
         i, kl = kl_divergence_curve(counts, kl_levels(qmin, qmax, symmetric, one_signed))
         return i.double() * w, kl
@@ -345,17 +377,19 @@ def _sq_error_antiderivative(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) 
     plus (r^3 + 1/8)/3 for the part r in [-1/2, 1/2) of the current one; below it the clipping error is
     t - a, above it t - b, whose squares integrate to cubes. Written with clamps, not branches: the
     clipping terms vanish inside, the sawtooth term is constant outside."""
-    yc = torch.minimum(torch.maximum(y, a - 0.5), b + 0.5)
+    yc = torch.clamp(y, a - 0.5, b + 0.5)
     k = torch.floor(yc + 0.5)
-    r = yc - k
+    r = yc.sub_(k)
     below = torch.clamp(y - a, max=-0.5)
-    above = torch.clamp(y - b, min=0.5)
-    return (k - a) / 12 + (r**3 + 0.125) / 3 + (below**3 + 0.125) / 3 + (above**3 - 0.125) / 3
+    above = torch.clamp_(y - b, min=0.5)
+    # (r^3 + 1/8)/3 + (below^3 + 1/8)/3 + (above^3 - 1/8)/3, in place: this runs on candidates x bins.
+    cubes = r.mul(r).mul_(r).add_(below.mul(below).mul_(below)).add_(above.mul(above).mul_(above))
+    return k.sub_(a).div_(12).add_(cubes.add_(0.125).div_(3))
 
 
 def expected_sq_error(
     counts: torch.Tensor, origin: float, width: float, scale: torch.Tensor, zero_point: torch.Tensor,
-    qmin: int, qmax: int,
+    qmin: int, qmax: int, total: float | None = None,
 ) -> torch.Tensor:
     """Mean squared quantization error, per candidate (scale[k], zero_point[k]), of the values of a
     histogram (bin i = [origin + i*w, origin + (i+1)*w)), each value taken as uniform within its bin.
@@ -364,6 +398,7 @@ def expected_sq_error(
     the error over a bin is the difference of `_sq_error_antiderivative` at its edges), so the result
     stays right when a bin is wider than a quantization step (a tensor with huge outliers), and it is
     the error of the very grid the runtime uses: round half to even only differs on a set of measure 0.
+    `total`: the number of values to average over, when some (exact zeros, error 0) are not in counts.
     """
     counts = counts.to(torch.float64)
     nonzero = torch.nonzero(counts).flatten()
@@ -375,7 +410,7 @@ def expected_sq_error(
     b = (qmax - zero_point.to(torch.float64))[:, None]
     e = _sq_error_antiderivative(edges[None, :] / s, a, b)  # (candidates, edges)
     per_bin = e[:, 1:] - e[:, :-1]  # integral of e^2 over each bin, in units of the scale
-    return (per_bin @ c) * s[:, 0] ** 3 / width / c.sum()
+    return (per_bin @ c) * s[:, 0] ** 3 / width / (c.sum() if total is None else total)
 
 
 class MSEObserver(HistogramObserver):
@@ -399,8 +434,9 @@ class MSEObserver(HistogramObserver):
         qp = [affine_qparams(lo, hi, qmin, qmax, symmetric) for lo, hi in ranges]
         scale = torch.tensor([s for s, _ in qp], dtype=torch.float64)
         zero_point = torch.tensor([z for _, z in qp], dtype=torch.float64)
-        counts, w = self.signed_histogram()
-        errors = expected_sq_error(counts, -2 * self.bins * w, w, scale, zero_point, qmin, qmax)
+        # Exact zeros are quantized exactly by every candidate: out of the integral, in the mean.
+        counts, w = self.signed_histogram(exact_zeros=False)
+        errors = expected_sq_error(counts, -2 * self.bins * w, w, scale, zero_point, qmin, qmax, self.total)
         return ranges, errors
 
     def _clip(self, qmin: int, qmax: int, symmetric: bool) -> tuple[float, float]:

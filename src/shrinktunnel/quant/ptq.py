@@ -16,6 +16,7 @@ from ..core.registry import Context, register_method
 from ..core.select import matches, select_modules, set_submodule, unmatched_patterns
 from ..errors import DataError
 from .config import ActivationQuant, Granularity, QuantConfig, WeightQuant
+from .fallback import choose_fallback
 from .modules import SUPPORTED, QuantizedLayer
 from .observers import make_observer
 from .ops import qrange, quantize_weight, symmetric_scale
@@ -111,8 +112,7 @@ def _calibrate(model: nn.Module, plans: list[LayerPlan], cfg: QuantConfig, ctx: 
     """One pass over the calibration data feeds every observer; returns {name: (input, output)}."""
     observers, hooks = {}, []
     for plan in plans:
-        kind = plan.activations.calibrator.value
-        in_obs, out_obs = observers[plan.name] = (make_observer(kind), make_observer(kind))
+        in_obs, out_obs = observers[plan.name] = (make_observer(plan.activations), make_observer(plan.activations))
         hooks.append(plan.module.register_forward_hook(lambda m, i, o, obs=in_obs: obs.update(i[0])))
         # With a folded ReLU, the output range is the ReLU's output range.
         where = model.get_submodule(plan.relu) if plan.relu else plan.module
@@ -133,6 +133,8 @@ def _act_spec(name: str, side: str, obs, aq: ActivationQuant) -> dict[str, Any]:
     qmin, qmax = qrange(aq.bits, signed=aq.symmetric)
     try:
         scale, zero_point = obs.qparams(qmin, qmax, aq.symmetric)
+    except DataError as exc:  # NaN / Inf seen: the observer's message already says what to do
+        raise DataError(f"quantize: the {side} of {name}: {exc}") from None
     except (RuntimeError, ValueError) as exc:
         raise DataError(f"quantize: cannot calibrate the {side} of {name}: {exc}; check the calibration data") from None
     return {"scale": scale, "zero_point": zero_point, "qmin": qmin, "qmax": qmax,
@@ -176,6 +178,23 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
         for name in unused:
             ctx.warn(f"quantize: {name} never ran on the calibration data, so its activations have no range; kept in float")
         plans = [p for p in plans if p.name not in unused]
+    report = None
+    if cfg.max_drop is not None and plans:
+        metric = ctx.eval_fn or _fidelity_metric(model, ctx.data)
+        plans, report = choose_fallback(model, plans, lambda chosen: _build(model, chosen, observers)[0],
+                                        metric, cfg.max_drop, progress=ctx.progress)
+        for step in report["fallback"]:
+            ctx.warn(f"quantize: {step['layer']} kept in float to stay within max_drop={cfg.max_drop} "
+                     f"(sensitivity {step['sensitivity']:.4g}, metric after {step['metric_after']:.4g})")
+    quantized, replay = _build(model, plans, observers)
+    if report is not None:
+        replay["fallback_report"] = report  # informational: replay ignores it
+    return quantized, replay
+
+
+def _build(model: nn.Module, plans: list[LayerPlan], observers: dict) -> tuple[nn.Module, dict[str, Any]]:
+    """A copy of the float `model` with exactly `plans` quantized, and its replay record."""
+    model = copy.deepcopy(model)
     layers: dict[str, Any] = {}
     shared: dict[str, str] = {}
     for plan in plans:
@@ -188,6 +207,15 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
     for relu in fused:
         set_submodule(model, relu, nn.Identity())
     return model, {"layers": layers, "fused": fused, "shared": shared}
+
+
+def _fidelity_metric(reference: nn.Module, data: Any):
+    """Without labels: mean cosine of a candidate's outputs to the float model's, on the data."""
+    from ..measure.quality import fidelity
+
+    if data is None:
+        raise DataError("max_drop needs data to measure the drop on: pass data=... (and eval_fn=... for a metric of yours)")
+    return lambda candidate: fidelity(candidate, reference, data)["cosine"]
 
 
 def _has_own_weight(module: nn.Module) -> bool:
