@@ -106,8 +106,8 @@ def test_unknown_config_key_names_stage_key_and_hint():
 
 def test_bad_value_inside_a_stage_names_the_stage():
     with pytest.raises(ConfigError) as info:
-        load_recipe([{"quantize": {}}, {"quantize": {"weights": {"bits": 4}}}])
-    assert "recipe stage 1 (quantize)" in str(info.value) and "bits=4" in str(info.value)
+        load_recipe([{"quantize": {}}, {"quantize": {"weights": {"bits": 9}}}])
+    assert "recipe stage 1 (quantize)" in str(info.value) and "bits=9" in str(info.value)
 
 
 @pytest.mark.parametrize("recipe", ["stages: []\n", [], {"stages": []}, {"name": "no stages"}, "name: x\n"],

@@ -46,6 +46,8 @@ def export_onnx(
     (args, kwargs), _ = D.split(example_inputs)
     args, kwargs = _batch_at_least_two(args, kwargs)
     module = module.eval()
+    for note in _export_notes(module):
+        warnings.warn(note, UserWarning, stacklevel=2)
     dynamic = _dynamic_shapes(module, args, kwargs) if dynamic_batch else None
 
     target = Path(path)
@@ -67,6 +69,23 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def _export_notes(module: nn.Module, shown: int = 4) -> list[str]:
+    """Layers that export differently from how they are stored (quantized layers with sub-8-bit or
+    per-group weights) prepare themselves and say how (`prepare_export() -> note or None`); one
+    warning per kind of note, naming the layers."""
+    names_by_note: dict[str, list[str]] = {}
+    for name, sub in module.named_modules():
+        prepare = getattr(sub, "prepare_export", None)
+        note = prepare() if callable(prepare) else None
+        if note:
+            names_by_note.setdefault(note, []).append(name or type(sub).__name__)
+    notes = []
+    for note, names in names_by_note.items():
+        listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+        notes.append(f"export_onnx: {listed}: {note}")
+    return notes
 
 
 def _batch_at_least_two(args, kwargs):

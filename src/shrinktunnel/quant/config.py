@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..core.config import Config, StrEnum
 
@@ -12,6 +12,7 @@ __all__ = ["Granularity", "Calibrator", "WeightQuant", "ActivationQuant", "Layer
 class Granularity(StrEnum):
     PER_TENSOR = "per_tensor"
     PER_CHANNEL = "per_channel"
+    PER_GROUP = "per_group"
 
 
 class Calibrator(StrEnum):
@@ -27,22 +28,46 @@ def _only_8_bits(bits: int) -> int:
     return bits
 
 
+WEIGHT_BITS = (2, 8)  # the weight widths quantize accepts (inclusive)
+
+
+def _weight_bits(bits: int) -> int:
+    lo, hi = WEIGHT_BITS
+    if not lo <= bits <= hi:
+        raise ValueError(f"bits={bits} is not supported for weights; use an integer from {lo} to {hi} "
+                         f"(8: int8, near-lossless; 4: half the bytes, more accurate per_group)")
+    return bits
+
+
 class WeightQuant(Config):
-    bits: int = 8  # 8: int8 kernels exist in every CPU runtime; near-lossless with per-channel scales
+    bits: int = 8  # 8: int8 kernels exist in every CPU runtime; near-lossless with per-channel scales.
+    # 2..7: stored packed at that many bits (an INT4 layer takes half the bytes of the INT8 one)
     granularity: Granularity = Granularity.PER_CHANNEL  # per_channel: one scale per output channel
-    symmetric: bool = True  # True: zero point 0, so integer kernels skip a zero-point correction term
+    symmetric: bool = True  # True: signed, zero point 0, so integer kernels skip a zero-point correction
+    # term. False: unsigned 0..2^bits-1 with a zero point per channel/group, for skewed weight ranges
     reduce_range: bool = False  # True: 7-bit weights ([-63, 63]). x86 CPUs without VNNI run ONNX Runtime's
     # u8s8 kernels with 16-bit intermediate sums that saturate on full-range weights; 7 bits cannot.
+    group_size: int | None = None  # per_group only: consecutive input weights sharing a scale. No default:
+    # it must divide every selected layer's input dimension; 32-128 is usual for transformer Linears
 
-    _bits = field_validator("bits")(_only_8_bits)
+    _bits = field_validator("bits")(_weight_bits)
 
-    @field_validator("symmetric")
-    @classmethod
-    def _only_symmetric(cls, symmetric: bool) -> bool:
-        if not symmetric:
-            raise ValueError("asymmetric weights are not supported yet; use symmetric: true "
-                             "(asymmetric and other formats arrive with the quantization issue)")
-        return symmetric
+    @model_validator(mode="after")
+    def _check_combination(self) -> "WeightQuant":
+        if self.granularity == Granularity.PER_GROUP:
+            if self.group_size is None:
+                raise ValueError("granularity per_group needs group_size: the number of consecutive input "
+                                 "weights that share a scale, e.g. group_size: 64 (it must divide in_features)")
+            if self.group_size < 2:
+                raise ValueError(f"group_size={self.group_size} is too small; use 2 or more "
+                                 "(a group of one weight would store a scale per weight)")
+        elif self.group_size is not None:
+            raise ValueError(f"group_size={self.group_size} is only read with granularity: per_group "
+                             f"(granularity is {self.granularity}); set granularity: per_group or remove group_size")
+        if self.reduce_range and self.bits != 8:
+            raise ValueError(f"reduce_range applies to 8-bit weights only (it keeps ONNX Runtime's u8s8 kernels "
+                             f"from saturating); with bits={self.bits} remove it, or use bits: 7 for 7-bit weights")
+        return self
 
 
 class ActivationQuant(Config):

@@ -1,10 +1,14 @@
-"""Quantized layers: integer weights with per-channel scales, optional activation fake-quant.
+"""Quantized layers: integer weights with per-tensor, per-channel or per-group scales, optional
+activation fake-quant.
 
-A `QuantizedLayer` replaces one Linear / Conv1d / Conv2d. It stores the weight as integers
-(`qweight`, the artifact's payload) and computes in float with the dequantized weight, which is
-exactly what ONNX Runtime's QDQ graph computes before it fuses the pattern into integer kernels.
-Everything needed to rebuild it (shapes, conv geometry, activation scales) is in `spec()`, a JSON-ready
-dict; `from_spec(spec)` builds an empty layer of the right shapes that `load_state_dict` then fills.
+A `QuantizedLayer` replaces one Linear / Conv1d / Conv2d. It stores the weight as integers (the
+artifact's payload) and computes in float with the dequantized weight, which is exactly what ONNX
+Runtime's QDQ graph computes before it fuses the pattern into integer kernels. 8-bit integers are
+stored as they are (`qweight`, int8 or uint8, the weight's shape); narrower ones packed at their own
+width (`qweight_packed`, uint8, see codec/bitpack), unpacked once into a cache that is not part of the
+state dict. Everything needed to rebuild the layer (shapes, format, conv geometry, activation scales)
+is in `spec()`, a JSON-ready dict; `from_spec(spec)` builds an empty layer of the right shapes and
+dtypes that `load_state_dict` then fills.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..codec import pack, packed_nbytes, unpack
 from .ops import dequantize_weight, fake_quant_activation
 
 __all__ = ["QuantizedLayer", "ActQuant", "SUPPORTED"]
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 _KIND = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
-_DTYPES = {"int8": torch.int8, "uint8": torch.uint8}
+_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32}
 
 
 class ActQuant:
@@ -46,19 +51,73 @@ class ActQuant:
         return None if d is None else cls(**d)
 
 
+def weight_format(spec: dict[str, Any]) -> dict[str, Any]:
+    """The `weight` entry of a spec with the keys older artifacts lack filled in (they wrote 8-bit,
+    symmetric, unpacked weights with one scale per output channel)."""
+    w = dict(spec["weight"])
+    w.setdefault("symmetric", True)
+    w.setdefault("group_size", None)
+    w.setdefault("packed", False)
+    w.setdefault("zero_point_dtype", "int32")
+    _check_format(w, spec["weight_shape"])
+    return w
+
+
+def _check_format(w: dict[str, Any], shape: list[int]) -> None:
+    """Reject a weight format this version cannot honour (ValueError; replay reports it as an
+    ArtifactError) instead of building a layer that would misread its tensors."""
+    bits, dtype = w["bits"], w["dtype"]
+    problems = []
+    if not (isinstance(bits, int) and 2 <= bits <= 8):
+        problems.append(f"bits={bits!r} (2 to 8 are supported)")
+    elif dtype not in ("int8", "uint8"):
+        problems.append(f"dtype={dtype!r} (int8 or uint8)")
+    else:
+        lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if dtype == "int8" else (0, (1 << bits) - 1)
+        if not lo <= w["qmin"] <= w["qmax"] <= hi:
+            problems.append(f"qmin/qmax={w['qmin']}/{w['qmax']} outside a {bits}-bit {dtype[:-1]} range")
+        if bool(w["packed"]) != (bits < 8):
+            problems.append(f"packed={w['packed']!r} with bits={bits} (packed exactly when bits < 8)")
+    if w["zero_point_dtype"] not in _DTYPES:
+        problems.append(f"zero_point_dtype={w['zero_point_dtype']!r}")
+    if w["granularity"] == "per_group":
+        k = int(torch.Size(shape[1:]).numel())
+        g = w["group_size"]
+        if not (isinstance(g, int) and g >= 2 and k % g == 0):
+            problems.append(f"group_size={g!r} for an input dimension of {k}")
+    elif w["granularity"] not in ("per_tensor", "per_channel"):
+        problems.append(f"granularity={w['granularity']!r}")
+    if problems:
+        raise ValueError(f"unsupported quantized weight format: {'; '.join(problems)}; "
+                         "this artifact needs a newer shrinktunnel, or it is corrupted")
+
+
 class QuantizedLayer(nn.Module):
-    """Linear or convolution with integer weights. Buffers: `qweight` (weight shape, int8),
-    `weight_scale` and `weight_zero_point` (out_channels,); parameter `bias` (float32) if any."""
+    """Linear or convolution with integer weights. Buffers: `qweight` (weight shape, int8 or uint8)
+    or, below 8 bits, `qweight_packed` (uint8, ceil(numel * bits / 8) bytes); `weight_scale` (float32)
+    and `weight_zero_point` (int32; per group, the weight's int8 / uint8), of shape (out,) or, per group,
+    (out, n_groups); parameter `bias` (float32) if any."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__()
         self._spec = spec
-        w = spec["weight"]
+        w = weight_format(spec)
+        self._format = w
         dtype = _DTYPES[w["dtype"]]
-        self.register_buffer("qweight", torch.zeros(spec["weight_shape"], dtype=dtype))
-        out = spec["weight_shape"][0]
-        self.register_buffer("weight_scale", torch.ones(out, dtype=torch.float32))
-        self.register_buffer("weight_zero_point", torch.zeros(out, dtype=torch.int32))
+        shape = list(spec["weight_shape"])
+        out, numel = shape[0], int(torch.Size(shape).numel())
+        if w["packed"]:
+            self.register_buffer("qweight_packed", torch.zeros(packed_nbytes(numel, w["bits"]), dtype=torch.uint8))
+            # The unpacked integers, refreshed from qweight_packed when it changes (see integer_weight).
+            self.register_buffer("qweight_unpacked", torch.zeros(shape, dtype=dtype), persistent=False)
+            self._unpacked_from: tuple | None = None  # (data_ptr, version) of the packed bytes unpacked
+        else:
+            self.register_buffer("qweight", torch.zeros(shape, dtype=dtype))
+        qshape = (out,)
+        if w["granularity"] == "per_group":
+            qshape = (out, numel // out // int(w["group_size"]))
+        self.register_buffer("weight_scale", torch.ones(qshape, dtype=torch.float32))
+        self.register_buffer("weight_zero_point", torch.zeros(qshape, dtype=_DTYPES[w["zero_point_dtype"]]))
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if spec["bias"] else None
         self.input_quant = ActQuant.from_dict(spec.get("input"))
         self.output_quant = ActQuant.from_dict(spec.get("output"))
@@ -103,13 +162,73 @@ class QuantizedLayer(nn.Module):
     def activation(self) -> str | None:
         return self._spec.get("activation")
 
-    def num_weights(self) -> int:
-        return self.qweight.numel() + (self.bias.numel() if self.bias is not None else 0)
+    @property
+    def packed(self) -> bool:
+        return bool(self._format["packed"])
 
-    # -- compute ------------------------------------------------------------------------------
+    def num_weights(self) -> int:
+        return int(torch.Size(self._spec["weight_shape"]).numel()) + (self.bias.numel() if self.bias is not None else 0)
+
+    # -- integer weights ----------------------------------------------------------------------
+    def set_weight(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Store integer weights (weight shape, in [qmin, qmax]) with their scales and zero points."""
+        w = self._format
+        if w["packed"]:
+            self.qweight_packed.copy_(pack(q, w["bits"], signed=w["dtype"] == "int8"))
+            self._unpacked_from = None
+        else:
+            self.qweight.copy_(q)
+        self.weight_scale.copy_(scale)
+        self.weight_zero_point.copy_(zero_point)
+
+    def integer_weight(self) -> torch.Tensor:
+        """The integer weight, in the weight's shape (int8 or uint8). Packed weights are unpacked once
+        and cached; the cache is refreshed whenever `qweight_packed` is replaced or changed in place
+        (load_state_dict, .to(), copy_)."""
+        if not self._format["packed"]:
+            return self.qweight
+        packed = self.qweight_packed
+        if torch.compiler.is_exporting():
+            # Traced buffers hold no data: the cache, a buffer too, becomes the exported constant.
+            # st.export_onnx refreshes it first (prepare_export).
+            if self._unpacked_from is None:
+                raise RuntimeError(f"{self.kind} layer: packed weights not unpacked yet; run the model once "
+                                   "or export with st.export_onnx, which unpacks them")
+            return self.qweight_unpacked
+        # Inference tensors (made under torch.inference_mode) have no version counter.
+        key = (packed.data_ptr(), None if packed.is_inference() else packed._version, packed.device)
+        if self._unpacked_from != key:
+            w = self._format
+            q = unpack(packed, w["bits"], w["dtype"] == "int8", self.qweight_unpacked.numel())
+            self.qweight_unpacked = q.view(self.qweight_unpacked.shape).to(self.qweight_unpacked.dtype)
+            self._unpacked_from = key
+        return self.qweight_unpacked
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._format["packed"]:
+            self._unpacked_from = None  # new bytes: unpack again on next use
+
     def dequantized_weight(self) -> torch.Tensor:
-        w = self._spec["weight"]
-        return dequantize_weight(self.qweight, self.weight_scale, self.weight_zero_point, w["qmin"], w["qmax"])
+        """(q - zero_point) * scale, per output channel or per group: the float weight the layer uses."""
+        w = self._format
+        return dequantize_weight(self.integer_weight(), self.weight_scale, self.weight_zero_point, w["qmin"], w["qmax"])
+
+    def prepare_export(self) -> str | None:
+        """Called by st.export_onnx before tracing: brings the unpacked cache up to date and returns a
+        note when the layer does not export as int8 QuantizeLinear/DequantizeLinear (None when it does)."""
+        w = self._format
+        if w["packed"]:
+            self.integer_weight()
+        if w["granularity"] == "per_group":
+            return (f"{w['bits']}-bit per-group weights export dequantized (opset 18 has no blocked "
+                    "DequantizeLinear): ONNX Runtime folds them into float weights and runs these layers in "
+                    "float, with PyTorch's numerics and at float speed")
+        if w["bits"] < 8:
+            return (f"{w['bits']}-bit weights export unpacked, one {w['dtype']} byte per weight, with "
+                    "QuantizeLinear/DequantizeLinear; ONNX Runtime has no int4 (or other sub-byte) conv/gemm "
+                    "for QDQ graphs and runs them with its 8-bit kernels, or in float when activations are not quantized")
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:
@@ -132,10 +251,12 @@ class QuantizedLayer(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        w = self._spec["weight"]
+        w = self._format
         act = self._spec.get("activation")
+        fmt = f"{w['bits']}-bit {w['dtype']}" + (" packed" if w["packed"] else "")
+        gran = f"per_group({w['group_size']})" if w["granularity"] == "per_group" else w["granularity"]
         return (
-            f"{self.kind}, weight={tuple(self.qweight.shape)} {w['dtype']}"
+            f"{self.kind}, weight={tuple(self._spec['weight_shape'])} {fmt} {gran}"
             + (f", in_q=({self.input_quant.scale:.4g}, {self.input_quant.zero_point})" if self.input_quant else "")
             + (f", out_q=({self.output_quant.scale:.4g}, {self.output_quant.zero_point})" if self.output_quant else "")
             + (f", fused={act}" if act else "")

@@ -14,12 +14,12 @@ from ..core import data as D
 from ..core.progress import track
 from ..core.registry import Context, register_method
 from ..core.select import matches, select_modules, set_submodule, unmatched_patterns
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .config import ActivationQuant, Granularity, QuantConfig, WeightQuant
 from .fallback import choose_fallback
 from .modules import SUPPORTED, QuantizedLayer
 from .observers import make_observer
-from .ops import qrange, quantize_weight, symmetric_scale
+from .ops import qrange, quantize_weight, weight_qparams, weight_qrange
 
 __all__ = ["quantize_model", "replay_quantize", "plan_layers", "LayerPlan"]
 
@@ -74,6 +74,7 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
                     weights = rule.weights
                 if "activations" in rule.model_fields_set:
                     activations = rule.activations
+        _check_weight(name, module, weights)
         relu = _following_relu(model, name) if (cfg.fuse_relu and activations is not None) else None
         aliases = tuple(n for n in names_of[id(module)] if n != name)
         plans.append(LayerPlan(name, module, weights, activations, relu, aliases))
@@ -95,16 +96,50 @@ def _following_relu(model: nn.Module, name: str) -> str | None:
     return None
 
 
+MAX_LISTED_GROUP = 256  # the largest group size an error message suggests
+
+
+def _check_weight(name: str, module: nn.Module, wq: WeightQuant) -> None:
+    """Fail before any calibration on a weight that cannot be quantized as asked: NaN/Inf values, or a
+    group size that does not divide the layer's input dimension."""
+    w = module.weight.detach()
+    if not bool(torch.isfinite(w).all()):
+        n_nan, n_inf = int(torch.isnan(w).sum()), int(torch.isinf(w).sum())
+        raise DataError(
+            f"quantize: the weight of {name} has {n_nan} NaN and {n_inf} infinite values, which have no "
+            f"quantization grid; fix the model (a diverged training run or a bad checkpoint), or keep the "
+            f"layer in float with skip: [{name!r}]"
+        )
+    if wq.granularity == Granularity.PER_GROUP:
+        k = w[0].numel()
+        if k % wq.group_size:
+            if isinstance(module, nn.Linear):
+                dim = f"in_features = {k}"
+            else:
+                dims = " x ".join(str(d) for d in (w.shape[1], *w.shape[2:]))
+                dim = f"in_channels/groups x kernel = {dims} = {k}"
+            valid = [d for d in range(2, min(k, MAX_LISTED_GROUP) + 1) if k % d == 0]
+            choose = (f"choose a group_size that divides {k} ({', '.join(map(str, valid))})" if valid
+                      else f"{k} has no divisor from 2 to {MAX_LISTED_GROUP}")
+            raise ConfigError(
+                f"quantize: group_size={wq.group_size} does not divide the input dimension of {name} "
+                f"({type(module).__name__}, {dim}); {choose}, or quantize this layer per_channel with an "
+                f"override: {{pattern: {name!r}, weights: {{granularity: per_channel, bits: {wq.bits}"
+                f"{'' if wq.symmetric else ', symmetric: false'}}}}}"
+            )
+
+
 def _weight_qparams(weight: torch.Tensor, wq: WeightQuant) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    qmin, qmax = qrange(wq.bits - 1 if wq.reduce_range else wq.bits, signed=True, narrow=True)
-    w = weight.detach().float()
-    if wq.granularity == Granularity.PER_CHANNEL:
-        amax = w.reshape(w.shape[0], -1).abs().amax(dim=1)
-    else:
-        amax = w.abs().amax().expand(w.shape[0])
-    scale = symmetric_scale(amax, qmax)
-    zero_point = torch.zeros(w.shape[0], dtype=torch.int32)
-    meta = {"bits": wq.bits, "dtype": "int8", "qmin": qmin, "qmax": qmax, "granularity": str(wq.granularity)}
+    """The weight's format record (the spec's `weight` entry), scales and zero points."""
+    qmin, qmax = weight_qrange(wq.bits - 1 if wq.reduce_range else wq.bits, wq.symmetric)
+    group_size = wq.group_size if wq.granularity == Granularity.PER_GROUP else None
+    scale, zero_point = weight_qparams(weight, qmin, qmax, wq.symmetric, str(wq.granularity), group_size)
+    dtype = "int8" if wq.symmetric else "uint8"
+    meta = {"bits": wq.bits, "dtype": dtype, "qmin": qmin, "qmax": qmax, "granularity": str(wq.granularity),
+            "symmetric": wq.symmetric, "group_size": group_size, "packed": wq.bits < 8,
+            # One zero point per group is a byte in the weight's own type (int32 would add 0.5 to 1 bit per
+            # weight at groups of 64 to 32); per channel it stays int32, as artifacts have always stored it.
+            "zero_point_dtype": dtype if group_size else "int32"}
     return meta, scale, zero_point
 
 
@@ -151,9 +186,8 @@ def _convert(plan: LayerPlan, observers: dict) -> QuantizedLayer:
         spec["input"] = _act_spec(plan.name, "input", in_obs, plan.activations)
         spec["output"] = _act_spec(plan.name, "output", out_obs, plan.activations)
     layer = QuantizedLayer.from_spec(spec)
-    layer.qweight.copy_(quantize_weight(module.weight, scale, zero_point, meta["qmin"], meta["qmax"], torch.int8))
-    layer.weight_scale.copy_(scale)
-    layer.weight_zero_point.copy_(zero_point)
+    dtype = torch.int8 if meta["dtype"] == "int8" else torch.uint8
+    layer.set_weight(quantize_weight(module.weight, scale, zero_point, meta["qmin"], meta["qmax"], dtype), scale, zero_point)
     if module.bias is not None:
         layer.bias.data.copy_(module.bias.detach().float())
     return layer
@@ -161,7 +195,8 @@ def _convert(plan: LayerPlan, observers: dict) -> QuantizedLayer:
 
 @register_method("quantize", QuantConfig, replay=replay_quantize)
 def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
-    """Post-training quantization of a copy of `model`: int8 weights per channel, activations calibrated."""
+    """Post-training quantization of a copy of `model`: 2- to 8-bit weights per tensor, channel or group,
+    activations calibrated (or weight-only)."""
     model = copy.deepcopy(model).eval()
     plans = plan_layers(model, cfg, ctx)
     static = [p for p in plans if p.activations is not None]
