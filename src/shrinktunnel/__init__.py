@@ -10,16 +10,16 @@ smaller, faster model comes out, with the measured figures that prove it.
 
 from . import measure
 from ._version import __version__
-from .api import compress, load, quantize, save
+from .api import cast, compress, load, quantize, save
 from .core.history import set_model_ref
 from .core.recipe import load_recipe
 from .core.result import Result
 from .errors import ArtifactError, ConfigError, DataError, ExportError, ModelError, ShrinkError
 from .export import export_onnx
-from .quant import ActivationQuant, QuantConfig, WeightQuant
+from .quant import ActivationQuant, CastConfig, QuantConfig, WeightQuant
 
 __all__ = [
-    "__version__", "measure", "quantize", "compress", "load", "save", "export_onnx", "load_recipe", "set_model_ref",
-    "Result", "QuantConfig", "WeightQuant", "ActivationQuant",
+    "__version__", "measure", "quantize", "cast", "compress", "load", "save", "export_onnx", "load_recipe", "set_model_ref",
+    "Result", "QuantConfig", "CastConfig", "WeightQuant", "ActivationQuant",
     "ShrinkError", "ConfigError", "DataError", "ModelError", "ArtifactError", "ExportError",
 ]

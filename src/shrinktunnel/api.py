@@ -20,7 +20,7 @@ from .errors import ModelError
 from .measure import artifact_bytes, count_macs, count_weights, float_safetensors_bytes
 from .quant.config import QuantConfig
 
-__all__ = ["quantize", "compress", "load", "save", "run_stage"]
+__all__ = ["quantize", "cast", "compress", "load", "save", "run_stage"]
 
 
 def run_stage(model: nn.Module, method: str, config: Any, ctx: Context) -> nn.Module:
@@ -41,6 +41,11 @@ def run_stage(model: nn.Module, method: str, config: Any, ctx: Context) -> nn.Mo
 def quantize(model: nn.Module, config: QuantConfig | dict | None = None, *, data: Any = None, progress: bool = True) -> nn.Module:
     """Return a NEW quantized model (post-training); `model` is not changed. `data`: calibration batches."""
     return run_stage(model, "quantize", config, Context(data=D.reiterable(data), progress=progress))
+
+
+def cast(model: nn.Module, config: Any = None) -> nn.Module:
+    """Return a NEW model whose Linear/Conv weights are stored as FP16, BF16 or FP8 (`st.CastConfig`)."""
+    return run_stage(model, "cast", config, Context(progress=False))
 
 
 def compress(

@@ -31,7 +31,7 @@ def export_onnx(
     example_inputs: Any,
     *,
     dynamic_batch: bool = True,
-    opset: int = 18,
+    opset: int | None = None,
 ) -> Path:
     """Write `model` (an nn.Module or a Result) as ONNX at `path`, atomically; return the path.
 
@@ -57,7 +57,7 @@ def export_onnx(
         with _quiet():
             torch.onnx.export(
                 module, args, str(tmp), kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic,
-                opset_version=opset, external_data=False, optimize=True, verbose=False,
+                opset_version=opset or _needed_opset(module), external_data=False, optimize=True, verbose=False,
             )
         _strip_metadata(tmp)
         _check_runs(tmp)
@@ -86,6 +86,16 @@ def _export_notes(module: nn.Module, shown: int = 4) -> list[str]:
         listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
         notes.append(f"export_onnx: {listed}: {note}")
     return notes
+
+
+_FP8 = {torch.float8_e4m3fn, torch.float8_e5m2}
+
+
+def _needed_opset(module: nn.Module) -> int:
+    """18 (what ONNX Runtime runs everything at), or 21 when a tensor is float8: ONNX types float8
+    from opset 19 on, and Cast from it before 19 is an invalid graph."""
+    has_fp8 = any(t.dtype in _FP8 for t in module.state_dict().values())
+    return 21 if has_fp8 else 18
 
 
 def _batch_at_least_two(args, kwargs):

@@ -92,6 +92,19 @@ def _check_format(w: dict[str, Any], shape: list[int]) -> None:
                          "this artifact needs a newer shrinktunnel, or it is corrupted")
 
 
+def apply_layer(spec: dict[str, Any], x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The Linear / Conv1d / Conv2d that `spec` (see `QuantizedLayer.geometry`) describes, with weight `w`."""
+    if spec["kind"] == "linear":
+        return F.linear(x, w, bias)
+    conv = F.conv2d if spec["kind"] == "conv2d" else F.conv1d
+    padding = spec["padding"]
+    if spec.get("padding_mode", "zeros") != "zeros":
+        # Non-zero padding is applied by F.pad before a conv without padding, as torch does.
+        x = F.pad(x, spec["explicit_padding"], mode=spec["padding_mode"])
+        padding = 0
+    return conv(x, w, bias, spec["stride"], padding, spec["dilation"], spec["groups"])
+
+
 class QuantizedLayer(nn.Module):
     """Linear or convolution with integer weights. Buffers: `qweight` (weight shape, int8 or uint8)
     or, below 8 bits, `qweight_packed` (uint8, ceil(numel * bits / 8) bytes); `weight_scale` (float32)
@@ -233,17 +246,8 @@ class QuantizedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:
             x = self.input_quant(x)
-        w = self.dequantized_weight()
+        y = apply_layer(self._spec, x, self.dequantized_weight(), self.bias)
         s = self._spec
-        if s["kind"] == "linear":
-            y = F.linear(x, w, self.bias)
-        else:
-            conv = F.conv2d if s["kind"] == "conv2d" else F.conv1d
-            padding = s["padding"]
-            if s.get("padding_mode", "zeros") != "zeros":
-                x = F.pad(x, s["explicit_padding"], mode=s["padding_mode"])
-                padding = 0
-            y = conv(x, w, self.bias, s["stride"], padding, s["dilation"], s["groups"])
         if s.get("activation") == "relu":
             y = F.relu(y)
         if self.output_quant is not None:
