@@ -58,3 +58,11 @@ def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, child = get_submodule_parent(model, name)
     setattr(parent, child, module)
+
+
+def names_by_module(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every module, keyed by id: a module registered twice has two names."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.config import Config, StrEnum
 from ..core.registry import Context, register_method
-from ..core.select import select_modules, set_submodule, unmatched_patterns
+from ..core.select import names_by_module, select_modules, set_submodule, unmatched_patterns
 from ..errors import DataError
 from .modules import SUPPORTED, QuantizedLayer, apply_layer
 
@@ -109,9 +109,7 @@ def cast_model(model: nn.Module, cfg: CastConfig, ctx: Context) -> tuple[nn.Modu
     model = copy.deepcopy(model).eval()
     for pattern in unmatched_patterns(model, [*cfg.layers, *cfg.skip]):
         ctx.warn(f"cast: pattern {pattern!r} matches no module")
-    names_of: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names_of.setdefault(id(module), []).append(name)
+    names_of = names_by_module(model)
     layers, shared = {}, {}
     for name, module in select_modules(model, SUPPORTED, cfg.layers, cfg.skip):
         if type(module) not in SUPPORTED:

@@ -13,7 +13,7 @@ from torch import nn
 from ..core import data as D
 from ..core.progress import track
 from ..core.registry import Context, register_method
-from ..core.select import matches, select_modules, set_submodule, unmatched_patterns
+from ..core.select import names_by_module, matches, select_modules, set_submodule, unmatched_patterns
 from ..errors import ConfigError, DataError
 from .config import ActivationQuant, Granularity, QuantConfig, WeightQuant
 from .fallback import choose_fallback
@@ -57,9 +57,7 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
         selected = name and matches(name, cfg.layers) and not matches(name, cfg.skip)
         if selected and _has_own_weight(module) and not isinstance(module, SUPPORTED):
             ctx.warn(f"quantize: {name} ({type(module).__name__}) is not a supported layer kind; kept in float")
-    names_of: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names_of.setdefault(id(module), []).append(name)
+    names_of = names_by_module(model)
     plans = []
     for name, module in select_modules(model, SUPPORTED, cfg.layers, cfg.skip):
         if type(module) not in SUPPORTED:
