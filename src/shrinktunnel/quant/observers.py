@@ -342,6 +342,10 @@ def kl_levels(qmin: int, qmax: int, symmetric: bool, one_signed: bool) -> int:
     return n if (not symmetric and one_signed) else n // 2
 
 
+MAX_CLIPPED = 1e-3  # entropy calibration may clip at most 0.1 % of a tensor's values: KL's outlier
+# clipping works on rare outliers (1e-5 of the values), not on a fifth of an image's pixels.
+
+
 class EntropyObserver(HistogramObserver):
     """Entropy (KL divergence) calibration, as TensorRT's: the threshold t on |x| that minimises the
     KL divergence of `kl_divergence_curve`, t at the upper edge i*w of the last kept bin (TensorRT's
@@ -365,6 +369,16 @@ class EntropyObserver(HistogramObserver):
         if self.amax == 0:
             return self.lo, self.hi
         thresholds, kl = self.divergences(qmin, qmax, symmetric)
+        # Guard: never clip more than MAX_CLIPPED of the (non-zero) values. On a histogram dominated
+        # by one spike (the background pixel of an image, a layer's constant response to it) KL keeps
+        # the spike and clips the informative tail: the MNIST CNN fell from 99.06 % to 92.4 %.
+        counts, w = self.abs_histogram(exact_zeros=False)
+        beyond = counts.flip(0).cumsum(0).flip(0).double()  # beyond[i]: values in bins i and above
+        allowed = beyond <= MAX_CLIPPED * float(counts.sum())
+        floor_bin = int(torch.nonzero(allowed)[0]) if bool(allowed.any()) else counts.numel()
+        kl = torch.where(thresholds >= floor_bin * w, kl, torch.full_like(kl, float("inf")))
+        if not bool(torch.isfinite(kl).any()):
+            return self._symmetric_or_intersect(float(thresholds[-1]), symmetric)
         best = int(torch.argmin(kl))  # the first of equal minima: the smallest threshold
         return self._symmetric_or_intersect(float(thresholds[best]), symmetric)
 
