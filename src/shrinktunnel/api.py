@@ -12,12 +12,12 @@ from torch import nn
 
 from .core import data as D
 from .core.artifact import load_artifact, save_artifact
-from .core.history import append_stage, get_record, record_inputs, set_model_ref, model_ref as _model_ref
+from .core.history import append_stage, get_record, record_inputs, set_model_ref
 from .core.recipe import load_recipe
 from .core.registry import Context, get_method
 from .core.result import Result
 from .errors import ModelError
-from .measure import artifact_bytes, count_macs, count_weights, float_safetensors_bytes
+from .measure import artifact_bytes, bits_per_weight, count_macs, count_weights, float_safetensors_bytes
 from .quant.config import QuantConfig
 
 __all__ = ["quantize", "cast", "compress", "load", "save", "run_stage"]
@@ -92,7 +92,7 @@ def _measure(model: nn.Module, example: Any, eval_fn, artifact: bool = False) ->
             out["bytes"] = artifact_bytes(save_artifact(model, Path(d) / "a"))
     else:
         out["bytes"] = float_safetensors_bytes(model)
-    out["bits_per_weight"] = 8.0 * out["bytes"] / max(out["weights"], 1)
+    out["bits_per_weight"] = bits_per_weight(out["bytes"], out["weights"])
     if example is not None:
         inputs, _ = D.split(example)
         out["macs"] = count_macs(model, inputs)
@@ -113,6 +113,3 @@ def save(model: nn.Module | Result, path: str | os.PathLike, *, overwrite: bool 
         return model.save(path, overwrite=overwrite)
     return save_artifact(model, path, overwrite=overwrite)
 
-
-def model_reference(model: nn.Module) -> str | None:
-    return _model_ref(model)

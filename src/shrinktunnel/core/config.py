@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ..errors import ConfigError
 
-__all__ = ["Config", "StrEnum", "parse_config"]
+__all__ = ["Config", "StrEnum"]
 
 
 class _ConfigMeta(type(BaseModel)):
@@ -75,10 +75,6 @@ class Config(BaseModel, metaclass=_ConfigMeta):
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; string enums become their values."""
         return self.model_dump(mode="json")
-
-
-def parse_config(cls: type[Config], data: Any) -> Config:
-    return cls.parse(data)
 
 
 def _describe(name: str, exc: ValidationError) -> str:

@@ -8,6 +8,7 @@ initializers: ONNX Runtime's QDQ transformers then fuse DQ -> Conv/MatMul -> Q i
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import os
@@ -109,11 +110,11 @@ def _batch_at_least_two(args, kwargs):
 
 
 def _dynamic_shapes(module: nn.Module, args, kwargs):
+    """Dimension 0 of every tensor input is the dynamic batch; keyed by the forward's parameter
+    names, which is what torch.export expects whether inputs come positionally or by keyword."""
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    spec = lambda t: {0: batch} if isinstance(t, torch.Tensor) and t.dim() > 0 else None  # noqa: E731
-    if kwargs:
-        return {**{f"arg{i}": spec(a) for i, a in enumerate(args)}, **{k: spec(v) for k, v in kwargs.items()}} if args else {k: spec(v) for k, v in kwargs.items()}
-    return tuple(spec(a) for a in args)
+    bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    return {name: ({0: batch} if isinstance(v, torch.Tensor) and v.dim() > 0 else None) for name, v in bound.items()}
 
 
 @contextlib.contextmanager

@@ -3,9 +3,9 @@
 from .latency import LatencyStats, onnx_latency, torch_latency
 from .macs import count_macs
 from .quality import accuracy, fidelity
-from .size import artifact_bytes, count_weights, float_safetensors_bytes
+from .size import artifact_bytes, bits_per_weight, count_weights, float_safetensors_bytes
 
 __all__ = [
     "LatencyStats", "torch_latency", "onnx_latency", "count_macs", "accuracy", "fidelity",
-    "artifact_bytes", "count_weights", "float_safetensors_bytes",
+    "artifact_bytes", "bits_per_weight", "count_weights", "float_safetensors_bytes",
 ]

@@ -43,12 +43,6 @@ def weight_qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return qrange(bits, signed=True, narrow=True) if symmetric else qrange(bits, signed=False)
 
 
-def storage_dtype(bits: int, signed: bool) -> torch.dtype:
-    if bits <= 8:
-        return torch.int8 if signed else torch.uint8
-    raise NotImplementedError(f"{bits}-bit storage")
-
-
 def symmetric_scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:
     """Scale that maps [-amax, amax] onto [-qmax, qmax]; an all-zero channel gets scale 1."""
     amax = amax.float()
