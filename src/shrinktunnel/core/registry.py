@@ -78,5 +78,12 @@ def method_for_config(config: Config) -> Method:
 
 
 def _load_builtin_methods() -> None:
-    # Importing a method's module registers it; done lazily to keep `import shrinktunnel` cheap.
-    from .. import quant  # noqa: F401
+    # Importing a method's package registers its methods; done lazily to keep `import shrinktunnel` cheap.
+    import importlib
+
+    for package in BUILTIN_PACKAGES:
+        importlib.import_module(f"shrinktunnel.{package}")
+
+
+# Each package's __init__ imports the modules that register its methods.
+BUILTIN_PACKAGES = ("quant", "prune", "cluster", "decompose", "distill", "fuse")

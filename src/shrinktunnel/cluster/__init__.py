@@ -1,0 +1,1 @@
+"""Weight sharing: k-means codebooks per layer, codebook fine-tuning, entropy-coded storage."""

@@ -1,0 +1,1 @@
+"""Knowledge distillation: soft targets, feature hints, embedding distillation, one trainer."""
