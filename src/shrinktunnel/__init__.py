@@ -11,15 +11,18 @@ smaller, faster model comes out, with the measured figures that prove it.
 from . import measure
 from ._version import __version__
 from .api import cast, compress, load, quantize, save
+from .distill import DistillConfig, Hint, KeepLayersConfig
 from .core.history import set_model_ref
 from .core.recipe import load_recipe
 from .core.result import Result
 from .errors import ArtifactError, ConfigError, DataError, ExportError, ModelError, ShrinkError
 from .export import export_onnx
 from .quant import ActivationQuant, CastConfig, QuantConfig, WeightQuant
+from .api import distill  # noqa: E402  (st.distill / st.fuse: the functions; shrinktunnel.distill / .fuse: the packages)
 
 __all__ = [
     "__version__", "measure", "quantize", "cast", "compress", "load", "save", "export_onnx", "load_recipe", "set_model_ref",
     "Result", "QuantConfig", "CastConfig", "WeightQuant", "ActivationQuant",
+    "distill", "DistillConfig", "Hint", "KeepLayersConfig",
     "ShrinkError", "ConfigError", "DataError", "ModelError", "ArtifactError", "ExportError",
 ]

@@ -16,11 +16,11 @@ from .core.history import append_stage, get_record, record_inputs, set_model_ref
 from .core.recipe import load_recipe
 from .core.registry import Context, get_method
 from .core.result import Result
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 from .measure import artifact_bytes, bits_per_weight, count_macs, count_weights, float_safetensors_bytes
 from .quant.config import QuantConfig
 
-__all__ = ["quantize", "cast", "compress", "load", "save", "run_stage"]
+__all__ = ["quantize", "cast", "distill", "compress", "load", "save", "run_stage"]
 
 
 def run_stage(model: nn.Module, method: str, config: Any, ctx: Context) -> nn.Module:
@@ -46,6 +46,21 @@ def quantize(model: nn.Module, config: QuantConfig | dict | None = None, *, data
 def cast(model: nn.Module, config: Any = None) -> nn.Module:
     """Return a NEW model whose Linear/Conv weights are stored as FP16, BF16 or FP8 (`st.CastConfig`)."""
     return run_stage(model, "cast", config, Context(progress=False))
+
+
+def distill(student: nn.Module, teacher: nn.Module, data: Any, config: Any = None, *,
+            eval_fn: Callable[[nn.Module], float] | None = None, progress: bool = True) -> nn.Module:
+    """Return a NEW student distilled from `teacher` on `data` (`st.DistillConfig`); neither model is changed."""
+    from .distill import DistillConfig
+
+    if not isinstance(teacher, nn.Module):
+        raise ModelError(f"distill: the teacher must be a torch.nn.Module, got {type(teacher).__name__}")
+    cfg = DistillConfig.parse(config)
+    if cfg.teacher != "original":
+        raise ConfigError(f"distill: a teacher is passed and the config names another ({cfg.teacher!r}); "
+                          "remove `teacher` from the config, or call st.compress with a recipe")
+    return run_stage(student, "distill", cfg, Context(data=D.reiterable(data), eval_fn=eval_fn, progress=progress,
+                                                      original=teacher))
 
 
 def compress(
@@ -74,7 +89,7 @@ def compress(
     original = copy.deepcopy(model).eval()
     if data is not None:
         D.check_model_runs(original, data)
-    ctx = Context(data=data, example_inputs=example_inputs, eval_fn=eval_fn, progress=progress)
+    ctx = Context(data=data, example_inputs=example_inputs, eval_fn=eval_fn, progress=progress, original=original)
     current = original
     for stage in stages:
         current = run_stage(current, stage.method, stage.config, ctx)
@@ -112,4 +127,3 @@ def save(model: nn.Module | Result, path: str | os.PathLike, *, overwrite: bool 
     if isinstance(model, Result):
         return model.save(path, overwrite=overwrite)
     return save_artifact(model, path, overwrite=overwrite)
-

@@ -28,6 +28,7 @@ class Context:
     example_inputs: Any = None
     eval_fn: Callable[[nn.Module], float] | None = None
     progress: bool = True
+    original: nn.Module | None = None  # the model before the first stage (a distillation teacher)
     warnings: list[str] = field(default_factory=list)  # things skipped, shown in the report
 
     def warn(self, message: str) -> None:

@@ -94,11 +94,17 @@ def fit(
     params: list[nn.Parameter] | None = None,
     before_step: Callable[[nn.Module], None] | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
+    on_step: Callable[[int, float, torch.optim.Optimizer], bool | None] | None = None,
+    resume: tuple[int, dict[str, Any]] | None = None,
 ) -> FitLog:
     """Train `model` IN PLACE on `data` (cycled as needed) and return the loss log.
 
     `params`: what the optimiser updates (default: every parameter that requires grad);
     `before_step(model)` runs after backward, before the optimiser step; `after_step(model)` after it.
+    `on_step(step, loss, optimizer)` runs after each step (`step` counts from 1, in train mode, the
+    model is its to evaluate or checkpoint); returning True stops early. `resume=(steps_done,
+    optimizer_state)` continues an interrupted run: the optimiser state is restored and the first
+    `steps_done` batches of the data cycle are skipped, so a list of batches is seen in the same order.
     The model is left in eval mode.
     """
     cfg = cfg or FitConfig()
@@ -109,10 +115,15 @@ def fit(
         raise ConfigError("nothing to train: the model has no parameter that requires grad")
     opt = _optimizer(params, cfg)
     log = FitLog()
+    start = 0
+    if resume is not None:
+        start, opt_state = resume
+        opt.load_state_dict(opt_state)
+        log.steps = start
     model.train()
     stream = itertools.chain.from_iterable(D.batches(data) for _ in itertools.count())
     try:
-        for batch in track(itertools.islice(stream, total), cfg.description, total=total, enabled=cfg.progress):
+        for batch in track(itertools.islice(stream, start, total), cfg.description, total=total - start, enabled=cfg.progress):
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
@@ -128,6 +139,8 @@ def fit(
                     after_step(model)
             log.steps += 1
             log.losses.append(float(loss.detach()))
+            if on_step is not None and on_step(log.steps, log.losses[-1], opt):
+                break
     finally:
         model.eval()
     return log

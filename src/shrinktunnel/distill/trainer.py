@@ -1,0 +1,246 @@
+"""The distillation trainer: one loop (core.train.fit) with a teacher, hints, evaluation, early
+stopping and a resumable checkpoint.
+
+    log = distill_train(student, teacher, data, DistillConfig(...), eval_fn=...)   # trains IN PLACE
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..core import data as D
+from ..core.train import FitConfig, _num_steps, fit
+from ..errors import ConfigError, DataError, ModelError
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import DistillConfig, OutputLoss
+from .losses import check_output_shapes, embedding_loss, hinton_loss, make_adapter, pool
+
+__all__ = ["DistillLog", "distill_train"]
+
+
+@dataclass
+class DistillLog:
+    steps: int = 0  # optimiser steps done in all, including those of a resumed run
+    losses: list[float] = field(default_factory=list)
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, eval_fn) pairs; step 0: before training
+    best_step: int | None = None
+    best_metric: float | None = None
+    stopped_early: bool = False
+    resumed_from: int | None = None  # the step a checkpoint resumed from
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready figures (what a stage records)."""
+        return {"steps": self.steps, "final_loss": self.losses[-1] if self.losses else None,
+                "best_step": self.best_step, "best_metric": self.best_metric,
+                "stopped_early": self.stopped_early, "resumed_from": self.resumed_from}
+
+
+class _Capture:
+    """Forward hooks that keep the output of named modules (FitNets' hint and guided layers)."""
+
+    def __init__(self, model: nn.Module, names: list[str], who: str) -> None:
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = []
+        modules = dict(model.named_modules())
+        for name in names:
+            if name not in modules:
+                near = [n for n in modules if n and (name in n or n in name)][:5]
+                raise ConfigError(f"distill: hint names {who} module {name!r}, which does not exist"
+                                  + (f"; similar names: {', '.join(near)}" if near else "")
+                                  + f"; module names are those of {who}.named_modules()")
+            self.handles.append(modules[name].register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            self.outputs[name] = D.first_tensor(output)
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _output(model: nn.Module, inputs: D.Inputs) -> torch.Tensor:
+    out = D.forward(model, inputs)
+    try:
+        return D.first_tensor(out)
+    except DataError:
+        raise ModelError(f"distill: the model returned {type(out).__name__}, which holds no tensor to distill") from None
+
+
+def _fingerprint(student: nn.Module, cfg: DistillConfig, total: int) -> dict[str, Any]:
+    """What must be equal for a checkpoint to continue this run."""
+    keep = ("loss", "temperature", "alpha", "pooling", "hints", "lr", "optimizer", "weight_decay", "grad_clip")
+    config = {k: v for k, v in cfg.to_dict().items() if k in keep}
+    shapes = {k: list(v.shape) for k, v in student.state_dict().items()}
+    return {"config": config, "total_steps": total, "student": shapes}
+
+
+def distill_train(
+    student: nn.Module,
+    teacher: nn.Module,
+    data: Any,
+    cfg: DistillConfig,
+    *,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    progress: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> DistillLog:
+    """Distill `teacher` into `student` IN PLACE; the teacher is only run (eval mode, no grad)."""
+    data = D.reiterable(data)
+    teacher_was_training = teacher.training
+    teacher.eval()  # for the run only: its mode is restored at the end
+    warn = warn or (lambda m: None)
+    hints = list(cfg.hints)
+    s_cap = _Capture(student, [h.student for h in hints], "the student")
+    t_cap = _Capture(teacher, [h.teacher for h in hints], "the teacher")
+    cache: dict[int, tuple[torch.Tensor | None, list[torch.Tensor]]] = {}
+    warned_no_target = [False]
+
+    def teacher_side(batch: Any, inputs: D.Inputs) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        key = id(batch)
+        if cfg.cache_teacher and key in cache:
+            return cache[key]
+        with torch.no_grad():
+            out = _output(teacher, inputs)
+        mask = inputs[1].get("attention_mask")
+        t_out = None if cfg.loss == OutputLoss.NONE else pool(out, mask, cfg.pooling, cfg.loss).detach()
+        feats = [t_cap.outputs[h.teacher].detach() for h in hints]
+        if cfg.cache_teacher:
+            cache[key] = (t_out, feats)
+        return t_out, feats
+
+    try:
+        # Probe one batch: shapes are checked and hint adapters built before any training.
+        first = next(D.batches(data))
+        inputs, _ = D.split(first)
+        t_out, t_feats = teacher_side(first, inputs)
+        was_training = student.training
+        student.eval()
+        with torch.no_grad():
+            s_out = _output(student, inputs)
+        student.train(was_training)
+        if t_out is not None:
+            check_output_shapes(pool(s_out, inputs[1].get("attention_mask"), cfg.pooling, cfg.loss), t_out, cfg.loss)
+        ref = next(student.parameters(), None)
+        adapters = nn.ModuleList(
+            make_adapter(s_cap.outputs[h.student].shape, f.shape, f"{h.student} -> {h.teacher}") for h, f in zip(hints, t_feats)
+        )
+        if ref is not None:
+            adapters.to(device=ref.device, dtype=ref.dtype)
+        cache.clear()  # the probe ran the student in eval mode; nothing of it is kept
+
+        def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+            inputs, target = D.split(batch)
+            t_out, t_feats = teacher_side(batch, inputs)
+            out = _output(model, inputs)
+            loss = out.new_zeros(())
+            if t_out is not None:
+                s = pool(out, inputs[1].get("attention_mask"), cfg.pooling, cfg.loss)
+                if cfg.loss == OutputLoss.KL:
+                    if target is None and cfg.alpha < 1 and not warned_no_target[0]:
+                        warned_no_target[0] = True
+                        warn(f"distill: the data has no targets, so the hard-label term (weight 1 - alpha = "
+                             f"{1 - cfg.alpha:g}) is dropped; only the teacher's soft targets train the student")
+                    loss = loss + hinton_loss(s, t_out, target, cfg.temperature, cfg.alpha)
+                else:
+                    loss = loss + embedding_loss(s, t_out, cfg.loss)
+            for h, adapter, t_feat in zip(hints, adapters, t_feats):
+                s_feat = adapter(s_cap.outputs[h.student])
+                loss = loss + h.weight * torch.nn.functional.mse_loss(s_feat.float(), t_feat.float())
+            return loss
+
+        return _run(student, adapters, data, cfg, loss_fn, eval_fn, progress)
+    finally:
+        s_cap.close()
+        t_cap.close()
+        teacher.train(teacher_was_training)
+
+
+def _run(student, adapters, data, cfg: DistillConfig, loss_fn, eval_fn, progress) -> DistillLog:
+    fit_cfg = FitConfig(steps=cfg.steps, epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer,
+                        weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, description="distilling",
+                        progress=progress)
+    total = _num_steps(data, fit_cfg)
+    fingerprint = _fingerprint(student, cfg, total)
+    log = DistillLog()
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_evals = 0
+    resume = None
+
+    ckpt = load_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+    if ckpt is not None:
+        state = ckpt["state"]
+        if state["fingerprint"] != fingerprint:
+            differs = [k for k in fingerprint if fingerprint[k] != state["fingerprint"].get(k)]
+            raise ConfigError(f"distill: the checkpoint at {cfg.checkpoint!r} was written by a different run "
+                              f"(its {', '.join(differs)} differ); delete it to start over, or set another checkpoint path")
+        student.load_state_dict(ckpt["student"])
+        adapters.load_state_dict(ckpt["adapters"])
+        if ckpt["rng"] is not None:
+            torch.set_rng_state(ckpt["rng"])
+        log.steps, log.losses = state["step"], list(state["losses"])
+        log.evals = [tuple(e) for e in state["evals"]]
+        log.best_step, log.best_metric, bad_evals = state["best_step"], state["best_metric"], state["bad_evals"]
+        log.resumed_from = state["step"]
+        best_state = ckpt["best"]
+        if state["finished"]:
+            log.stopped_early = state["stopped_early"]
+            student.eval()
+            return log
+        resume = (state["step"], ckpt["optimizer"])
+
+    def evaluate(step: int) -> bool:
+        """Evaluate; True when patience is exhausted."""
+        nonlocal best_state, bad_evals
+        was_training = student.training
+        student.eval()
+        try:
+            metric = float(eval_fn(student))
+        finally:
+            student.train(was_training)
+        log.evals.append((step, metric))
+        if log.best_metric is None or metric > log.best_metric:
+            log.best_metric, log.best_step, bad_evals = metric, step, 0
+            best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        else:
+            bad_evals += 1
+        return cfg.patience is not None and bad_evals >= cfg.patience
+
+    def write(opt: torch.optim.Optimizer, finished: bool) -> None:
+        if cfg.checkpoint:
+            save_checkpoint(cfg.checkpoint, student=student, adapters=adapters, optimizer=opt, best=best_state, state={
+                "step": log.steps, "fingerprint": fingerprint, "losses": log.losses, "evals": log.evals,
+                "best_step": log.best_step, "best_metric": log.best_metric, "bad_evals": bad_evals,
+                "finished": finished, "stopped_early": log.stopped_early})
+
+    evaluating = eval_fn is not None and cfg.eval_every is not None
+    if evaluating and resume is None:
+        evaluate(0)
+    last_opt: list[torch.optim.Optimizer] = []
+
+    def on_step(step: int, loss: float, opt: torch.optim.Optimizer) -> bool:
+        if not last_opt:
+            last_opt.append(opt)
+        log.steps = step
+        log.losses.append(loss)
+        stop = evaluating and (step % cfg.eval_every == 0 or step == total) and evaluate(step)
+        log.stopped_early = bool(stop) and step < total
+        if step % cfg.checkpoint_every == 0 or stop or step == total:
+            write(opt, finished=False)
+        return bool(stop)
+
+    params = [p for p in student.parameters() if p.requires_grad] + list(adapters.parameters())
+    if resume is None or resume[0] < total:
+        fit(student, data, fit_cfg, loss_fn=loss_fn, params=params, on_step=on_step, resume=resume)
+    if cfg.restore_best and best_state is not None:
+        student.load_state_dict(best_state)
+    if last_opt:
+        write(last_opt[0], finished=True)
+    student.eval()
+    return log
