@@ -20,7 +20,7 @@ from .errors import ConfigError, ModelError
 from .measure import artifact_bytes, bits_per_weight, count_macs, count_weights, float_safetensors_bytes
 from .quant.config import QuantConfig
 
-__all__ = ["quantize", "cast", "distill", "compress", "load", "save", "run_stage"]
+__all__ = ["quantize", "prune", "cast", "distill", "compress", "load", "save", "run_stage"]
 
 
 def run_stage(model: nn.Module, method: str, config: Any, ctx: Context) -> nn.Module:
@@ -41,6 +41,28 @@ def run_stage(model: nn.Module, method: str, config: Any, ctx: Context) -> nn.Mo
 def quantize(model: nn.Module, config: QuantConfig | dict | None = None, *, data: Any = None, progress: bool = True) -> nn.Module:
     """Return a NEW quantized model (post-training); `model` is not changed. `data`: calibration batches."""
     return run_stage(model, "quantize", config, Context(data=D.reiterable(data), progress=progress))
+
+
+def prune(
+    model: nn.Module,
+    config: Any = None,
+    *,
+    data: Any = None,
+    example_inputs: Any = None,
+    eval_fn: Callable[[nn.Module], float] | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Return a NEW pruned model; `model` is not changed. The config's type picks the method:
+    `st.ChannelPruneConfig` -> "prune_channels" (structured: layers rewritten to fewer channels),
+    `st.PruneConfig` (or a dict / None) -> "prune" (unstructured sparsity). `data`: batches for
+    importance scores and fine-tuning; `example_inputs`: one batch to trace the model with."""
+    from .core.config import Config
+    from .core.registry import method_for_config
+
+    # Looked up in the registry, so each pruning method works as soon as its package registers it.
+    method = method_for_config(config).name if isinstance(config, Config) else "prune"
+    ctx = Context(data=D.reiterable(data), example_inputs=example_inputs, eval_fn=eval_fn, progress=progress)
+    return run_stage(model, method, config, ctx)
 
 
 def cast(model: nn.Module, config: Any = None) -> nn.Module:
