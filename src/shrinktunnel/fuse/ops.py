@@ -1,0 +1,238 @@
+"""Operator fusion (`fuse_ops`): BatchNorm folded into the Conv / Linear before it, and two Linears
+with nothing between them merged into one.
+
+Where: torch.fx finds the patterns on the traced graph (a layer whose output only the next one reads,
+neither module called twice); a model fx cannot trace falls back to module order inside plain
+nn.Sequential containers (a child's output feeds only the next child), with a warning. What: the
+arithmetic below, done in float64. How: the layer keeps its name with new values (a bias added
+where it had none); the BatchNorm / second Linear becomes nn.Identity, so forward code runs as before.
+
+BN folding (Ioffe & Szegedy 2015; the inference identity every runtime applies):
+    s = gamma / sqrt(var + eps);  W' = W * s (per output channel);  b' = (b - mean) * s + beta
+Linear merging: B(A(x)) = W_B (W_A x + b_A) + b_B = (W_B W_A) x + (W_B b_A + b_B).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..core import data as D
+from ..core.registry import Context, register_method
+from ..core.select import matches, names_by_module, set_submodule
+from .config import FuseOpsConfig, LinearMerge
+
+__all__ = ["fuse_ops", "replay_fuse_ops", "fold_bn", "merge_linears"]
+
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BNS = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d, nn.Linear: nn.BatchNorm1d}
+
+
+def fold_bn(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Fold `bn` (eval statistics) into `layer` IN PLACE; `bn` must then be bypassed."""
+    w = layer.weight.detach().double()  # (out, in/groups, *k) or (out, in)
+    mean, var = bn.running_mean.double(), bn.running_var.double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + bn.eps)  # (out,)
+    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(mean)
+    dtype = layer.weight.dtype
+    layer.weight.data = (w * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(dtype)
+    new_bias = ((bias - mean) * scale + beta).to(dtype)
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_bias)
+    else:
+        layer.bias.data = new_bias
+
+
+def merge_linears(first: nn.Linear, second: nn.Linear) -> nn.Linear:
+    """One Linear computing second(first(x))."""
+    wa, wb = first.weight.detach().double(), second.weight.detach().double()  # (mid, in), (out, mid)
+    bias = None
+    if first.bias is not None:
+        bias = wb @ first.bias.detach().double()
+    if second.bias is not None:
+        bias = second.bias.detach().double() if bias is None else bias + second.bias.detach().double()
+    merged = nn.Linear(first.in_features, second.out_features, bias=bias is not None, dtype=first.weight.dtype)
+    merged.weight.data = (wb @ wa).to(first.weight.dtype)
+    if bias is not None:
+        merged.bias.data = bias.to(first.weight.dtype)
+    return merged
+
+
+def _add_bias(layer: nn.Module) -> None:
+    if layer.bias is None:
+        out = layer.weight.shape[0]
+        layer.bias = nn.Parameter(torch.zeros(out, dtype=layer.weight.dtype))
+
+
+def replay_fuse_ops(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
+    """Rebuild the fused structure: biases where folding added them, Identity for folded BNs and
+    second Linears, merged Linears of the recorded shape."""
+    for entry in replay["bn"]:
+        _add_bias(model.get_submodule(entry["layer"]))
+        set_submodule(model, entry["bn"], nn.Identity())
+    for entry in replay["linear"]:
+        first = model.get_submodule(entry["first"])
+        set_submodule(model, entry["first"], nn.Linear(entry["in"], entry["out"], bias=entry["bias"], dtype=first.weight.dtype))
+        set_submodule(model, entry["second"], nn.Identity())
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding the patterns
+# ------------------------------------------------------------------------------------------------
+def _pairs_fx(model: nn.Module, gm: fx.GraphModule, first_kinds, second_kinds, through_identity: bool):
+    """(first name, second name) where the second module's only input is the first's output, read by
+    nothing else (nn.Identity modules in between are looked through when `through_identity`)."""
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or type(modules.get(node.target)) not in second_kinds:
+            continue
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            continue
+        prev = node.args[0]
+        while (through_identity and prev.op == "call_module" and type(modules.get(prev.target)) is nn.Identity
+               and len(prev.users) == 1 and len(prev.args) == 1 and isinstance(prev.args[0], fx.Node)):
+            prev = prev.args[0]
+        if prev.op != "call_module" or type(modules.get(prev.target)) not in first_kinds:
+            continue
+        # the chain from prev to node must have no other reader
+        chain_ok, n = True, prev
+        while n is not node:
+            if len(n.users) != 1:
+                chain_ok = False
+                break
+            n = next(iter(n.users))
+        if chain_ok and calls[prev.target] == 1 and calls[node.target] == 1:
+            out.append((prev.target, node.target))
+    return out
+
+
+def _pairs_sequential(model: nn.Module, first_kinds, second_kinds, through_identity: bool):
+    out = []
+    for pname, parent in model.named_modules():
+        if type(parent) is not nn.Sequential:  # a subclass may route its children differently
+            continue
+        children = list(parent.named_children())
+        for i, (name, child) in enumerate(children):
+            if type(child) not in first_kinds:
+                continue
+            j = i + 1
+            while through_identity and j < len(children) and type(children[j][1]) is nn.Identity:
+                j += 1
+            if j < len(children) and type(children[j][1]) in second_kinds:
+                prefix = f"{pname}." if pname else ""
+                out.append((prefix + name, prefix + children[j][0]))
+    return out
+
+
+def _trace(model: nn.Module, ctx: Context) -> fx.GraphModule | None:
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:  # any tracing failure: fall back to module order
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        ctx.warn(f"fuse_ops: torch.fx cannot trace {type(model).__name__} ({first[:120]}); only layers that follow "
+                 f"each other inside nn.Sequential containers are fused")
+        return None
+
+
+def _linear_output_dims(model: nn.Module, names: list[str], ctx: Context) -> dict[str, int]:
+    """Number of dimensions of each named Linear's output on one example batch (BN1d after a Linear
+    normalises the Linear's features only when that output is (N, C))."""
+    example = ctx.example_inputs if ctx.example_inputs is not None else (
+        next(D.batches(ctx.data)) if ctx.data is not None else None)
+    if example is None or not names:
+        return {}
+    dims, hooks = {}, []
+    for name in names:
+        hooks.append(model.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: dims.__setitem__(name, o.dim())))
+    try:
+        with torch.no_grad():
+            D.forward(model, D.split(example)[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    return dims
+
+
+@register_method("fuse_ops", FuseOpsConfig, replay=replay_fuse_ops)
+def fuse_ops(model: nn.Module, cfg: FuseOpsConfig, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
+    """Fold BatchNorms into the Conv/Linear before them and merge consecutive Linears, on a copy."""
+    model = copy.deepcopy(model).eval()
+    shared = {n for names in names_by_module(model).values() if len(names) > 1 for n in names}
+    ok = lambda *names: not any(n in shared or matches(n, cfg.skip) for n in names)  # noqa: E731
+    replay: dict[str, Any] = {"bn": [], "linear": []}
+    gm = _trace(model, ctx)
+
+    if cfg.bn:
+        kinds = (*CONVS, nn.Linear)
+        bn_kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+        pairs = _pairs_fx(model, gm, kinds, bn_kinds, False) if gm is not None else _pairs_sequential(model, kinds, bn_kinds, False)
+        linear_dims = _linear_output_dims(model, [a for a, _ in pairs if isinstance(model.get_submodule(a), nn.Linear)], ctx)
+        folded = set()
+        for layer_name, bn_name in pairs:
+            layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+            why = None
+            if not ok(layer_name, bn_name):
+                why = "skipped by the config or shared by several names"
+            elif BNS[type(layer)] is not type(bn) or bn.num_features != layer.weight.shape[0]:
+                why = f"{type(bn).__name__}({bn.num_features}) does not normalise the output channels of {type(layer).__name__}"
+            elif not bn.track_running_stats or bn.running_mean is None:
+                why = "the BatchNorm keeps no running statistics (it normalises with batch statistics)"
+            elif isinstance(layer, nn.Linear) and linear_dims.get(layer_name) != 2:
+                why = ("a BatchNorm1d after a Linear folds only on (N, C) outputs; pass data or example_inputs so the "
+                       "shape can be checked" if layer_name not in linear_dims else "the Linear's output is not (N, C)")
+            if why:
+                if not matches(layer_name, cfg.skip) and not matches(bn_name, cfg.skip):
+                    ctx.warn(f"fuse_ops: {bn_name} not folded into {layer_name}: {why}")
+                continue
+            replay["bn"].append({"layer": layer_name, "bn": bn_name})
+            fold_bn(layer, bn)
+            set_submodule(model, bn_name, nn.Identity())
+            folded.add(bn_name)
+        if gm is not None:
+            modules = dict(model.named_modules())
+            for node in gm.graph.nodes:
+                if (node.op == "call_module" and node.target not in folded and isinstance(modules.get(node.target), bn_kinds)
+                        and not any(node.target == b for _, b in pairs) and not matches(node.target, cfg.skip)):
+                    ctx.warn(f"fuse_ops: {node.target} ({type(modules[node.target]).__name__}) does not directly follow "
+                             f"a Conv or Linear whose output only it reads; kept")
+
+    if cfg.linear != LinearMerge.NEVER:
+        traced = gm is not None
+        refused: set[tuple[str, str]] = set()
+        while True:  # a chain of Linears merges pair by pair until none is left
+            gm = fx.symbolic_trace(model) if traced else None  # folded BNs and merged Linears are Identity now
+            pairs = (_pairs_fx(model, gm, (nn.Linear,), (nn.Linear,), True) if traced
+                     else _pairs_sequential(model, (nn.Linear,), (nn.Linear,), True))
+            pairs = [p for p in pairs if p not in refused and ok(*p)]
+            if not pairs:
+                break
+            a_name, b_name = pairs[0]
+            a, b = model.get_submodule(a_name), model.get_submodule(b_name)
+            pair_weights = a.weight.numel() + b.weight.numel()
+            merged_weights = a.in_features * b.out_features
+            if cfg.linear == LinearMerge.SMALLER and merged_weights > pair_weights:
+                ctx.warn(f"fuse_ops: {a_name} and {b_name} not merged: the product would have {merged_weights:,} "
+                         f"weights against their {pair_weights:,} (a low-rank pair); set linear: always to merge anyway")
+                refused.add((a_name, b_name))
+                continue
+            merged = merge_linears(a, b)
+            set_submodule(model, a_name, merged)
+            set_submodule(model, b_name, nn.Identity())
+            replay["linear"].append({"first": a_name, "second": b_name, "in": merged.in_features,
+                                     "out": merged.out_features, "bias": merged.bias is not None})
+    if not replay["bn"] and not replay["linear"]:
+        ctx.warn("fuse_ops: nothing to fuse (no BatchNorm after a Conv/Linear, no pair of Linears); the model is unchanged")
+    return model, replay
