@@ -1,0 +1,144 @@
+"""What needs data: each layer's real input (for timing and MACs), the sensitivity of the model's output
+to each candidate rank of each layer, and the choice of ranks under a global budget.
+
+Sensitivity is label-free: the relative squared error of the model's output when one layer alone is
+replaced by a candidate, ||y~ - y||^2 / ||y||^2 summed over the calibration batches. Errors of small,
+independent perturbations add up, so the choice across layers is a multiple-choice knapsack, solved
+greedily: start with every layer whole and repeatedly take the step (one layer to a cheaper candidate)
+with the least added error per unit of cost saved, until the model fits the budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..core import data as D
+from ..core.progress import track
+from ..core.select import set_submodule
+from ..measure.latency import time_fn
+from ..measure.macs import count_macs
+
+__all__ = ["Candidate", "capture_inputs", "output_error", "reference_outputs", "layer_macs", "is_slower", "allocate"]
+
+LATENCY_ROUNDS = 3  # alternated rounds of whole vs decomposed; the best median of each is compared
+LATENCY_RUNS = 15  # timed runs per round (after 2 warm-up runs)
+
+
+@dataclass
+class Candidate:
+    """One way to hold a layer: whole (module is None) or decomposed at `ranks`."""
+
+    ranks: list[int] | None
+    module: nn.Module | None
+    cost: float  # MACs per sample or weights, the budget's metric
+    error: float = 0.0  # the model's relative output error with this layer alone replaced
+    weight_error: float = 0.0  # ||W - W~|| / ||W||
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def capture_inputs(model: nn.Module, modules: dict[str, nn.Module], batches: list) -> dict[str, torch.Tensor]:
+    """Each module's first positional input on the first batch (the real shape it runs at)."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in modules.items():
+        def hook(mod, args, name=name):
+            if name not in seen and args and isinstance(args[0], torch.Tensor):
+                seen[name] = args[0].detach().clone()
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            inputs, _ = D.split(batches[0])
+            D.forward(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def reference_outputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [D.first_tensor(D.forward(model, D.split(b)[0])).detach().double() for b in batches]
+
+
+def output_error(model: nn.Module, batches: list, reference: list[torch.Tensor]) -> float:
+    """||y~ - y||^2 / ||y||^2 over every batch."""
+    num = den = 0.0
+    with torch.no_grad():
+        for batch, ref in zip(batches, reference):
+            out = D.first_tensor(D.forward(model, D.split(batch)[0])).double()
+            num += float(((out - ref) ** 2).sum())
+            den += float((ref ** 2).sum())
+    return num / den if den > 0 else num
+
+
+def with_layer(model: nn.Module, names: list[str], module: nn.Module, fn: Callable[[], float]) -> float:
+    """fn() with `module` standing in for the layer under every one of its names, then put back."""
+    originals = [model.get_submodule(n) for n in names]
+    for n in names:
+        set_submodule(model, n, module)
+    try:
+        return fn()
+    finally:
+        for n, m in zip(names, originals):
+            set_submodule(model, n, m)
+
+
+def layer_macs(module: nn.Module, x: torch.Tensor | None) -> int:
+    """MACs per sample of `module` on an input shaped like x (0 when the layer never ran)."""
+    if x is None:
+        return 0
+    return count_macs(module, ((x[:1],), {}))
+
+
+def _timing(module: nn.Module, x: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return time_fn(lambda: module(x), warmup=2, runs=LATENCY_RUNS, threads=torch.get_num_threads()).median_ms
+
+
+def is_slower(whole: nn.Module, decomposed: nn.Module, x: torch.Tensor) -> tuple[bool, float, float]:
+    """Time both on the layer's real input, alternated; (slower, whole ms, decomposed ms), best round each."""
+    best_whole = best_dec = float("inf")
+    for _ in range(LATENCY_ROUNDS):
+        best_whole = min(best_whole, _timing(whole, x))
+        best_dec = min(best_dec, _timing(decomposed, x))
+    return best_dec >= best_whole, best_whole, best_dec
+
+
+def allocate(options: dict[str, list[Candidate]], total: float, target: float) -> tuple[dict[str, int], float]:
+    """Choose one option per layer (index into its list; 0 is whole) so that the total cost falls to
+    `target`, adding the least output error per unit of cost saved at each step. Returns the choice and
+    the total cost reached (above `target` when even the cheapest options do not reach it)."""
+    choice = {name: 0 for name in options}
+    cost = total
+    while cost > target:
+        best: tuple[float, float, str, int] | None = None
+        for name, opts in options.items():
+            here = opts[choice[name]]
+            for j in range(choice[name] + 1, len(opts)):
+                saved = here.cost - opts[j].cost
+                if saved <= 0:
+                    continue
+                added = max(opts[j].error - here.error, 0.0)
+                # Ties (added 0) go to the larger saving; the error per saving decides otherwise.
+                key = (added / saved, -saved)
+                if best is None or key < best[:2]:
+                    best = (*key, name, j)
+        if best is None:
+            break
+        _, neg_saved, name, j = best
+        cost += neg_saved
+        choice[name] = j
+    return choice, cost
+
+
+def sensitivity(model: nn.Module, names: dict[str, list[str]], candidates: dict[str, list[Candidate]], batches: list,
+                progress: bool) -> None:
+    """Fill each candidate's `error`: the model's output error with that layer alone decomposed."""
+    reference = reference_outputs(model, batches)
+    work = [(name, c) for name, cands in candidates.items() for c in cands if c.module is not None]
+    for name, cand in track(work, "decompose: measuring sensitivity", enabled=progress):
+        cand.error = with_layer(model, names[name], cand.module, lambda: output_error(model, batches, reference))

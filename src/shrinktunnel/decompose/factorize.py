@@ -1,0 +1,169 @@
+"""The arithmetic of decomposition on weight tensors, in float64; no modules here.
+
+Shapes: a Linear weight is (out, in); a convolution weight is (T, S, *k) with T output channels, S input
+channels and k the kernel (kh, kw) or (k,). Every function returns the factors that `layers.py` places
+into thin layers, and `reconstruct(scheme, factors)` gives back the full weight they compute, so that the
+reconstruction error is measured on exactly what the layers hold.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "matrix_view", "singular_values", "energy_rank", "svd_factors", "spatial_factors", "channel_factors",
+    "tucker2_factors", "cp_factors", "mode_singular_values", "reconstruct", "relative_error",
+]
+
+
+def matrix_view(scheme: str, w: torch.Tensor) -> torch.Tensor:
+    """The matrix whose truncated SVD a scheme takes: (out, in) for svd, (T, S*k) for channel,
+    (S*kh, T*kw) for spatial (Jaderberg's scheme 2: rows are the vertical filters, columns the horizontal)."""
+    if scheme == "svd":
+        return w
+    if scheme == "channel":
+        return w.reshape(w.shape[0], -1)
+    if scheme == "spatial":
+        t, s, kh, kw = w.shape
+        return w.permute(1, 2, 0, 3).reshape(s * kh, t * kw)  # M[(s, h), (t, w)] = W[t, s, h, w]
+    raise ValueError(f"scheme {scheme!r} has no matrix view")
+
+
+def _svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.linalg.svd(m.double(), full_matrices=False)
+
+
+def singular_values(m: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(m.double())
+
+
+def energy_rank(sigma: torch.Tensor, energy: float) -> int:
+    """The smallest r whose first r singular values hold `energy` of sum(sigma^2); the truncation error
+    is then ||W - W_r||^2 <= (1 - energy) ||W||^2 (Eckart-Young)."""
+    power = sigma.double() ** 2
+    total = float(power.sum())
+    if total == 0:
+        return 1
+    kept = torch.cumsum(power, 0) / total
+    # 1e-12: cumsum's rounding must not push energy=1.0 past the last singular value.
+    return min(int((kept < energy - 1e-12).sum()) + 1, len(sigma))
+
+
+def svd_factors(m: torch.Tensor, r: int, usv=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """m (a, b) ~ left (a, r) @ right (r, b), the singular values split evenly (sqrt on each side),
+    which keeps both factors at the same scale for fine-tuning and for float rounding."""
+    u, s, vh = usv if usv is not None else _svd(m)
+    root = s[:r].sqrt()
+    return u[:, :r] * root, root[:, None] * vh[:r]
+
+
+def spatial_factors(w: torch.Tensor, r: int, usv=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vertical (r, S, kh, 1), horizontal (T, r, 1, kw)) of Jaderberg's scheme 2."""
+    t, s, kh, kw = w.shape
+    left, right = svd_factors(matrix_view("spatial", w), r, usv)  # (S*kh, r), (r, T*kw)
+    vertical = left.T.reshape(r, s, kh, 1)
+    horizontal = right.reshape(r, t, kw).permute(1, 0, 2).reshape(t, r, 1, kw)
+    return vertical, horizontal
+
+
+def channel_factors(w: torch.Tensor, r: int, usv=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first (r, S, *k) with the layer's geometry, second (T, r, 1...)): an SVD of (T, S*k)."""
+    t, s, *k = w.shape
+    left, right = svd_factors(matrix_view("channel", w), r, usv)  # (T, r), (r, S*k)
+    return right.reshape(r, s, *k), left.reshape(t, r, *[1] * len(k))
+
+
+def _unfold(x: torch.Tensor, mode: int) -> torch.Tensor:
+    return x.movedim(mode, 0).reshape(x.shape[mode], -1)
+
+
+def mode_singular_values(w: torch.Tensor, mode: int) -> torch.Tensor:
+    """Singular values of the mode-`mode` unfolding (0: output channels, 1: input channels)."""
+    return singular_values(_unfold(w.double(), mode))
+
+
+def _leading(m: torch.Tensor, r: int) -> torch.Tensor:
+    return _svd(m)[0][:, :r]
+
+
+def tucker2_factors(w: torch.Tensor, r_out: int, r_in: int, iterations: int = 2):
+    """Tucker-2 of a conv weight over its two channel modes: W ~ core x0 U_out x1 U_in, with
+    core (r_out, r_in, *k), U_out (T, r_out), U_in (S, r_in) orthonormal.
+
+    Starts from the truncated HOSVD (De Lathauwer et al. 2000: leading left singular vectors of each
+    mode's unfolding), then `iterations` HOOI sweeps (each factor re-solved exactly with the other
+    fixed), which never increase the error. Returns (u_in, core, u_out)."""
+    w = w.double()
+    u_out = _leading(_unfold(w, 0), r_out)
+    u_in = _leading(_unfold(w, 1), r_in)
+    for _ in range(iterations):
+        u_out = _leading(_unfold(torch.einsum("ts...,sb->tb...", w, u_in), 0), r_out)
+        u_in = _leading(_unfold(torch.einsum("ts...,ta->as...", w, u_out), 1), r_in)
+    core = torch.einsum("ts...,ta,sb->ab...", w, u_out, u_in)
+    return u_in, core, u_out
+
+
+def cp_factors(w: torch.Tensor, rank: int, iterations: int = 100, seed: int = 0):
+    """CP decomposition of a (T, S, kh, kw) weight by alternating least squares:
+    W[t, s, h, x] ~ sum_r A[t, r] B[s, r] C[h, r] D[x, r].
+
+    ALS (Carroll & Chang 1970; Kolda & Bader 2009, fig. 3.3) re-solves one factor at a time in closed
+    form: A = W_(0) (D . C . B) (B'B * C'C * D'D)^+. Started from each mode's leading singular vectors
+    (random columns from `seed` where a mode has fewer than `rank`), which converges faster and more
+    reliably than a random start. The column norms are spread evenly over the four factors.
+    Returns (A, B, C, D)."""
+    w = w.double()
+    gen = torch.Generator().manual_seed(seed)
+    factors = []
+    for mode in range(4):
+        u = _svd(_unfold(w, mode))[0][:, :rank]
+        if u.shape[1] < rank:
+            extra = torch.randn(w.shape[mode], rank - u.shape[1], generator=gen, dtype=torch.float64)
+            u = torch.cat([u, extra / extra.norm(dim=0, keepdim=True)], dim=1)
+        factors.append(u)
+    unfolded = [_unfold(w, mode) for mode in range(4)]  # (dim, product of the other three)
+    for _ in range(iterations):
+        for mode in range(4):
+            others = [f for i, f in enumerate(factors) if i != mode]
+            gram = torch.ones(rank, rank, dtype=torch.float64)
+            for f in others:
+                gram = gram * (f.T @ f)
+            # Khatri-Rao product of the other factors, rows in the order of the unfolding's columns.
+            kr = (others[0][:, None, None, :] * others[1][None, :, None, :] * others[2][None, None, :, :]).reshape(-1, rank)
+            mttkrp = unfolded[mode] @ kr  # (dim, rank)
+            # gelsy: a least-squares solve that copes with a singular Gram matrix (rank above a mode's size)
+            factors[mode] = torch.linalg.lstsq(gram, mttkrp.T, driver="gelsy").solution.T
+            if mode < 3:  # keep the scale in the last factor solved until the sweep ends
+                norms = factors[mode].norm(dim=0).clamp_min(1e-300)
+                factors[mode] = factors[mode] / norms
+    norms = torch.stack([f.norm(dim=0) for f in factors])  # (4, rank)
+    scale = norms.prod(0).clamp_min(1e-300) ** 0.25
+    return tuple(f / norms[i].clamp_min(1e-300) * scale for i, f in enumerate(factors))
+
+
+def reconstruct(scheme: str, factors) -> torch.Tensor:
+    """The full weight that the factors compute (float64)."""
+    f = [x.double() for x in factors]
+    if scheme == "svd":
+        return f[1] @ f[0]  # (out, r) @ (r, in): second Linear after the first
+    if scheme == "channel":
+        first, second = f
+        return torch.einsum("tr,rs...->ts...", second.flatten(1), first)
+    if scheme == "spatial":
+        vertical, horizontal = f
+        return torch.einsum("rsh,trw->tshw", vertical[..., 0], horizontal[:, :, 0])
+    if scheme == "tucker2":
+        u_in, core, u_out = f
+        return torch.einsum("ab...,ta,sb->ts...", core, u_out, u_in)
+    if scheme == "cp":
+        a, b, c, d = f
+        return torch.einsum("tr,sr,hr,xr->tshx", a, b, c, d)
+    raise ValueError(f"unknown scheme {scheme!r}")
+
+
+def relative_error(w: torch.Tensor, approx: torch.Tensor) -> float:
+    """||W - W~|| / ||W|| (Frobenius), 0 for an all-zero W reproduced exactly."""
+    w = w.double()
+    norm = float(w.norm())
+    err = float((w - approx.double()).norm())
+    return err / norm if norm > 0 else err

@@ -1,0 +1,256 @@
+"""The `decompose` method: plan per layer, choose ranks, factorise, keep only what pays, replay."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+from torch import nn
+
+from ..core import data as D
+from ..core.registry import Context, register_method
+from ..core.select import matches, names_by_module, set_submodule, unmatched_patterns
+from ..errors import ArtifactError, DataError
+from ..measure import count_macs, count_weights
+from . import budget as B
+from . import layers as L
+from .config import DecomposeConfig
+from .ranks import SVDCache, check_rank, ranks_for_energy, ranks_for_ratio
+
+__all__ = ["decompose_model", "replay_decompose", "LayerPlan", "plan_layers"]
+
+DEFAULT_RATIO = 0.5  # used when the config gives none of rank / energy / ratio / budget
+BUDGET_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the candidates of each layer
+# under a budget, as fractions of its weights: finer where the savings are large
+
+
+@dataclass
+class LayerPlan:
+    name: str
+    module: nn.Module
+    kind: str
+    scheme: str
+    rule: tuple[str, Any] | None  # ("rank" | "energy" | "ratio", value); None: chosen by the budget
+    aliases: tuple[str, ...] = ()
+
+
+def replay_decompose(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
+    """Rebuild the decomposed structure recorded by `decompose_model` (shapes only, no values)."""
+    for name, spec in replay["layers"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ArtifactError(f"decompose replay: the model has no layer {name!r}; pass the architecture the "
+                                f"artifact was made from (st.load(dir, model=...))") from None
+        kind = L.layer_kind(module)
+        if kind != spec["kind"]:
+            raise ArtifactError(f"decompose replay: {name} is a {type(module).__name__}, but the artifact decomposed "
+                                f"a {spec['kind']}; pass the architecture the artifact was made from")
+        set_submodule(model, name, L.build(module, spec["scheme"], list(spec["ranks"])))
+    for alias, name in replay.get("shared", {}).items():
+        set_submodule(model, alias, model.get_submodule(name))
+    return model
+
+
+def _rule(name: str, cfg: DecomposeConfig) -> tuple[tuple[str, Any] | None, str, bool]:
+    """(rule, conv scheme, skip) of one layer: the config's, overridden field by field, last match wins."""
+    rule = next(((k, getattr(cfg, k)) for k in ("rank", "energy", "ratio") if getattr(cfg, k) is not None), None)
+    if rule is None and cfg.budget is None:
+        rule = ("ratio", DEFAULT_RATIO)
+    scheme, skip = cfg.conv_scheme.value, False
+    for o in cfg.overrides:
+        if not fnmatchcase(name, o.pattern):
+            continue
+        for key in ("rank", "energy", "ratio"):
+            if getattr(o, key) is not None:
+                rule = (key, getattr(o, key))
+        if o.scheme is not None:
+            scheme = o.scheme.value
+        if "skip" in o.model_fields_set:
+            skip = o.skip
+    return rule, scheme, skip
+
+
+def plan_layers(model: nn.Module, cfg: DecomposeConfig, ctx: Context) -> list[LayerPlan]:
+    """Which layers are decomposed and by which scheme; everything selected but not handled is warned."""
+    for pattern in unmatched_patterns(model, [*cfg.layers, *cfg.skip, *(o.pattern for o in cfg.overrides)]):
+        ctx.warn(f"decompose: pattern {pattern!r} matches no module")
+    names_of = names_by_module(model)
+    inside = {id(m) for lr in model.modules() if isinstance(lr, L.LowRank) for m in lr.children()}
+    owners: dict[int, list[str]] = {}  # parameter -> the modules holding it (tied weights)
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    plans, done = [], set()
+    for name, module in model.named_modules():
+        if not name or not matches(name, cfg.layers) or matches(name, cfg.skip) or id(module) in done:
+            continue
+        if not isinstance(getattr(module, "weight", None), nn.Parameter) or isinstance(module, L.LowRank):
+            continue
+        what = f"{name} ({type(module).__name__})"
+        kind = L.layer_kind(module)
+        if id(module) in inside:
+            ctx.warn(f"decompose: {what} is already part of a decomposed layer; kept as it is")
+            continue
+        if kind is None:
+            base = next((c for c in L.KINDS if isinstance(module, c)), None)
+            why = (f"subclasses {base.__name__} (its forward or its parent may rely on the weight)" if base else
+                   "is not a layer kind decompose handles (Linear, Conv1d, Conv2d)")
+            ctx.warn(f"decompose: {what} {why}; kept whole")
+            continue
+        rule, scheme, skip = _rule(name, cfg)
+        if skip:
+            continue
+        if kind != "linear" and module.groups > 1:
+            label = "depthwise" if module.groups == module.in_channels else f"grouped (groups={module.groups})"
+            ctx.warn(f"decompose: {what} is a {label} convolution, already a factorised form; kept whole")
+            continue
+        scheme = "svd" if kind == "linear" else scheme
+        if scheme not in L.schemes_for(kind):
+            ctx.warn(f"decompose: {what}: scheme {scheme} needs a 2-d kernel; kept whole "
+                     f"(use conv_scheme channel or tucker2 for {kind})")
+            continue
+        tied = [n for n in owners.get(id(module.weight), []) if n not in names_of[id(module)]]
+        if tied:
+            ctx.warn(f"decompose: {what} shares its weight with {tied[0]}; kept whole (decomposing would untie them)")
+            continue
+        done.add(id(module))
+        aliases = tuple(n for n in names_of[id(module)] if n != name)
+        plans.append(LayerPlan(name, module, kind, scheme, rule, aliases))
+    if not plans:
+        ctx.warn("decompose: no Linear/Conv1d/Conv2d layer selected; the model is unchanged")
+    return plans
+
+
+def _fixed_ranks(plan: LayerPlan, cfg: DecomposeConfig, cache: SVDCache) -> list[int]:
+    key, value = plan.rule
+    if key == "rank":
+        return check_rank(plan.name, plan.module, plan.scheme, value)
+    if key == "ratio":
+        return ranks_for_ratio(plan.module, plan.scheme, value)
+    return ranks_for_energy(plan.module, plan.scheme, value, cache, cp_iterations=cfg.cp_iterations, seed=cfg.seed)
+
+
+def _decompose(plan: LayerPlan, ranks: list[int], cfg: DecomposeConfig, cache: SVDCache):
+    return L.decompose_layer(plan.module, plan.scheme, ranks, tucker_iterations=cfg.tucker_iterations,
+                             cp_iterations=cfg.cp_iterations, seed=cfg.seed, usv=cache.usv(plan.module, plan.scheme))
+
+
+def _pays(plan: LayerPlan, ranks: list[int], decomposed: nn.Module, x, cfg: DecomposeConfig, ctx: Context | None) -> bool:
+    """False (with a warning when ctx is given) when the decomposed form is not smaller, or measured slower."""
+    before, after = plan.module.weight.numel(), L.decomposed_weights(plan.module, plan.scheme, ranks)
+    if after >= before:
+        if ctx:
+            ctx.warn(f"decompose: {plan.name} left whole: at ranks {ranks} the {plan.scheme} form has {after:,} "
+                     f"weights, the layer {before:,}")
+        return False
+    if cfg.keep_if_slower and x is not None:
+        slower, whole_ms, dec_ms = B.is_slower(plan.module, decomposed, x)
+        if slower:
+            if ctx:
+                ctx.warn(f"decompose: {plan.name} left whole: its {plan.scheme} form at ranks {ranks} ran slower "
+                         f"({dec_ms:.3f} ms vs {whole_ms:.3f} ms on input {tuple(x.shape)})")
+            return False
+    return True
+
+
+def _choose_by_budget(model, plans, fixed, cfg, ctx, cache, batches, inputs) -> dict[str, tuple[list[int], nn.Module, float]]:
+    """Ranks of the budgeted layers: candidates per layer, their measured output error, then `allocate`."""
+    macs = cfg.budget_metric.value == "macs"
+
+    def cost(module: nn.Module, x) -> float:
+        return float(B.layer_macs(module, x)) if macs else float(sum(
+            m.weight.numel() for m in module.modules() if isinstance(getattr(m, "weight", None), nn.Parameter)))
+
+    original = float(count_macs(model, D.split(batches[0])[0]) if macs else count_weights(model))
+    total = original
+    # Layers with a fixed rule count at the cost they will have; their choice is not the budget's.
+    for name, (ranks, module, _) in fixed.items():
+        plan = next(p for p in plans if p.name == name)
+        total -= cost(plan.module, inputs.get(name)) - cost(module, inputs.get(name))
+    options: dict[str, list[B.Candidate]] = {}
+    names: dict[str, list[str]] = {}
+    for plan in plans:
+        if plan.rule is not None:
+            continue
+        x = inputs.get(plan.name)
+        whole = B.Candidate(None, None, cost(plan.module, x))
+        seen, cands = set(), [whole]
+        for ratio in BUDGET_RATIOS:
+            ranks = ranks_for_ratio(plan.module, plan.scheme, ratio)
+            if tuple(ranks) in seen:
+                continue
+            seen.add(tuple(ranks))
+            module, werr = _decompose(plan, ranks, cfg, cache)
+            c = B.Candidate(ranks, module, cost(module, x), weight_error=werr)
+            if c.cost < whole.cost and _pays(plan, ranks, module, x, cfg, None):
+                cands.append(c)
+        cands.sort(key=lambda c: -c.cost)
+        options[plan.name], names[plan.name] = cands, [plan.name, *plan.aliases]
+    B.sensitivity(model, names, options, batches, ctx.progress)
+    target = cfg.budget * original
+    choice, reached = B.allocate(options, total, target)
+    if reached > target:
+        ctx.warn(f"decompose: budget {cfg.budget} of the model's {cfg.budget_metric.value} not reached: the layers that "
+                 f"decompose profitably reach {reached / original:.3f}; decompose more layers or accept it")
+    out = {}
+    for name, j in choice.items():
+        c = options[name][j]
+        if c.module is not None:
+            out[name] = (c.ranks, c.module, c.weight_error)
+    return out
+
+
+@register_method("decompose", DecomposeConfig, replay=replay_decompose)
+def decompose_model(model: nn.Module, cfg: DecomposeConfig, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
+    """Low-rank decomposition of a copy of `model`: Linear -> two Linears, Conv -> thin convolutions."""
+    model = copy.deepcopy(model).eval()
+    plans = plan_layers(model, cfg, ctx)
+    cache = SVDCache()
+    source = ctx.data if ctx.data is not None else ctx.example_inputs
+    batches = list(D.take(source, cfg.calibration_batches)) if source is not None else []
+    inputs = B.capture_inputs(model, {p.name: p.module for p in plans}, batches) if batches and plans else {}
+    if cfg.keep_if_slower and not batches and plans:
+        ctx.warn("decompose: no data, so no layer could be timed; layers were kept whole only when their "
+                 "decomposed form is larger (pass data= to leave slower ones whole too)")
+
+    chosen: dict[str, tuple[list[int], nn.Module, float]] = {}
+    for plan in plans:
+        if plan.rule is None:
+            continue
+        ranks = _fixed_ranks(plan, cfg, cache)
+        module, werr = _decompose(plan, ranks, cfg, cache)
+        if _pays(plan, ranks, module, inputs.get(plan.name), cfg, ctx):
+            chosen[plan.name] = (ranks, module, werr)
+    if any(p.rule is None for p in plans):
+        if not batches:
+            raise DataError("decompose: a budget needs data to measure each layer's sensitivity (and MACs): pass "
+                            "data= (a few batches), or give ranks by ratio, energy or rank instead of budget")
+        chosen.update(_choose_by_budget(model, plans, chosen, cfg, ctx, cache, batches, inputs))
+
+    replay: dict[str, Any] = {"layers": {}, "shared": {}}
+    for plan in plans:  # in model order, so the replay reads top to bottom
+        if plan.name not in chosen:
+            continue
+        ranks, module, werr = chosen[plan.name]
+        for n in (plan.name, *plan.aliases):
+            set_submodule(model, n, module)
+        replay["layers"][plan.name] = {"kind": plan.kind, "scheme": plan.scheme, "ranks": list(ranks),
+                                       "weight_error": round(werr, 6)}
+        replay["shared"].update({a: plan.name for a in plan.aliases})
+    if cfg.fine_tune is not None and chosen:
+        _fine_tune(model, cfg, ctx)
+    return model, replay
+
+
+def _fine_tune(model: nn.Module, cfg: DecomposeConfig, ctx: Context) -> None:
+    from ..core.train import FitConfig, fit
+
+    if ctx.data is None:
+        raise DataError("decompose: fine_tune needs labelled data: pass data= as (inputs, target) batches, "
+                        "or remove fine_tune and recover in a following stage")
+    ft = cfg.fine_tune
+    fit(model, ctx.data, FitConfig(epochs=ft.epochs, lr=ft.lr, optimizer=ft.optimizer,
+                                   description="decompose: fine-tuning", progress=ctx.progress))
