@@ -18,6 +18,7 @@ from .core.result import Result
 from .errors import ArtifactError, ConfigError, DataError, ExportError, ModelError, ShrinkError
 from .export import export_onnx
 from .quant import ActivationQuant, CastConfig, QuantConfig, WeightQuant
+from .search import Action, Analysis, analyze
 from .prune import ChannelPruneConfig  # noqa: E402
 from .api import prune  # noqa: E402  (st.prune: the function, shrinktunnel.prune: the package)
 from .api import distill  # noqa: E402  (st.distill / st.fuse: the functions; shrinktunnel.distill / .fuse: the packages)
@@ -25,6 +26,7 @@ from .api import distill  # noqa: E402  (st.distill / st.fuse: the functions; sh
 __all__ = [
     "__version__", "measure", "quantize", "cast", "compress", "load", "save", "export_onnx", "load_recipe", "set_model_ref",
     "Result", "QuantConfig", "CastConfig", "WeightQuant", "ActivationQuant",
+    "analyze", "Action", "Analysis",
     "prune", "ChannelPruneConfig",
     "distill", "DistillConfig", "Hint", "KeepLayersConfig",
     "ShrinkError", "ConfigError", "DataError", "ModelError", "ArtifactError", "ExportError",

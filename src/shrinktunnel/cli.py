@@ -90,6 +90,25 @@ def eval_cmd(
     run_eval(path, data, batch_size, threads, console)
 
 
+@app.command()
+def analyze(
+    model: str = typer.Argument(..., help="MODEL: 'package.module:factory' or 'file.py:factory'."),
+    data: str = typer.Option(..., "--data", "-d", help="DATA the model runs on (profiling, and fidelity without --eval-data)."),
+    out: Path = typer.Option(Path("shrink-out/analyze"), "--out", "-o", help="Folder for analysis.json and analysis.html."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled DATA: the metric becomes accuracy on it."),
+    actions: Optional[str] = typer.Option(None, "--actions", help="Comma-separated action names (default: every available one)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated glob patterns of the layers to analyze."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Evaluation cache (default: ~/.cache/shrinktunnel/analyze)."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Measure everything again and keep nothing."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Batch size for .npz / .safetensors data."),
+    threads: int = typer.Option(2, "--threads", min=1, help="Intra-op threads for the latency measurement."),
+) -> None:
+    """Per-layer size, MACs, latency share and sensitivity to each candidate action."""
+    from .cli_commands import run_analyze
+
+    run_analyze(model, data, out, eval_data, actions, layers, cache_dir, no_cache, batch_size, threads, console)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         # Standalone mode: usage errors print as usual and exit 2; our errors arrive here.

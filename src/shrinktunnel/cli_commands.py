@@ -95,3 +95,30 @@ def run_eval(path: Path, data_ref: str, batch_size: int, threads: int, console: 
         v = Variant(path.name or "artifact", model, artifact_bytes(path))
         compare_variants([v], data, Path(d), threads=threads)
     console.print(variants_table([v], f"{path}", threads).to_rich())
+
+
+def default_cache_dir() -> Path:
+    import os
+
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "shrinktunnel" / "analyze"
+
+
+def run_analyze(model_ref, data_ref, out, eval_ref, actions, layers, cache_dir, no_cache, batch_size, threads,
+                console: Console) -> None:
+    from .search import analyze
+
+    model = load_model(model_ref)
+    data = load_data(data_ref, batch_size)
+    eval_data = D.reiterable(load_data(eval_ref, batch_size)) if eval_ref else None
+    eval_fn = (lambda m: accuracy(m, eval_data)) if eval_data is not None else None
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    result = analyze(model, data, eval_fn=eval_fn, actions=split(actions), layers=split(layers) or ("*",),
+                     cache_dir=None if no_cache else (cache_dir or default_cache_dir()), threads=threads)
+    jpath, hpath = result.save(out, title=f"shrink analyze {model_ref}")
+    console.print(result.table().to_rich())
+    for note in result.skipped_actions + result.warnings:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(f"{result.cache['evaluated']} evaluations run, {result.cache['hits']} read from the cache"
+                  + (f" ({result.cache['dir']})" if result.cache.get("dir") else ""))
+    console.print(f"written: [bold]{jpath.resolve()}[/] and [bold]{hpath.resolve()}[/]")

@@ -1,0 +1,123 @@
+"""Candidate actions: one compression step applied to ONE layer, through a registered method.
+
+An action is plain data plus a function that writes the stage config for a layer name:
+`Action("quant4", "quantize", config_for_layer)`, where `config_for_layer("fc1")` returns the config
+`run_stage(model, "quantize", config, ctx)` takes. Analysis and search never call a method directly:
+they go through the registry, so a method registered tomorrow becomes searchable by adding its
+actions here (or passing them in), and an action whose method is not registered yet is skipped with a
+note naming the method.
+
+The config keys of the methods other engineers are building (prune, cluster, decompose) are written
+here against their issue's config names; if a method's config differs, the action fails to parse and
+is skipped with the ConfigError's message (never silently).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+from ..core.registry import METHODS, _load_builtin_methods
+from ..errors import ConfigError
+
+__all__ = ["Action", "ACTIONS", "DEFAULT_ACTIONS", "resolve_actions", "quantize_action"]
+
+
+@dataclass(frozen=True)
+class Action:
+    """One candidate step for one layer: `method` is a registered method name, and
+    `config_for_layer(layer_name)` returns that method's stage config restricted to the layer."""
+
+    name: str  # short and unique: a column of the sensitivity table and a key of the cache
+    method: str
+    config_for_layer: Callable[[str], dict[str, Any]]
+    family: str = ""  # "quantize", "prune", "decompose", "share": groups actions of one kind
+    level: float = 0.0  # strength within the family (bits kept, fraction removed...): ordering only
+
+    def config(self, layer: str) -> dict[str, Any]:
+        return self.config_for_layer(layer)
+
+
+def quantize_action(bits: int) -> Action:
+    """Weight-only quantization of one layer to `bits` (symmetric, one scale per output channel):
+    the weights carry the size; activation formats are a separate, later choice of the search."""
+
+    def config(layer: str) -> dict[str, Any]:
+        return {"weights": {"bits": bits, "granularity": "per_channel", "symmetric": True},
+                "activations": None, "layers": [layer]}
+
+    return Action(f"quant{bits}", "quantize", config, "quantize", float(bits))
+
+
+def prune_action(percent: int) -> Action:
+    """Unstructured magnitude pruning of one layer, one shot (no fine-tuning)."""
+
+    def config(layer: str) -> dict[str, Any]:
+        return {"sparsity": percent / 100, "layers": [layer]}
+
+    return Action(f"prune{percent}", "prune", config, "prune", percent / 100)
+
+
+def decompose_action(denominator: int) -> Action:
+    """Low-rank factors holding 1/denominator of the layer's weights (DecomposeConfig.ratio: the
+    largest rank that fits). Kept even where the factors run slower: the analysis measures the
+    action itself; the search weighs latency separately."""
+
+    def config(layer: str) -> dict[str, Any]:
+        return {"ratio": 1 / denominator, "layers": [layer], "keep_if_slower": False}
+
+    return Action(f"lowrank1/{denominator}", "decompose", config, "decompose", 1 / denominator)
+
+
+def share_action(bits: int) -> Action:
+    """Weight sharing: a codebook of 2^bits centroids for the layer."""
+
+    def config(layer: str) -> dict[str, Any]:
+        return {"bits": bits, "layers": [layer]}
+
+    return Action(f"share{bits}", "cluster", config, "share", float(bits))
+
+
+# The issue's candidate set, in table order. Quantization exists now; the others are enabled as soon
+# as their method is registered (see `resolve_actions`).
+DEFAULT_ACTIONS: tuple[Action, ...] = (
+    *(quantize_action(b) for b in (8, 6, 4, 2)),
+    *(prune_action(p) for p in (25, 50, 75)),
+    *(decompose_action(d) for d in (2, 4)),
+    *(share_action(b) for b in (8, 4, 2)),
+)
+ACTIONS: dict[str, Action] = {a.name: a for a in DEFAULT_ACTIONS}
+
+
+def resolve_actions(actions: Iterable[Action | str] | None) -> tuple[list[Action], list[str]]:
+    """The actions to run and notes on those skipped. `None`: every default action whose method is
+    registered; names are looked up in ACTIONS; an Action is taken as given. A name that is unknown,
+    or a duplicate name, is a ConfigError."""
+    _load_builtin_methods()
+    requested: Sequence[Action | str] = list(DEFAULT_ACTIONS if actions is None else actions)
+    chosen: list[Action] = []
+    notes: list[str] = []
+    for item in requested:
+        if isinstance(item, str):
+            if item not in ACTIONS:
+                raise ConfigError(f"unknown action {item!r}; known actions: {', '.join(ACTIONS)} "
+                                  f"(or pass shrinktunnel.search.Action objects)")
+            item = ACTIONS[item]
+        if not isinstance(item, Action):
+            raise ConfigError(f"an action must be a name or a shrinktunnel.search.Action, got {type(item).__name__}: {item!r}")
+        if any(a.name == item.name for a in chosen):
+            raise ConfigError(f"action {item.name!r} is given twice; each action name must be unique")
+        if item.method not in METHODS:
+            notes.append(f"{item.name}: skipped, method {item.method!r} is not registered yet "
+                         f"(registered: {', '.join(sorted(METHODS))})")
+            continue
+        try:  # a config the method rejects is skipped with its reason, before any evaluation
+            METHODS[item.method].config_cls.parse(item.config("layer"))
+        except ConfigError as exc:
+            notes.append(f"{item.name}: skipped, method {item.method!r} rejects its config: {exc}")
+            continue
+        chosen.append(item)
+    if not chosen:
+        raise ConfigError("no action left to run: every requested action's method is unregistered ("
+                          + "; ".join(notes) + ")")
+    return chosen, notes

@@ -1,0 +1,184 @@
+"""st.analyze on tiny nets: exact per-layer figures, sensitivities that order as they must, the cache
+(second run instant, resume after an interruption), failures and skips reported, never silent."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import CASES
+from shrinktunnel.errors import ConfigError, ModelError
+from shrinktunnel.search import Action, Analysis, analyze
+from shrinktunnel.search.actions import quantize_action
+from shrinktunnel.search.pareto import pareto_front
+
+FAST = dict(progress=False, latency_runs=2)
+
+
+class WideMLP(nn.Module):
+    """Big enough that 8- and 4-bit weights shrink the artifact despite the manifest's specs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(32, 128)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def wide_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return WideMLP().eval()
+
+
+def wide_data(seed: int = 1, n: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 32, generator=g) for _ in range(n)]
+
+
+def test_layer_figures_are_exact_and_sensitivity_orders_by_bits(tmp_path):
+    model = wide_mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    a = analyze(model, wide_data(), actions=["quant8", "quant4", "quant2"], **FAST)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model untouched
+    assert [lp.name for lp in a.layers] == ["fc1", "fc2"]
+    fc1, fc2 = a.layers
+    assert (fc1.params, fc2.params) == (32 * 128 + 128, 128 * 10 + 10)
+    assert (fc1.macs, fc2.macs) == (32 * 128, 128 * 10)  # per sample
+    assert (fc1.bytes, fc2.bytes) == (4 * fc1.params, 4 * fc2.params)
+    assert a.totals["macs"] == 32 * 128 + 128 * 10 and a.totals["params"] == fc1.params + fc2.params
+    shares = [lp.latency_share for lp in a.layers]
+    assert all(0 < s < 1 for s in shares) and sum(shares) + a.totals["other_latency_share"] == pytest.approx(1.0)
+    assert a.metric_name.startswith("cosine") and a.baseline == 1.0
+    for layer in ("fc1", "fc2"):
+        d8, d4, d2 = (a.drop(layer, n) for n in ("quant8", "quant4", "quant2"))
+        assert 0 <= d8 < 1e-4 < d4 < d2  # fewer bits, more loss; 8 bits near lossless
+        r = a.results[layer]
+        assert r["quant2"]["bytes_after"] < r["quant4"]["bytes_after"] < r["quant8"]["bytes_after"] < a.layers[0 if layer == "fc1" else 1].bytes
+        assert r["quant8"]["macs_after"] == (fc1.macs if layer == "fc1" else fc2.macs)  # quantization keeps MACs
+    # fc1 at 8 bits: 4096 int8 weights instead of float32 saves 12 KiB, less 1 KiB of per-channel scales
+    # and zero points, less the layer's spec in the manifest (about 1.5 KB of JSON).
+    saved = fc1.bytes - a.results["fc1"]["quant8"]["bytes_after"]
+    assert 3 * 4096 - 1024 - 3000 < saved < 3 * 4096 - 1024
+
+
+def test_eval_fn_metric_and_json_round_trip(tmp_path):
+    model = wide_mlp()
+    data = wide_data()
+    target = [model(x).argmax(1) for x in data]  # labels the float model gets right
+
+    def agreement(m):
+        return sum(float((m(x).argmax(1) == y).float().mean()) for x, y in zip(data, target)) / len(data)
+
+    a = analyze(model, data, eval_fn=agreement, actions=["quant8", "quant2"], **FAST)
+    assert a.metric_name == "eval_fn" and a.baseline == 1.0
+    assert all(a.results[n]["quant8"]["metric"] == pytest.approx(1 - a.drop(n, "quant8")) for n in ("fc1", "fc2"))
+    jpath, hpath = a.save(tmp_path)
+    back = Analysis.from_dict(json.loads(jpath.read_text()))
+    assert back.table().rows == a.table().rows and back.results == a.results
+    assert hpath.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_second_run_reads_the_cache_and_an_interrupted_run_resumes(tmp_path):
+    model, data = wide_mlp(), wide_data()
+
+    class Counter:  # an object, not a dict: values a metric closes over are part of the cache key
+        n = 0
+
+    calls = Counter()
+
+    def metric(m):
+        calls.n += 1
+        if calls.n == 3:  # the original, then one candidate: the third call is "killed"
+            raise KeyboardInterrupt
+        return float(m(data[0]).sum())
+
+    with pytest.raises(KeyboardInterrupt):
+        analyze(model, data, eval_fn=metric, actions=["quant8", "quant4"], cache_dir=tmp_path, **FAST)
+    calls.n = 10
+    first = analyze(model, data, eval_fn=metric, actions=["quant8", "quant4"], cache_dir=tmp_path, **FAST)
+    assert first.cache["hits"] == 1 and first.cache["evaluated"] == 3  # resumed: one entry kept from the killed run
+    assert calls.n == 13  # the three missing evaluations; the baseline came from the cache too
+    t0 = time.perf_counter()
+    second = analyze(model, data, eval_fn=metric, actions=["quant8", "quant4"], cache_dir=tmp_path, **FAST)
+    elapsed = time.perf_counter() - t0
+    assert calls.n == 13 and second.cache == {**first.cache, "hits": 4, "evaluated": 0}
+    assert second.results == first.results and second.layers == first.layers
+    assert elapsed < 2.0, f"a fully cached analysis took {elapsed:.2f} s"
+    # A different data set, or other weights, is another key: everything is measured again.
+    third = analyze(model, wide_data(seed=2), eval_fn=metric, actions=["quant8"], cache_dir=tmp_path, **FAST)
+    assert third.cache["hits"] == 0 and third.cache["evaluated"] == 2
+    other = wide_mlp()
+    with torch.no_grad():
+        other.fc1.weight[0, 0] += 1
+    assert analyze(other, data, eval_fn=metric, actions=["quant8"], cache_dir=tmp_path, **FAST).cache["hits"] == 0
+
+
+def test_eval_fn_that_captures_other_data_is_another_cache_key(tmp_path):
+    model, data = wide_mlp(), wide_data()
+
+    def scorer(batches):
+        return lambda m: float(sum(m(x).sum() for x in batches))
+
+    a = analyze(model, data, eval_fn=scorer(data), actions=["quant8"], cache_dir=tmp_path, **FAST)
+    b = analyze(model, data, eval_fn=scorer(wide_data(seed=5)), actions=["quant8"], cache_dir=tmp_path, **FAST)
+    assert a.cache["evaluated"] == 2 and b.cache["evaluated"] == 2 and a.baseline != b.baseline
+
+
+def test_failed_and_nan_candidates_are_marked_and_the_analysis_goes_on():
+    model, data = wide_mlp(), wide_data()
+    reference = model(data[0])
+
+    def metric(m):
+        out = m(data[0])
+        if torch.equal(out, reference):
+            return 1.0
+        if isinstance(m.fc1, nn.Linear):  # fc2 was changed
+            return math.nan
+        raise RuntimeError("metric exploded")
+
+    a = analyze(model, data, eval_fn=metric, actions=["quant8"], **FAST)
+    assert a.results["fc1"]["quant8"]["status"] == "failed" and "metric exploded" in a.results["fc1"]["quant8"]["note"]
+    assert a.results["fc2"]["quant8"]["status"] == "failed" and "NaN" in a.results["fc2"]["quant8"]["note"]
+    assert a.drop("fc1", "quant8") is None and len(a.warnings) == 2
+    assert "fail" in a.table().rows[0]
+
+
+def test_unsupported_layers_are_skipped_with_the_methods_reason():
+    case = CASES["unsupported"]
+    a = analyze(case.model(), case.batches(2, 8), actions=["quant8"], **FAST)
+    assert [lp.name for lp in a.layers] == ["emb", "lstm", "head"]
+    for layer in ("emb", "lstm"):
+        entry = a.results[layer]["quant8"]
+        assert entry["status"] == "skipped" and "not a supported layer kind" in entry["note"]
+    assert a.results["head"]["quant8"]["status"] == "ok"
+
+
+def test_actions_resolution_and_bad_input():
+    model, data = wide_mlp(), wide_data(n=1)
+    with pytest.raises(ConfigError, match="unknown action 'quant3'.*known actions: quant8"):
+        analyze(model, data, actions=["quant3"], **FAST)
+    with pytest.raises(ConfigError, match="given twice"):
+        analyze(model, data, actions=["quant8", quantize_action(8)], **FAST)
+    never = Action("never", "no_such_method", lambda layer: {}, "x")
+    bad = Action("bad", "quantize", lambda layer: {"weights": {"bits": 9}, "layers": [layer]}, "quantize")
+    a = analyze(model, data, actions=["quant8", never, bad], **FAST)
+    assert [x["name"] for x in a.actions] == ["quant8"]
+    assert any("never" in n and "not registered" in n for n in a.skipped_actions)
+    assert any("bad" in n and "bits=9" in n for n in a.skipped_actions)
+    with pytest.raises(ModelError, match="no layer with a weight matches"):
+        analyze(model, data, actions=["quant8"], layers=["nothing*"], **FAST)
+
+
+def test_pareto_front():
+    costs = [10, 5, 5, 8, None, 3, 12]
+    metrics = [0.9, 0.8, 0.85, 0.85, 1.0, 0.5, 0.95]
+    assert pareto_front(costs, metrics) == [5, 2, 0, 6]
+    assert pareto_front([1, 1], [0.5, 0.5]) == [0]

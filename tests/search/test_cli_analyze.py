@@ -1,0 +1,52 @@
+"""`shrink analyze`: tables printed, JSON and HTML written, the cache used on the second run, bad
+input as exit code 2 with one line."""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+
+import numpy as np
+
+from conftest import FACTORIES
+from shrinktunnel.cli import main
+
+MLP = f"{FACTORIES}:mlp"
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_analyze_writes_json_and_html_and_reuses_its_cache(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((32, 6)).astype(np.float32)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=x, y=rng.integers(0, 3, 32))
+    args = ["analyze", MLP, "--data", data, "--eval-data", data, "--actions", "quant8,quant2", "--out", tmp_path / "out",
+            "--cache-dir", tmp_path / "cache", "--batch-size", 16]
+    code, out, err = run_cli(*args)
+    assert code == 0, err
+    assert "body.0" in out and "body.2" in out and "4 evaluations run, 0 read from the cache" in out
+    report = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert report["metric"]["name"] == "eval_fn" and set(report["results"]) == {"body.0", "body.2"}
+    assert [a["name"] for a in report["actions"]] == ["quant8", "quant2"]
+    assert (tmp_path / "out" / "analysis.html").read_text().count("<svg") >= 4
+    code, out, _ = run_cli(*args)
+    assert code == 0 and "0 evaluations run, 4 read from the cache" in out
+
+
+def test_analyze_bad_action_is_one_line_exit_2(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 6), np.float32))
+    code, out, err = run_cli("analyze", MLP, "--data", tmp_path / "d.npz", "--actions", "quant9", "--no-cache",
+                             "--out", tmp_path / "out")
+    assert code == 2 and "unknown action 'quant9'" in err and "known actions" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
