@@ -18,6 +18,8 @@ from .core.result import Result
 from .errors import ArtifactError, ConfigError, DataError, ExportError, ModelError, ShrinkError
 from .export import export_onnx
 from .quant import ActivationQuant, CastConfig, QuantConfig, WeightQuant
+from .quant.qat import QATConfig
+from .api import convert_qat, prepare_qat, qat  # noqa: E402
 from .search import Action, Analysis, analyze
 from .prune import ChannelPruneConfig  # noqa: E402
 from .api import prune  # noqa: E402  (st.prune: the function, shrinktunnel.prune: the package)
@@ -26,6 +28,7 @@ from .api import distill  # noqa: E402  (st.distill / st.fuse: the functions; sh
 __all__ = [
     "__version__", "measure", "quantize", "cast", "compress", "load", "save", "export_onnx", "load_recipe", "set_model_ref",
     "Result", "QuantConfig", "CastConfig", "WeightQuant", "ActivationQuant",
+    "qat", "prepare_qat", "convert_qat", "QATConfig",
     "analyze", "Action", "Analysis",
     "prune", "ChannelPruneConfig",
     "distill", "DistillConfig", "Hint", "KeepLayersConfig",

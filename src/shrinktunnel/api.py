@@ -65,6 +65,29 @@ def prune(
     return run_stage(model, method, config, ctx)
 
 
+def qat(model: nn.Module, config: Any = None, *, data: Any, eval_fn: Callable[[nn.Module], float] | None = None,
+        progress: bool = True) -> nn.Module:
+    """Return a NEW model trained with fake quantization on `data`, then converted to quantized layers
+    (`st.QATConfig`); `model` is not changed. `data`: (inputs, target) batches (or any, with loss: mse_to_float)."""
+    return run_stage(model, "qat", config, Context(data=D.reiterable(data), eval_fn=eval_fn, progress=progress))
+
+
+def prepare_qat(model: nn.Module, config: Any = None, *, data: Any = None, progress: bool = True) -> nn.Module:
+    """Return a NEW fake-quantized model to train with your own loop (`model` is not changed); `data`
+    calibrates the initial activation ranges. Finish with `st.convert_qat`."""
+    from .quant.qat import prepare
+
+    return prepare(model, config, data=data, progress=progress)
+
+
+def convert_qat(model: nn.Module) -> nn.Module:
+    """Return a NEW model with the fake-quantized layers of a `prepare_qat` model converted to the
+    quantized layers PTQ builds, recorded as a `qat` stage (ready for `st.save` and export)."""
+    from .quant.qat import convert
+
+    return convert(model)
+
+
 def cast(model: nn.Module, config: Any = None) -> nn.Module:
     """Return a NEW model whose Linear/Conv weights are stored as FP16, BF16 or FP8 (`st.CastConfig`)."""
     return run_stage(model, "cast", config, Context(progress=False))

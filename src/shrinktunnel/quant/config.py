@@ -6,13 +6,27 @@ from pydantic import Field, field_validator, model_validator
 
 from ..core.config import Config, StrEnum
 
-__all__ = ["Granularity", "Calibrator", "WeightQuant", "ActivationQuant", "LayerOverride", "QuantConfig"]
+__all__ = ["Granularity", "Calibrator", "WeightFormat", "ActivationFormat", "WeightQuant", "ActivationQuant", "LayerOverride", "QuantConfig"]
 
 
 class Granularity(StrEnum):
     PER_TENSOR = "per_tensor"
     PER_CHANNEL = "per_channel"
     PER_GROUP = "per_group"
+
+
+class WeightFormat(StrEnum):
+    INT = "int"  # integers of `bits` bits with scales (and zero points)
+    TERNARY = "ternary"  # {-1, 0, +1} x a scale per channel (TWN), stored at 2 bits; needs training (qat)
+    BINARY = "binary"  # {-1, +1} x mean|W| per channel (XNOR-Net), stored at 1 bit; needs training (qat)
+
+
+class ActivationFormat(StrEnum):
+    INT = "int"  # integers of `bits` bits with a scale and zero point
+    BINARY = "binary"  # two levels, offset +- scale (sign(x) when symmetric, as BNN); needs training (qat)
+
+
+_FORMAT_BITS = {WeightFormat.BINARY: 1, WeightFormat.TERNARY: 2}  # the storage width of each non-int format
 
 
 class Calibrator(StrEnum):
@@ -33,6 +47,8 @@ WEIGHT_BITS = (2, 8)  # the weight widths quantize accepts (inclusive)
 
 def _weight_bits(bits: int) -> int:
     lo, hi = WEIGHT_BITS
+    if bits == 1:
+        return bits  # binary weights: checked with `format` below
     if not lo <= bits <= hi:
         raise ValueError(f"bits={bits} is not supported for weights; use an integer from {lo} to {hi} "
                          f"(8: int8, near-lossless; 4: half the bytes, more accurate per_group)")
@@ -49,11 +65,36 @@ class WeightQuant(Config):
     # u8s8 kernels with 16-bit intermediate sums that saturate on full-range weights; 7 bits cannot.
     group_size: int | None = None  # per_group only: consecutive input weights sharing a scale. No default:
     # it must divide every selected layer's input dimension; 32-128 is usual for transformer Linears
+    format: WeightFormat = WeightFormat.INT  # int: the integer grid above. ternary / binary: 2 / 1 bits
+    # (bits is implied; bits: 1 alone means binary), scale per channel or tensor; trained with `qat`
 
     _bits = field_validator("bits")(_weight_bits)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _implied_bits(cls, data):
+        # `format: binary` implies bits 1 and `bits: 1` implies binary (1-bit integers are nothing else);
+        # ternary implies 2. A contradicting explicit value is reported by _check_combination.
+        if isinstance(data, dict):
+            fmt = data.get("format")
+            if fmt in _FORMAT_BITS and "bits" not in data:
+                data = {**data, "bits": _FORMAT_BITS[WeightFormat(fmt)]}
+            elif data.get("bits") == 1 and "format" not in data:
+                data = {**data, "format": WeightFormat.BINARY}
+        return data
+
     @model_validator(mode="after")
     def _check_combination(self) -> "WeightQuant":
+        if self.format != WeightFormat.INT:
+            need = _FORMAT_BITS[self.format]
+            if self.bits != need:
+                raise ValueError(f"format {self.format} weights are stored at {need} bit(s), not bits={self.bits}; "
+                                 f"remove bits (it is implied) or set bits: {need}")
+            if self.granularity == Granularity.PER_GROUP or not self.symmetric or self.reduce_range:
+                raise ValueError(f"format {self.format} weights are symmetric with one scale per channel or per tensor; "
+                                 f"use granularity: per_channel or per_tensor, symmetric: true, no group_size or reduce_range")
+        elif self.bits == 1:
+            raise ValueError("bits=1 integers are binary weights: set format: binary (or use bits 2 to 8)")
         if self.granularity == Granularity.PER_GROUP:
             if self.group_size is None:
                 raise ValueError("granularity per_group needs group_size: the number of consecutive input "
@@ -72,6 +113,8 @@ class WeightQuant(Config):
 
 class ActivationQuant(Config):
     bits: int = 8
+    format: ActivationFormat = ActivationFormat.INT  # binary: each layer's input takes two levels,
+    # offset +- scale (offset 0 when symmetric: sign(x), as BNN); trained with `qat`, which learns both
     symmetric: bool = False  # False: uint8 with a zero point uses all 256 levels on post-ReLU tensors
     calibrator: Calibrator = Calibrator.MINMAX  # minmax: the observed range, nothing clipped
     percentile: float = Field(default=99.99, gt=0, le=100)  # 99.99: clips the rarest 1 in 10,000 values, the
@@ -81,6 +124,15 @@ class ActivationQuant(Config):
     # observed tensor. Read by the percentile, entropy and mse calibrators
 
     _bits = field_validator("bits")(_only_8_bits)
+
+    @model_validator(mode="after")
+    def _check_binary(self) -> "ActivationQuant":
+        if self.format == ActivationFormat.BINARY:
+            unused = sorted({"bits", "calibrator", "percentile", "bins"} & self.model_fields_set)
+            if unused:
+                raise ValueError(f"binary activations have two learned levels, offset +- scale: "
+                                 f"remove {', '.join(unused)}, which only apply to integer activations")
+        return self
 
 
 class LayerOverride(Config):
@@ -105,3 +157,18 @@ class QuantConfig(Config):
     max_drop: float | None = Field(default=None, ge=0)  # None: quantize every selected layer. A number:
     # return the most sensitive layers to float until the metric (eval_fn, or without one the mean
     # cosine to the float model's outputs on the calibration data) is within max_drop of float's.
+
+    @model_validator(mode="after")
+    def _no_trained_formats(self) -> "QuantConfig":
+        # Binary / ternary weights and binary activations lose too much without training to be a PTQ
+        # result; the `qat` method trains them (and converts to the same quantized layers).
+        rules = [("weights", self.weights, self.activations)]
+        rules += [(f"overrides[{i}]", r.weights, r.activations) for i, r in enumerate(self.overrides)]
+        for where, wq, aq in rules:
+            if wq is not None and wq.format != WeightFormat.INT:
+                raise ValueError(f"{where}: format {wq.format} weights need training: use the qat method "
+                                 f"(st.qat(model, st.QATConfig(...), data=...), or a `qat:` recipe stage)")
+            if aq is not None and aq.format != ActivationFormat.INT:
+                raise ValueError(f"{where}: binary activations need training: use the qat method "
+                                 f"(st.qat(model, st.QATConfig(...), data=...), or a `qat:` recipe stage)")
+        return self

@@ -48,6 +48,10 @@ class ActQuant:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "ActQuant | None":
+        if d is not None and d.get("format") == "binary":  # two levels, offset +- scale (quant/binary.py)
+            from .binary import BinaryActivation
+
+            return BinaryActivation.from_dict(d)
         return None if d is None else cls(**d)
 
 
@@ -68,7 +72,15 @@ def _check_format(w: dict[str, Any], shape: list[int]) -> None:
     ArtifactError) instead of building a layer that would misread its tensors."""
     bits, dtype = w["bits"], w["dtype"]
     problems = []
-    if not (isinstance(bits, int) and 2 <= bits <= 8):
+    fmt = w.get("format", "int")
+    if fmt not in ("int", "ternary", "binary"):
+        problems.append(f"format={fmt!r} (int, ternary or binary)")
+    elif fmt == "binary":
+        # Binary weights are q in {-1, +1}, stored one bit each (1: +1, 0: -1); quant/binary.py.
+        if (bits, dtype, w["qmin"], w["qmax"], bool(w["packed"])) != (1, "int8", -1, 1, True):
+            problems.append(f"binary weights with bits/dtype/qmin/qmax/packed={bits!r}/{dtype!r}/{w['qmin']!r}/"
+                            f"{w['qmax']!r}/{w['packed']!r} (must be 1/'int8'/-1/1/True)")
+    elif not (isinstance(bits, int) and 2 <= bits <= 8):
         problems.append(f"bits={bits!r} (2 to 8 are supported)")
     elif dtype not in ("int8", "uint8"):
         problems.append(f"dtype={dtype!r} (int8 or uint8)")
@@ -186,7 +198,12 @@ class QuantizedLayer(nn.Module):
     def set_weight(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         """Store integer weights (weight shape, in [qmin, qmax]) with their scales and zero points."""
         w = self._format
-        if w["packed"]:
+        if w.get("format") == "binary":
+            if not bool(((q == 1) | (q == -1)).all()):
+                raise ValueError("binary weights must be -1 or +1")
+            self.qweight_packed.copy_(pack((q > 0).to(torch.uint8), 1, signed=False))
+            self._unpacked_from = None
+        elif w["packed"]:
             self.qweight_packed.copy_(pack(q, w["bits"], signed=w["dtype"] == "int8"))
             self._unpacked_from = None
         else:
@@ -212,7 +229,10 @@ class QuantizedLayer(nn.Module):
         key = (packed.data_ptr(), None if packed.is_inference() else packed._version, packed.device)
         if self._unpacked_from != key:
             w = self._format
-            q = unpack(packed, w["bits"], w["dtype"] == "int8", self.qweight_unpacked.numel())
+            if w.get("format") == "binary":  # stored bit b is the weight 2b - 1
+                q = unpack(packed, 1, False, self.qweight_unpacked.numel()).to(torch.int8) * 2 - 1
+            else:
+                q = unpack(packed, w["bits"], w["dtype"] == "int8", self.qweight_unpacked.numel())
             self.qweight_unpacked = q.view(self.qweight_unpacked.shape).to(self.qweight_unpacked.dtype)
             self._unpacked_from = key
         return self.qweight_unpacked
