@@ -11,7 +11,6 @@ smaller, faster model comes out, with the measured figures that prove it.
 from . import measure
 from ._version import __version__
 from .api import cast, compress, load, quantize, save
-from .fuse import FuseConfig, FuseOpsConfig
 from .distill import DistillConfig, Hint, KeepLayersConfig
 from .core.history import set_model_ref
 from .core.recipe import load_recipe
@@ -19,19 +18,22 @@ from .core.result import Result
 from .errors import ArtifactError, ConfigError, DataError, ExportError, ModelError, ShrinkError
 from .export import export_onnx
 from .quant import ActivationQuant, CastConfig, QuantConfig, WeightQuant
+from .cluster import ClusterConfig, ClusterOverride, CodebookTuning  # noqa: E402
+from .api import cluster  # noqa: E402  (st.cluster: the function, shrinktunnel.cluster: the package)
 from .quant.qat import QATConfig
 from .api import convert_qat, prepare_qat, qat  # noqa: E402
 from .search import Action, Analysis, analyze
 from .prune import ChannelPruneConfig  # noqa: E402
 from .api import prune  # noqa: E402  (st.prune: the function, shrinktunnel.prune: the package)
-from .api import distill, fuse  # noqa: E402  (st.distill / st.fuse: the functions; shrinktunnel.distill / .fuse: the packages)
+from .api import distill  # noqa: E402  (st.distill / st.fuse: the functions; shrinktunnel.distill / .fuse: the packages)
 
 __all__ = [
     "__version__", "measure", "quantize", "cast", "compress", "load", "save", "export_onnx", "load_recipe", "set_model_ref",
     "Result", "QuantConfig", "CastConfig", "WeightQuant", "ActivationQuant",
+    "cluster", "ClusterConfig", "ClusterOverride", "CodebookTuning",
     "qat", "prepare_qat", "convert_qat", "QATConfig",
     "analyze", "Action", "Analysis",
     "prune", "ChannelPruneConfig",
-    "distill", "DistillConfig", "Hint", "KeepLayersConfig", "fuse", "FuseConfig", "FuseOpsConfig",
+    "distill", "DistillConfig", "Hint", "KeepLayersConfig",
     "ShrinkError", "ConfigError", "DataError", "ModelError", "ArtifactError", "ExportError",
 ]

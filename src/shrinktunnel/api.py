@@ -20,7 +20,7 @@ from .errors import ConfigError, ModelError
 from .measure import artifact_bytes, bits_per_weight, count_macs, count_weights, float_safetensors_bytes
 from .quant.config import QuantConfig
 
-__all__ = ["quantize", "prune", "cast", "distill", "fuse", "compress", "load", "save", "run_stage"]
+__all__ = ["quantize", "prune", "cast", "cluster", "distill", "compress", "load", "save", "run_stage"]
 
 
 def run_stage(model: nn.Module, method: str, config: Any, ctx: Context) -> nn.Module:
@@ -88,6 +88,13 @@ def convert_qat(model: nn.Module) -> nn.Module:
     return convert(model)
 
 
+def cluster(model: nn.Module, config: Any = None, *, data: Any = None, progress: bool = True) -> nn.Module:
+    """Return a NEW model whose weights are shared through per-layer k-means codebooks
+    (`st.ClusterConfig`); `model` is not changed. `data`: training batches, used only when the config
+    asks to fine-tune the codebooks (`tune`)."""
+    return run_stage(model, "cluster", config, Context(data=D.reiterable(data), progress=progress))
+
+
 def cast(model: nn.Module, config: Any = None) -> nn.Module:
     """Return a NEW model whose Linear/Conv weights are stored as FP16, BF16 or FP8 (`st.CastConfig`)."""
     return run_stage(model, "cast", config, Context(progress=False))
@@ -106,14 +113,6 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, config: Any = Non
                           "remove `teacher` from the config, or call st.compress with a recipe")
     return run_stage(student, "distill", cfg, Context(data=D.reiterable(data), eval_fn=eval_fn, progress=progress,
                                                       original=teacher))
-
-
-def fuse(models: list[nn.Module], config: Any = None, *, data: Any = None, progress: bool = True) -> nn.Module:
-    """Return a NEW model: the first model's trunk shared by one head per model, distilled from all of
-    them on `data` (`st.FuseConfig`); it returns a tuple (or dict) of the task outputs."""
-    from .fuse import FuseConfig, fuse_networks
-
-    return fuse_networks(models, FuseConfig.parse(config), data, progress=progress)
 
 
 def compress(
@@ -150,6 +149,10 @@ def compress(
         example_inputs = next(D.batches(data))
     metrics = {"before": _measure(original, example_inputs, eval_fn),
                "after": _measure(current, example_inputs, eval_fn, artifact=True)}
+    from .cluster import storage_report  # per layer: bits per weight beside each stream's entropy
+
+    if sharing := storage_report(current):
+        metrics["after"]["weight_sharing"] = sharing
     return Result(current, metrics, ctx.warnings)
 
 
