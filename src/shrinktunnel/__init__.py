@@ -11,6 +11,7 @@ smaller, faster model comes out, with the measured figures that prove it.
 from . import measure
 from ._version import __version__
 from .api import cast, compress, load, quantize, save
+from .fuse import FuseConfig, FuseOpsConfig
 from .distill import DistillConfig, Hint, KeepLayersConfig
 from .core.history import set_model_ref
 from .core.recipe import load_recipe
@@ -25,7 +26,7 @@ from .api import convert_qat, prepare_qat, qat  # noqa: E402
 from .search import Action, Analysis, analyze
 from .prune import ChannelPruneConfig  # noqa: E402
 from .api import prune  # noqa: E402  (st.prune: the function, shrinktunnel.prune: the package)
-from .api import distill  # noqa: E402  (st.distill / st.fuse: the functions; shrinktunnel.distill / .fuse: the packages)
+from .api import distill, fuse  # noqa: E402  (st.distill / st.fuse: the functions; shrinktunnel.distill / .fuse: the packages)
 
 __all__ = [
     "__version__", "measure", "quantize", "cast", "compress", "load", "save", "export_onnx", "load_recipe", "set_model_ref",
@@ -34,6 +35,6 @@ __all__ = [
     "qat", "prepare_qat", "convert_qat", "QATConfig",
     "analyze", "Action", "Analysis",
     "prune", "ChannelPruneConfig",
-    "distill", "DistillConfig", "Hint", "KeepLayersConfig",
+    "distill", "DistillConfig", "Hint", "KeepLayersConfig", "fuse", "FuseConfig", "FuseOpsConfig",
     "ShrinkError", "ConfigError", "DataError", "ModelError", "ArtifactError", "ExportError",
 ]

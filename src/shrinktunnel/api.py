@@ -20,7 +20,7 @@ from .errors import ConfigError, ModelError
 from .measure import artifact_bytes, bits_per_weight, count_macs, count_weights, float_safetensors_bytes
 from .quant.config import QuantConfig
 
-__all__ = ["quantize", "prune", "cast", "cluster", "distill", "compress", "load", "save", "run_stage"]
+__all__ = ["quantize", "prune", "cast", "cluster", "distill", "fuse", "compress", "load", "save", "run_stage"]
 
 
 def run_stage(model: nn.Module, method: str, config: Any, ctx: Context) -> nn.Module:
@@ -113,6 +113,14 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, config: Any = Non
                           "remove `teacher` from the config, or call st.compress with a recipe")
     return run_stage(student, "distill", cfg, Context(data=D.reiterable(data), eval_fn=eval_fn, progress=progress,
                                                       original=teacher))
+
+
+def fuse(models: list[nn.Module], config: Any = None, *, data: Any = None, progress: bool = True) -> nn.Module:
+    """Return a NEW model: the first model's trunk shared by one head per model, distilled from all of
+    them on `data` (`st.FuseConfig`); it returns a tuple (or dict) of the task outputs."""
+    from .fuse import FuseConfig, fuse_networks
+
+    return fuse_networks(models, FuseConfig.parse(config), data, progress=progress)
 
 
 def compress(
