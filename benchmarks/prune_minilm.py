@@ -1,0 +1,167 @@
+"""Benchmark: all-MiniLM-L6-v2 with half of its FFN neurons and a quarter of its attention heads
+removed: parameters, latency (PyTorch and ONNX Runtime), and cosine to the original embeddings on
+held-out tweets before and after a short distillation (st.distill, cosine loss) on other tweets.
+
+    .venv/bin/python benchmarks/prune_minilm.py
+
+Writes benchmarks/results/prune_minilm.json and .md. The issue sets no limit here ("report honestly
+what it reaches"), so the only checks are that the pruned model runs, round-trips and exports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import shrinktunnel as st  # noqa: E402
+from shrinktunnel import assets  # noqa: E402
+from shrinktunnel.export import OrtModel  # noqa: E402
+from shrinktunnel.measure.latency import onnx_latency, torch_latency  # noqa: E402
+from shrinktunnel.report import Table, fmt_ms  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import COMMAND, RESULTS_DIR, git_state, machine_info, today, write_results  # noqa: E402
+from ptq_mnist import alternated_rounds, latency_ratio, latency_summary  # noqa: E402
+
+NAME = "prune_minilm"
+THREADS = 2
+ROUNDS, RUNS, WARMUP = 5, 10, 3
+TRAIN_TWEETS = 4096  # distillation data: tweets 0..4095
+EVAL_TWEETS, EVAL_OFFSET = 512, 30_000  # held out, far from the training tweets
+BATCH, MAX_LEN = 32, 32
+
+
+def log(message: str) -> None:
+    print(f"[{NAME}] {message}", file=sys.stderr, flush=True)
+
+
+def prune_config() -> st.ChannelPruneConfig:
+    # Only the FFN groups get a ratio (the residual stream reaches the output and is kept anyway);
+    # heads go by head_ratio. 1536 -> 768 neurons, 12 -> 9 heads in each of the 6 layers.
+    return st.ChannelPruneConfig(ratio=0.0, rules=[{"pattern": "*.intermediate.dense", "ratio": 0.5}],
+                                 head_ratio=0.25, importance="l2")
+
+
+def distill_config() -> Any:
+    return st.DistillConfig(loss="cosine", epochs=1, lr=2e-4)
+
+
+@torch.no_grad()
+def embed(model, batches) -> torch.Tensor:
+    return torch.cat([model(**{k: v for k, v in b.items() if k != "labels"}) for b in batches])
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    c = F.cosine_similarity(a, b, dim=-1)
+    return {"mean": float(c.mean()), "min": float(c.min()), "p10": float(c.quantile(0.1))}
+
+
+def run(workdir: Path) -> dict[str, Any]:
+    model = assets.minilm()
+    train = assets.tweet_batches(TRAIN_TWEETS, batch_size=BATCH, max_length=MAX_LEN)
+    held = assets.tweet_batches(EVAL_TWEETS, offset=EVAL_OFFSET, batch_size=BATCH, max_length=MAX_LEN)
+    reference = embed(model, held)
+    log("pruning")
+    t0 = time.perf_counter()
+    pruned = st.prune(model, prune_config(), example_inputs=train[0], progress=False)
+    t_prune = time.perf_counter() - t0
+    cos_before = cosine(embed(pruned, held), reference)
+    log(f"distilling on {TRAIN_TWEETS} tweets")
+    t0 = time.perf_counter()
+    tuned = st.distill(pruned, model, train, distill_config(), progress=False)
+    t_distill = time.perf_counter() - t0
+    loaded = st.load(st.save(tuned, workdir / "artifact"))
+    roundtrip = bool(torch.equal(embed(loaded, held[:1]), embed(tuned, held[:1])))
+    cos_after = cosine(embed(loaded, held), reference)
+    example = held[0]
+    log("exporting and timing")
+    onnx = {k: st.export_onnx(m, workdir / f"{k}.onnx", example_inputs=example) for k, m in (("fp32", model), ("pruned", loaded))}
+    rts = {k: OrtModel(p, threads=THREADS) for k, p in onnx.items()}
+    cos_onnx = cosine(torch.cat([torch.as_tensor(rts["pruned"](**b)) for b in held]), reference)
+    inputs = ((), {k: v for k, v in example.items()})
+    per_round = {
+        **alternated_rounds({f"{k}/onnx": (lambda r=r: onnx_latency(r.session, r.feed(**example), warmup=WARMUP, runs=RUNS))
+                             for k, r in rts.items()}, ROUNDS),
+        **alternated_rounds({f"{k}/torch": (lambda m=m: torch_latency(m, inputs, threads=THREADS, warmup=WARMUP, runs=RUNS))
+                             for k, m in (("fp32", model), ("pruned", loaded))}, ROUNDS),
+    }
+    ratios = {rt: latency_ratio(per_round[f"fp32/{rt}"], per_round[f"pruned/{rt}"]) for rt in ("torch", "onnx")}
+    layer0 = loaded.encoder.encoder.layer[0]
+    params = {"fp32": sum(p.numel() for p in model.parameters()), "pruned": sum(p.numel() for p in loaded.parameters())}
+    emb = model.encoder.embeddings
+    enc = {k: sum(p.numel() for p in m.encoder.encoder.parameters()) for k, m in (("fp32", model), ("pruned", loaded))}
+    checks = {"roundtrip_bit_identical": roundtrip, "onnx_matches_torch": cos_onnx["min"] > 0.9999}
+    return {
+        "benchmark": NAME, "date": today(), "command": COMMAND, "machine": machine_info(THREADS), "source": git_state(),
+        "setup": {"model": "shrinktunnel.assets:minilm", "prune_config": prune_config().to_dict(),
+                  "distill_config": distill_config().to_dict(), "train_tweets": TRAIN_TWEETS,
+                  "eval_tweets": EVAL_TWEETS, "eval_offset": EVAL_OFFSET, "batch": BATCH, "max_length": MAX_LEN,
+                  "latency": {"rounds": ROUNDS, "runs_per_round": RUNS, "warmup": WARMUP, "threads": THREADS}},
+        "heads_per_layer": {"fp32": 12, "pruned": layer0.attention.self.num_attention_heads},
+        "ffn_per_layer": {"fp32": 1536, "pruned": layer0.intermediate.dense.out_features},
+        "params": params, "encoder_layer_params": enc, "embedding_params": sum(p.numel() for p in emb.parameters()),
+        "cosine_before_distill": cos_before, "cosine_after_distill": cos_after, "cosine_after_distill_onnx": cos_onnx,
+        "time_s": {"prune": round(t_prune, 1), "distill": round(t_distill, 1)},
+        "latency": {k: latency_summary(v) for k, v in per_round.items()}, "speedup": ratios,
+        "checks": checks, "passed": all(checks.values()),
+    }
+
+
+def render(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    commit = (res["source"]["commit"] or "unknown")[:10] + (" + local changes in src/" if res["source"]["src_modified"] else "")
+    header = (f"Measured {res['date']} on {m['arch']}, {m['cpu']}, {m['cores']} cores, {m['threads']} threads; "
+              f"torch {m['torch']}, onnxruntime {m['onnxruntime']}; commit {commit}.\nReproduce with `{res['command']}`.\n")
+    s = res["setup"]
+    t = Table(f"all-MiniLM-L6-v2: half the FFN neurons and a quarter of the heads removed ({s['eval_tweets']} held-out "
+              f"tweets, batch {s['batch']} x {s['max_length']} tokens)", ["", "original", "pruned"],
+              note=f"Distillation: st.distill, cosine loss, {s['train_tweets']} tweets, 1 epoch. Latency: "
+                   f"{s['latency']['threads']} threads, {s['latency']['rounds']} alternated rounds of "
+                   f"{s['latency']['runs_per_round']} runs; speed-up = median of per-round ratios.")
+    t.add("heads / FFN neurons per layer", "12 / 1536", f"{res['heads_per_layer']['pruned']} / {res['ffn_per_layer']['pruned']}")
+    t.add("parameters (all)", f"{res['params']['fp32']:,}", f"{res['params']['pruned']:,}")
+    t.add("parameters (transformer layers)", f"{res['encoder_layer_params']['fp32']:,}", f"{res['encoder_layer_params']['pruned']:,}")
+    lat, sp = res["latency"], res["speedup"]
+    t.add("latency, PyTorch", fmt_ms(lat["fp32/torch"]["best_median_ms"]),
+          f"{fmt_ms(lat['pruned/torch']['best_median_ms'])} ({sp['torch']['median_of_rounds']:.2f}x faster)")
+    t.add("latency, ONNX Runtime", fmt_ms(lat["fp32/onnx"]["best_median_ms"]),
+          f"{fmt_ms(lat['pruned/onnx']['best_median_ms'])} ({sp['onnx']['median_of_rounds']:.2f}x faster)")
+    for key, label in (("cosine_before_distill", "cosine to original, before distillation"),
+                       ("cosine_after_distill", "cosine to original, after distillation"),
+                       ("cosine_after_distill_onnx", "same, ONNX Runtime")):
+        c = res[key]
+        t.add(label + " (mean / p10 / min)", "1", f"{c['mean']:.4f} / {c['p10']:.4f} / {c['min']:.4f}")
+    t.add("time: prune / distill", "", f"{res['time_s']['prune']} s / {res['time_s']['distill']} s")
+    checks = Table("Checks", ["check", "result"])
+    for k, ok in res["checks"].items():
+        checks.add(k, "pass" if ok else "**FAIL**")
+    return "\n".join([header, t.to_markdown(), checks.to_markdown()])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, default=RESULTS_DIR / f"{NAME}.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"shrinktunnel-{NAME}-") as tmp:
+        results = run(Path(tmp))
+    results["wall_s"] = round(time.perf_counter() - started, 1)
+    markdown = render(results)
+    write_results(args.json, results, markdown)
+    print(markdown)
+    return 0 if results["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
