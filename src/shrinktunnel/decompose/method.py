@@ -87,7 +87,8 @@ def plan_layers(model: nn.Module, cfg: DecomposeConfig, ctx: Context) -> list[La
     for name, module in model.named_modules():
         if not name or not matches(name, cfg.layers) or matches(name, cfg.skip) or id(module) in done:
             continue
-        if not isinstance(getattr(module, "weight", None), nn.Parameter) or isinstance(module, L.LowRank):
+        # A matrix (or larger) parameter of its own: a layer worth decomposing; norms' 1-d weights are not.
+        if isinstance(module, L.LowRank) or not any(p.dim() >= 2 for p in module.parameters(recurse=False)):
             continue
         what = f"{name} ({type(module).__name__})"
         kind = L.layer_kind(module)

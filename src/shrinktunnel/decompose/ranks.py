@@ -42,7 +42,11 @@ def check_rank(name: str, module: nn.Module, scheme: str, rank: int | list[int])
     full = L.full_rank(module, scheme)
     ranks = list(rank) if isinstance(rank, list) else [rank]
     if scheme == "tucker2" and len(ranks) == 1:
-        ranks = ranks * 2
+        # One integer for both channel modes: a thin side (a first conv's 1 or 3 input channels) keeps its
+        # full rank; only a rank above both modes' full ranks is out of range.
+        if 1 <= ranks[0] <= max(full):
+            return [min(ranks[0], f) for f in full]
+        full = [max(full)]  # the error below names the largest rank one integer may take
     if len(ranks) != len(full):
         raise ConfigError(f"decompose: rank={rank} for {name} ({scheme}) has {len(ranks)} entries; {scheme} takes "
                           f"one integer" + (" or [r_out, r_in]" if scheme == "tucker2" else ""))
