@@ -13,6 +13,7 @@ from ._version import __version__
 from .api import cast, compress, load, quantize, save
 from .fuse import FuseConfig, FuseOpsConfig
 from .distill import DistillConfig, Hint, KeepLayersConfig
+from .decompose import ConvScheme, DecomposeConfig
 from .core.history import set_model_ref
 from .core.recipe import load_recipe
 from .core.result import Result
@@ -27,6 +28,7 @@ from .search import Action, Analysis, analyze
 from .prune import ChannelPruneConfig  # noqa: E402
 from .api import prune  # noqa: E402  (st.prune: the function, shrinktunnel.prune: the package)
 from .api import distill, fuse  # noqa: E402  (st.distill / st.fuse: the functions; shrinktunnel.distill / .fuse: the packages)
+from .api import decompose  # noqa: E402  (st.decompose: the function, shrinktunnel.decompose: the package)
 
 __all__ = [
     "__version__", "measure", "quantize", "cast", "compress", "load", "save", "export_onnx", "load_recipe", "set_model_ref",
@@ -36,5 +38,6 @@ __all__ = [
     "analyze", "Action", "Analysis",
     "prune", "ChannelPruneConfig",
     "distill", "DistillConfig", "Hint", "KeepLayersConfig", "fuse", "FuseConfig", "FuseOpsConfig",
+    "decompose", "DecomposeConfig", "ConvScheme",
     "ShrinkError", "ConfigError", "DataError", "ModelError", "ArtifactError", "ExportError",
 ]

@@ -20,7 +20,7 @@ from .errors import ConfigError, ModelError
 from .measure import artifact_bytes, bits_per_weight, count_macs, count_weights, float_safetensors_bytes
 from .quant.config import QuantConfig
 
-__all__ = ["quantize", "prune", "cast", "cluster", "distill", "fuse", "compress", "load", "save", "run_stage"]
+__all__ = ["quantize", "prune", "cast", "cluster", "distill", "fuse", "decompose", "compress", "load", "save", "run_stage"]
 
 
 def run_stage(model: nn.Module, method: str, config: Any, ctx: Context) -> nn.Module:
@@ -86,6 +86,15 @@ def convert_qat(model: nn.Module) -> nn.Module:
     from .quant.qat import convert
 
     return convert(model)
+
+
+def decompose(model: nn.Module, config: Any = None, *, data: Any = None, example_inputs: Any = None,
+              progress: bool = True) -> nn.Module:
+    """Return a NEW model with Linear / Conv layers replaced by low-rank chains (`st.DecomposeConfig`);
+    `model` is not changed. `data`: a few batches to time layers and, with a budget, measure sensitivity
+    (labelled batches for the config's fine_tune)."""
+    ctx = Context(data=D.reiterable(data), example_inputs=example_inputs, progress=progress)
+    return run_stage(model, "decompose", config, ctx)
 
 
 def cluster(model: nn.Module, config: Any = None, *, data: Any = None, progress: bool = True) -> nn.Module:
