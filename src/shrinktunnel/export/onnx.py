@@ -59,6 +59,7 @@ def export_onnx(
             torch.onnx.export(
                 module, args, str(tmp), kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic,
                 opset_version=opset or _needed_opset(module), external_data=False, optimize=True, verbose=False,
+                custom_translation_table=_translations(),
             )
         _strip_metadata(tmp)
         _check_runs(tmp)
@@ -87,6 +88,13 @@ def _export_notes(module: nn.Module, shown: int = 4) -> list[str]:
         listed = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
         notes.append(f"export_onnx: {listed}: {note}")
     return notes
+
+
+def _translations() -> dict:
+    # Our custom operators (the integer matmul of dynamic quantization) and the ONNX they become.
+    from ..quant.dynamic import onnx_translations
+
+    return onnx_translations()
 
 
 _FP8 = {torch.float8_e4m3fn, torch.float8_e5m2}

@@ -123,15 +123,31 @@ class ActivationQuant(Config):
     # max. >= 256: the KL search needs a bin per uint8 level; <= 65536: memory is 32 bytes per bin per
     # observed tensor. Read by the percentile, entropy and mse calibrators
 
+    dynamic: bool = False  # False: static, scales calibrated once on data. True: scales computed from each
+    # input at run time (uint8 with a zero point; Linear layers only): no calibration data, no stale range
+    per_token: bool = True  # dynamic only. True: a scale per token (row), what keeps transformers accurate;
+    # False: one scale per tensor, as ONNX Runtime's quantize_dynamic does
+
     _bits = field_validator("bits")(_only_8_bits)
+
+    @model_validator(mode="after")
+    def _check_dynamic(self) -> "ActivationQuant":
+        if self.dynamic:
+            static_only = sorted({"symmetric", "calibrator", "percentile", "bins"} & self.model_fields_set)
+            if static_only:
+                raise ValueError(f"{', '.join(static_only)} only apply to static activations (dynamic: false); "
+                                 "dynamic activations are uint8 with a zero point computed per input: remove them")
+        elif "per_token" in self.model_fields_set:
+            raise ValueError("per_token only applies to dynamic activations; set dynamic: true or remove per_token")
+        return self
 
     @model_validator(mode="after")
     def _check_binary(self) -> "ActivationQuant":
         if self.format == ActivationFormat.BINARY:
-            unused = sorted({"bits", "calibrator", "percentile", "bins"} & self.model_fields_set)
-            if unused:
+            unused = sorted({"bits", "calibrator", "percentile", "bins", "per_token"} & self.model_fields_set)
+            if self.dynamic or unused:
                 raise ValueError(f"binary activations have two learned levels, offset +- scale: "
-                                 f"remove {', '.join(unused)}, which only apply to integer activations")
+                                 f"remove {', '.join(unused) or 'dynamic'}, which only apply to integer activations")
         return self
 
 

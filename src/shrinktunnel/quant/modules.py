@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codec import pack, packed_nbytes, unpack
+from .dynamic import dynamic_linear
 from .ops import dequantize_weight, fake_quant_activation
 
 __all__ = ["QuantizedLayer", "ActQuant", "SUPPORTED"]
@@ -146,6 +147,11 @@ class QuantizedLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if spec["bias"] else None
         self.input_quant = ActQuant.from_dict(spec.get("input"))
         self.output_quant = ActQuant.from_dict(spec.get("output"))
+        # {"per_token": bool}: the input is quantized at run time (quant/dynamic.py), Linear only.
+        self.input_dynamic: dict[str, Any] | None = spec.get("input_dynamic")
+        if self.input_dynamic is not None and (spec["kind"] != "linear" or w["dtype"] != "int8"
+                                               or w["granularity"] == "per_group"):
+            raise ValueError("dynamic activations need a Linear with symmetric int8 weights per tensor or channel")
 
     # -- construction -------------------------------------------------------------------------
     @staticmethod
@@ -264,9 +270,12 @@ class QuantizedLayer(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quant is not None:
-            x = self.input_quant(x)
-        y = apply_layer(self._spec, x, self.dequantized_weight(), self.bias)
+        if self.input_dynamic is not None:
+            y = dynamic_linear(x, self.integer_weight(), self.weight_scale, self.bias, self.input_dynamic["per_token"])
+        else:
+            if self.input_quant is not None:
+                x = self.input_quant(x)
+            y = apply_layer(self._spec, x, self.dequantized_weight(), self.bias)
         s = self._spec
         if s.get("activation") == "relu":
             y = F.relu(y)
@@ -283,5 +292,6 @@ class QuantizedLayer(nn.Module):
             f"{self.kind}, weight={tuple(self._spec['weight_shape'])} {fmt} {gran}"
             + (f", in_q=({self.input_quant.scale:.4g}, {self.input_quant.zero_point})" if self.input_quant else "")
             + (f", out_q=({self.output_quant.scale:.4g}, {self.output_quant.zero_point})" if self.output_quant else "")
+            + (f", in_q=dynamic {'per token' if self.input_dynamic['per_token'] else 'per tensor'}" if self.input_dynamic else "")
             + (f", fused={act}" if act else "")
         )

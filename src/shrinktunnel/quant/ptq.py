@@ -73,6 +73,13 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
                 if "activations" in rule.model_fields_set:
                     activations = rule.activations
         _check_weight(name, module, weights)
+        if activations is not None and activations.dynamic:
+            if not isinstance(module, nn.Linear):
+                ctx.warn(f"quantize: {name} ({type(module).__name__}): dynamic activations apply to Linear "
+                         "layers only; its weights are quantized, its activations stay float")
+                activations = None
+            else:
+                _check_dynamic_weight(name, weights)
         relu = _following_relu(model, name) if (cfg.fuse_relu and activations is not None) else None
         aliases = tuple(n for n in names_of[id(module)] if n != name)
         plans.append(LayerPlan(name, module, weights, activations, relu, aliases))
@@ -92,6 +99,16 @@ def _following_relu(model: nn.Module, name: str) -> str | None:
     if i + 1 < len(keys) and type(parent._modules[keys[i + 1]]) is nn.ReLU:
         return f"{parent_name}.{keys[i + 1]}" if parent_name else keys[i + 1]
     return None
+
+
+def _check_dynamic_weight(name: str, wq: WeightQuant) -> None:
+    # The integer kernel (MatMulInteger u8 x s8) takes int8 weights with zero point 0, one scale per column.
+    if not wq.symmetric or wq.granularity == Granularity.PER_GROUP:
+        raise ConfigError(
+            f"quantize: {name}: dynamic activations need symmetric weights per_channel or per_tensor "
+            f"(got symmetric={wq.symmetric}, granularity={wq.granularity}); set weights: "
+            "{symmetric: true, granularity: per_channel}, or use static activations"
+        )
 
 
 MAX_LISTED_GROUP = 256  # the largest group size an error message suggests
@@ -179,7 +196,9 @@ def _convert(plan: LayerPlan, observers: dict) -> QuantizedLayer:
     meta, scale, zero_point = _weight_qparams(module.weight, plan.weights)
     spec = QuantizedLayer.geometry(module)
     spec.update(weight=meta, activation="relu" if plan.relu else None)
-    if plan.activations is not None:
+    if plan.activations is not None and plan.activations.dynamic:
+        spec["input_dynamic"] = {"per_token": plan.activations.per_token}
+    elif plan.activations is not None:
         in_obs, out_obs = observers[plan.name]
         spec["input"] = _act_spec(plan.name, "input", in_obs, plan.activations)
         spec["output"] = _act_spec(plan.name, "output", out_obs, plan.activations)
@@ -197,7 +216,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
     activations calibrated (or weight-only)."""
     model = copy.deepcopy(model).eval()
     plans = plan_layers(model, cfg, ctx)
-    static = [p for p in plans if p.activations is not None]
+    static = [p for p in plans if p.activations is not None and not p.activations.dynamic]
     observers = {}
     if static:
         if ctx.data is None:
