@@ -109,6 +109,26 @@ def analyze(
     run_analyze(model, data, out, eval_data, actions, layers, cache_dir, no_cache, batch_size, threads, console)
 
 
+@app.command("auto")
+def auto_cmd(
+    model: str = typer.Argument(..., help="MODEL: 'package.module:factory' or 'file.py:factory'."),
+    data: str = typer.Option(..., "--data", "-d", help="DATA the model runs on (calibration, fidelity without --eval-data)."),
+    max_drop: str = typer.Option(..., "--max-drop", help="Largest metric drop allowed: a number in the metric's units, or '0.5%' / '0.5pt' (= 0.005)."),
+    objective: str = typer.Option("size", "--objective", help="size | latency | macs"),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact directory (plus auto.json and auto.html)."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled DATA: the metric becomes accuracy on it."),
+    actions: Optional[str] = typer.Option(None, "--actions", help="Comma-separated action names (default: every available one)."),
+    max_evaluations: int = typer.Option(12, "--max-evaluations", min=1, help="Real candidate evaluations after the analysis."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Evaluation cache (default: ~/.cache/shrinktunnel/analyze)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Batch size for .npz / .safetensors data."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing artifact at --out."),
+) -> None:
+    """Choose an action per layer under --max-drop for the --objective; write the model and its report."""
+    from .cli_commands import run_auto
+
+    run_auto(model, data, max_drop, objective, out, eval_data, actions, max_evaluations, cache_dir, batch_size, force, console)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         # Standalone mode: usage errors print as usual and exit 2; our errors arrive here.

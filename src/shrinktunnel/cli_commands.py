@@ -122,3 +122,40 @@ def run_analyze(model_ref, data_ref, out, eval_ref, actions, layers, cache_dir, 
     console.print(f"{result.cache['evaluated']} evaluations run, {result.cache['hits']} read from the cache"
                   + (f" ({result.cache['dir']})" if result.cache.get("dir") else ""))
     console.print(f"written: [bold]{jpath.resolve()}[/] and [bold]{hpath.resolve()}[/]")
+
+
+def parse_drop(text: str) -> float:
+    """'0.01' -> 0.01; '0.5%' or '0.5pt' -> 0.005 (points of a metric in [0, 1])."""
+    from .errors import ConfigError
+
+    t = text.strip().lower()
+    scale = 1.0
+    for suffix in ("%", "pt"):
+        if t.endswith(suffix):
+            t, scale = t[: -len(suffix)].strip(), 0.01
+    try:
+        value = float(t) * scale
+    except ValueError:
+        raise ConfigError(f"--max-drop {text!r} is not a number; write e.g. 0.01, 1% or 0.5pt") from None
+    return value
+
+
+def run_auto(model_ref, data_ref, max_drop, objective, out, eval_ref, actions, max_evaluations, cache_dir, batch_size,
+             force, console: Console) -> None:
+    from .search import auto
+
+    drop = parse_drop(max_drop)
+    out = check_output_dir(out, overwrite=force)
+    model = load_model(model_ref)
+    data = load_data(data_ref, batch_size)
+    eval_data = D.reiterable(load_data(eval_ref, batch_size)) if eval_ref else None
+    eval_fn = (lambda m: accuracy(m, eval_data)) if eval_data is not None else None
+    names = [x.strip() for x in actions.split(",") if x.strip()] if actions else None
+    result = auto(model, data, max_drop=drop, objective=objective, eval_fn=eval_fn, actions=names,
+                  cache_dir=cache_dir or default_cache_dir(), max_evaluations=max_evaluations)
+    with atomic_dir(out) as tmp:
+        result.save(tmp)
+    console.print(result.analysis.table().to_rich())
+    style = "green" if result.fits else "bold red"
+    console.print(f"[{style}]{result.message}[/]", highlight=False)
+    console.print(f"written: [bold]{out.resolve()}[/] (auto.json, auto.html beside the artifact)")

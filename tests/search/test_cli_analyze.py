@@ -50,3 +50,17 @@ def test_analyze_bad_action_is_one_line_exit_2(tmp_path):
                              "--out", tmp_path / "out")
     assert code == 2 and "unknown action 'quant9'" in err and "known actions" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_auto_writes_an_artifact_with_its_report(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((32, 6)).astype(np.float32))
+    code, out, err = run_cli("auto", MLP, "--data", tmp_path / "d.npz", "--max-drop", "1%", "--actions", "quant8",
+                             "--out", tmp_path / "out", "--cache-dir", tmp_path / "cache", "--max-evaluations", 3)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "out" / "auto.json").read_text())
+    assert saved["max_drop"] == 0.01 and saved["objective"] == "size" and saved["fits"]
+    assert (tmp_path / "out" / "manifest.json").is_file() and (tmp_path / "out" / "auto.html").is_file()
+    code, _, err = run_cli("auto", MLP, "--data", tmp_path / "d.npz", "--max-drop", "1%", "--objective", "speed",
+                           "--out", tmp_path / "out2")
+    assert code == 2 and "unknown objective 'speed'" in err

@@ -197,10 +197,11 @@ def search_html(r: dict[str, Any], *, title: str = "shrink auto") -> str:
     sections.append(section("Weight histogram", histogram_plot(r.get("histogram")),
                             "one output channel of a compressed layer with the grid it takes", "histogram"))
     t = Table("applied actions", ["layer", "action", "method", "predicted drop"])
+    method_of = {a["name"]: a["method"] for a in analysis["actions"]}
     for layer in layers:
         if layer in plan:
             e = analysis["results"].get(layer, {}).get(plan[layer], {})
-            t.add(layer, plan[layer], e.get("method", ""), "-" if e.get("drop") is None else f"{e['drop']:+.4g}")
+            t.add(layer, plan[layer], method_of.get(plan[layer], ""), "-" if e.get("drop") is None else f"{e['drop']:+.4g}")
     if not t.rows:
         t.add("(none)", "the original model is returned", "", "")
     sections.append(section("Applied actions", table_html(t, "applied") + _list(r.get("warnings", []), "warn"), "", "applied"))

@@ -5,5 +5,7 @@ Registers no method: it drives the registered ones, one layer and one action at 
 
 from .actions import ACTIONS, DEFAULT_ACTIONS, Action, resolve_actions
 from .analysis import Analysis, analyze
+from .auto import OBJECTIVES, AutoResult, auto
 
-__all__ = ["ACTIONS", "DEFAULT_ACTIONS", "Action", "Analysis", "analyze", "resolve_actions"]
+__all__ = ["ACTIONS", "DEFAULT_ACTIONS", "OBJECTIVES", "Action", "Analysis", "AutoResult", "analyze", "auto",
+           "resolve_actions"]

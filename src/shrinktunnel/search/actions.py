@@ -37,6 +37,16 @@ class Action:
     def config(self, layer: str) -> dict[str, Any]:
         return self.config_for_layer(layer)
 
+    def config_for_layers(self, layers: Sequence[str]) -> dict[str, Any]:
+        """The same stage for several layers at once: the first layer's config with `layers` set to
+        all of them (every built-in action selects its layer through the method's `layers` key)."""
+        config = dict(self.config_for_layer(layers[0]))
+        if "layers" not in config:
+            raise ConfigError(f"action {self.name!r} writes no 'layers' key, so it cannot be applied to several "
+                              f"layers in one stage; give its config a 'layers' list")
+        config["layers"] = list(layers)
+        return config
+
 
 def quantize_action(bits: int) -> Action:
     """Weight-only quantization of one layer to `bits` (symmetric, one scale per output channel):

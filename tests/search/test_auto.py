@@ -1,0 +1,87 @@
+"""st.auto on quantization actions: the Lagrangian hull, a chosen model within the budget (in PyTorch
+and ONNX Runtime), the best candidate marked when nothing fits, failing candidates passed over."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import shrinktunnel as st
+from shrinktunnel.errors import ConfigError
+from shrinktunnel.search import auto
+from shrinktunnel.search.auto import lagrangian_plans
+
+from test_analysis import wide_data, wide_mlp
+
+QUANT = ["quant8", "quant4", "quant2"]
+
+
+def test_lagrangian_hull_runs_from_keep_everything_to_cheapest():
+    options = {"a": [(None, 10.0, 0.0), ("q8", 4.0, 0.001), ("q2", 1.0, 0.3)],
+               "b": [(None, 20.0, 0.0), ("q8", 8.0, 0.01), ("q4", 5.0, 0.02)]}
+    hull = lagrangian_plans(options)
+    plans = [p for p, _, _ in hull]
+    assert plans[0] == {}  # at a high enough price on the drop every layer keeps its float form
+    assert plans[-1] == {"a": "q2", "b": "q4"}
+    drops = [d for _, _, d in hull]
+    costs = [c for _, c, _ in hull]
+    assert drops == sorted(drops) and costs == sorted(costs, reverse=True)
+    assert {"a": "q8", "b": "q4"} in plans  # a's 2-bit step costs 0.3 drop for 3 bytes: taken last
+
+
+def test_auto_chooses_a_smaller_model_within_the_budget_verified_in_onnx_runtime(tmp_path):
+    model, data = wide_mlp(), wide_data()
+    r = auto(model, data, max_drop=0.01, actions=QUANT, progress=False, max_evaluations=6)
+    assert r.fits and r.chosen != 0 and "chosen" in r.message
+    c = r.candidates[r.chosen]
+    assert c["drop"] <= 0.01 and c["runtime_metric"] >= r.baseline - 0.01
+    assert c["bytes"] < r.candidates[0]["bytes"] / 2  # both layers at 8 bits or fewer
+    assert all(len(x["plan"]) <= 2 for x in r.candidates) and r.candidates[0]["plan"] == {}
+    assert r.pareto["size"] and all(r.candidates[i]["status"] == "ok" for i in r.pareto["size"])
+    # Every fitting candidate costs at least as much as the chosen one (the objective picks the point).
+    assert all(x["bytes"] >= c["bytes"] for x in r.candidates if x["fits"] and x["plan"])
+    out = r.save(tmp_path / "auto")
+    saved = json.loads((out / "auto.json").read_text())
+    assert saved["chosen"] == r.chosen and saved["fits"] is True and len(saved["candidates"]) == len(r.candidates)
+    assert "plot scatter" in (out / "auto.html").read_text()
+    x = data[0]
+    assert torch.equal(st.load(out, wide_mlp())(x), r.model(x))
+
+
+def test_nothing_fits_returns_the_best_candidate_marked():
+    model, data = wide_mlp(), wide_data()
+    reference = [model(x) for x in data]
+
+    def exact(m):  # 1 only for the float model itself: any quantized layer fails
+        return float(all(torch.equal(m(x), y) for x, y in zip(data, reference)))
+
+    r = auto(model, data, eval_fn=exact, max_drop=0.0, actions=["quant2"], progress=False, max_evaluations=3,
+             verify_runtime=False)
+    assert not r.fits and "NO CANDIDATE MEETS THE BUDGET max_drop=0.0" in r.message
+    assert r.chosen != 0 and r.candidates[r.chosen]["drop"] == 1.0 and any("NO CANDIDATE" in w for w in r.warnings)
+
+
+def test_a_failing_candidate_is_marked_and_the_search_goes_on():
+    model, data = wide_mlp(), wide_data()
+    from shrinktunnel.quant import QuantizedLayer
+
+    def metric(m):
+        n = sum(isinstance(x, QuantizedLayer) for x in m.modules())
+        if n == 2:
+            raise RuntimeError("both layers quantized: metric broke")
+        return 1.0 - 0.001 * n
+
+    r = auto(model, data, eval_fn=metric, max_drop=0.01, actions=["quant8"], progress=False, max_evaluations=4,
+             verify_runtime=False)
+    failed = [c for c in r.candidates if c["status"] == "failed"]
+    assert failed and "metric broke" in failed[0]["note"] and any("failed" in w for w in r.warnings)
+    assert r.fits and len(r.candidates[r.chosen]["plan"]) == 1
+
+
+@pytest.mark.parametrize("bad", [{"objective": "speed"}, {"max_drop": -1}, {"max_drop": float("nan")}])
+def test_bad_objective_or_budget(bad):
+    kwargs = {"max_drop": 0.01, "objective": "size", **bad}
+    with pytest.raises(ConfigError, match="objective|max_drop"):
+        auto(wide_mlp(), wide_data(n=1), progress=False, **kwargs)
