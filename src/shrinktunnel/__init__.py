@@ -25,7 +25,7 @@ from .api import cluster  # noqa: E402  (st.cluster: the function, shrinktunnel.
 from .quant.qat import QATConfig
 from .api import convert_qat, prepare_qat, qat  # noqa: E402
 from .search import Action, Analysis, AutoResult, analyze, auto
-from .prune import ChannelPruneConfig  # noqa: E402
+from .prune import ChannelPruneConfig, LayerSparsity, PruneConfig  # noqa: E402
 from .api import prune  # noqa: E402  (st.prune: the function, shrinktunnel.prune: the package)
 from .api import distill, fuse  # noqa: E402  (st.distill / st.fuse: the functions; shrinktunnel.distill / .fuse: the packages)
 from .api import decompose  # noqa: E402  (st.decompose: the function, shrinktunnel.decompose: the package)
@@ -36,7 +36,7 @@ __all__ = [
     "cluster", "ClusterConfig", "ClusterOverride", "CodebookTuning",
     "qat", "prepare_qat", "convert_qat", "QATConfig",
     "analyze", "auto", "Action", "Analysis", "AutoResult",
-    "prune", "ChannelPruneConfig",
+    "prune", "ChannelPruneConfig", "PruneConfig", "LayerSparsity",
     "distill", "DistillConfig", "Hint", "KeepLayersConfig", "fuse", "FuseConfig", "FuseOpsConfig",
     "decompose", "DecomposeConfig", "ConvScheme",
     "ShrinkError", "ConfigError", "DataError", "ModelError", "ArtifactError", "ExportError",
