@@ -40,6 +40,14 @@ CALIB, HELD_OUT, OFFSET, BATCH, TOKENS = 256, 512, 1000, 32, 32
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 MAX_DROP = 0.01  # fallback budget, in mean cosine to fp32 on the calibration data
 TARGET_COSINE = 0.99  # W8A8 static, every Linear or the fewest in float
+TARGET_DYNAMIC = 0.995  # dynamic int8 activations, every Linear
+TARGET_INT4 = 0.98  # weight-only int4 per group
+DYNAMIC, DYNAMIC_TENSOR = "ours W8A8 dynamic per token", "ours W8A8 dynamic per tensor"
+INT4 = {
+    "ours W4 weight-only int4 g32": {"bits": 4, "granularity": "per_group", "group_size": 32},
+    "ours W4 weight-only int4 g64": {"bits": 4, "granularity": "per_group", "group_size": 64},
+    "ours W4 weight-only uint4 g32": {"bits": 4, "granularity": "per_group", "group_size": 32, "symmetric": False},
+}
 
 
 def embed(model: Callable, batches: list[dict]) -> torch.Tensor:
@@ -123,6 +131,13 @@ def main() -> int:
         onnx_paths[name] = st.export_onnx(result.model, work / "ours_fallback.onnx", calib[0])
         wo = st.quantize(model, {"activations": None}, progress=False)
         rows["ours weight-only int8"] = {"pytorch": fidelity(reference, embed(wo, held)), "float_layers": 0}
+        for label, per_token in ((DYNAMIC, True), (DYNAMIC_TENSOR, False)):
+            dq = st.quantize(model, {"activations": {"dynamic": True, "per_token": per_token}}, progress=False)
+            rows[label] = {"pytorch": fidelity(reference, embed(dq, held)), "float_layers": 0}
+            onnx_paths[label] = st.export_onnx(dq, work / f"{label.split()[-1]}_{per_token}.onnx", calib[0])
+        for label, weights in INT4.items():
+            q4 = st.quantize(model, {"weights": weights, "activations": None}, progress=False)
+            rows[label] = {"pytorch": fidelity(reference, embed(q4, held)), "float_layers": 0}
         for label, path in theirs.items():
             if isinstance(path, str):
                 rows[label] = {"error": path}
@@ -143,7 +158,17 @@ def main() -> int:
         f"ours W8A8 + fallback: mean cosine >= {TARGET_COSINE} (PyTorch)": ours["pytorch"]["mean_cosine"] >= TARGET_COSINE,
         f"ours W8A8 + fallback: mean cosine >= {TARGET_COSINE} (ONNX Runtime)": ours["onnx"]["mean_cosine"] >= TARGET_COSINE,
         "ours W8A8 + fallback ONNX Runtime >= 2x faster than fp32": base_ms / ours["onnx_latency_ms"] >= 2.0,
+        f"ours dynamic per token: mean cosine >= {TARGET_DYNAMIC} (ONNX Runtime)": rows[DYNAMIC]["onnx"]["mean_cosine"] >= TARGET_DYNAMIC,
+        "ours dynamic per token ONNX Runtime >= 2x faster than fp32": base_ms / rows[DYNAMIC]["onnx_latency_ms"] >= 2.0,
+        f"ours int4 weight-only (best group): mean cosine >= {TARGET_INT4}":
+            max(rows[k]["pytorch"]["mean_cosine"] for k in INT4) >= TARGET_INT4,
     }
+    theirs_dyn = rows.get("ORT quantize_dynamic", {})
+    if "onnx" in theirs_dyn:
+        ratio = rows[DYNAMIC]["onnx_latency_ms"] / theirs_dyn["onnx_latency_ms"]
+        checks["ours dynamic vs ORT quantize_dynamic: fidelity at least theirs"] = (
+            rows[DYNAMIC]["onnx"]["mean_cosine"] >= theirs_dyn["onnx"]["mean_cosine"])
+        checks[f"ours dynamic vs ORT quantize_dynamic: latency at most 1.05x theirs (measured {ratio:.2f}x)"] = ratio <= 1.05
     md = render(rows, base_ms, checks)
     results = {"name": NAME, "date": today(), "machine": machine_info(THREADS), "git": git_state(),
                "rows": rows, "checks": checks, "fallback": fallback}

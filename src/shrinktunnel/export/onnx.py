@@ -92,9 +92,9 @@ def _export_notes(module: nn.Module, shown: int = 4) -> list[str]:
 
 def _translations() -> dict:
     # Our custom operators (the integer matmul of dynamic quantization) and the ONNX they become.
-    from ..quant.dynamic import onnx_translations
+    from ..quant import dynamic, nbits
 
-    return onnx_translations()
+    return {**dynamic.onnx_translations(), **nbits.onnx_translations()}
 
 
 _FP8 = {torch.float8_e4m3fn, torch.float8_e5m2}

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..codec import pack, packed_nbytes, unpack
 from .dynamic import dynamic_linear
+from .nbits import exports_as_nbits, matmul_nbits, nbits_layout
 from .ops import dequantize_weight, fake_quant_activation
 
 __all__ = ["QuantizedLayer", "ActQuant", "SUPPORTED"]
@@ -259,6 +260,14 @@ class QuantizedLayer(nn.Module):
         w = self._format
         if w["packed"]:
             self.integer_weight()
+        if exports_as_nbits(self.kind, w["bits"], w["granularity"], w["group_size"]) and self.input_dynamic is None:
+            # Traced as ONNX Runtime's MatMulNBits (quant/nbits.py): these buffers become its initializers.
+            b, scales, zero_points = nbits_layout(self.integer_weight(), self.weight_scale, self.weight_zero_point,
+                                                  signed=w["dtype"] == "int8")
+            for name, t in (("nbits_b", b), ("nbits_scales", scales), ("nbits_zero_points", zero_points)):
+                self.register_buffer(name, t, persistent=False)
+            return ("4-bit per-group weights export as ONNX Runtime's com.microsoft MatMulNBits (4-bit blocks "
+                    "dequantized inside its GEMM); runtimes other than ONNX Runtime do not know this operator")
         if w["granularity"] == "per_group":
             return (f"{w['bits']}-bit per-group weights export dequantized (opset 18 has no blocked "
                     "DequantizeLinear): ONNX Runtime folds them into float weights and runs these layers in "
@@ -275,7 +284,12 @@ class QuantizedLayer(nn.Module):
         else:
             if self.input_quant is not None:
                 x = self.input_quant(x)
-            y = apply_layer(self._spec, x, self.dequantized_weight(), self.bias)
+            if torch.compiler.is_exporting() and hasattr(self, "nbits_b"):
+                k, n = self._spec["weight_shape"][1], self._spec["weight_shape"][0]
+                y = matmul_nbits(x, self.nbits_b, self.nbits_scales, self.nbits_zero_points, k, n, self._format["group_size"])
+                y = y if self.bias is None else y + self.bias
+            else:
+                y = apply_layer(self._spec, x, self.dequantized_weight(), self.bias)
         s = self._spec
         if s.get("activation") == "relu":
             y = F.relu(y)
