@@ -15,8 +15,9 @@ from ..core.progress import track
 from ..core.registry import Context, register_method
 from ..core.select import names_by_module, matches, select_modules, set_submodule, unmatched_patterns
 from ..errors import ConfigError, DataError
-from .config import ActivationQuant, Granularity, QuantConfig, WeightQuant
+from .config import ActivationQuant, Granularity, QuantConfig, Rounding, WeightQuant
 from .fallback import choose_fallback
+from .gptq import HessianObserver, gptq_quantize
 from .modules import SUPPORTED, QuantizedLayer
 from .observers import make_observer
 from .ops import qrange, quantize_weight, weight_qparams, weight_qrange
@@ -158,9 +159,14 @@ def _weight_qparams(weight: torch.Tensor, wq: WeightQuant) -> tuple[dict[str, An
     return meta, scale, zero_point
 
 
-def _calibrate(model: nn.Module, plans: list[LayerPlan], cfg: QuantConfig, ctx: Context):
-    """One pass over the calibration data feeds every observer; returns {name: (input, output)}."""
+def _calibrate(model: nn.Module, plans: list[LayerPlan], cfg: QuantConfig, ctx: Context,
+               hessian_plans: list[LayerPlan] = ()):
+    """One pass over the calibration data feeds every observer: activation ranges of `plans`
+    ({name: (input, output)}) and the input Hessians GPTQ needs of `hessian_plans` ({name: HessianObserver})."""
     observers, hooks = {}, []
+    hessians = {p.name: HessianObserver(p.module.in_features) for p in hessian_plans}
+    for plan in hessian_plans:
+        hooks.append(plan.module.register_forward_hook(lambda m, i, o, obs=hessians[plan.name]: obs.update(i[0])))
     for plan in plans:
         in_obs, out_obs = observers[plan.name] = (make_observer(plan.activations), make_observer(plan.activations))
         hooks.append(plan.module.register_forward_hook(lambda m, i, o, obs=in_obs: obs.update(i[0])))
@@ -176,7 +182,25 @@ def _calibrate(model: nn.Module, plans: list[LayerPlan], cfg: QuantConfig, ctx: 
     finally:
         for h in hooks:
             h.remove()
-    return observers
+    return observers, hessians
+
+
+def _gptq_weights(plans: list[LayerPlan], hessians: dict, cfg: QuantConfig, ctx: Context) -> dict[str, tuple]:
+    """GPTQ-rounded (q, scale, zero_point) of every layer with a Hessian, computed once: fallback
+    rebuilds candidates many times from these."""
+    rounded = {}
+    todo = [p for p in plans if p.name in hessians and hessians[p.name].count > 0]
+    for plan in track(todo, "gptq", enabled=ctx.progress):
+        wq = plan.weights
+        qmin, qmax = weight_qrange(wq.bits - 1 if wq.reduce_range else wq.bits, wq.symmetric)
+        group_size = wq.group_size if wq.granularity == Granularity.PER_GROUP else None
+        try:
+            rounded[plan.name] = gptq_quantize(plan.module.weight, hessians[plan.name].h, qmin, qmax, wq.symmetric,
+                                               str(wq.granularity), group_size, damp=cfg.gptq_damp)
+        except torch.linalg.LinAlgError:
+            ctx.warn(f"quantize: gptq: the input Hessian of {plan.name} is not positive definite even with "
+                     f"gptq_damp={cfg.gptq_damp}; rounded to nearest instead (raise gptq_damp to retry)")
+    return rounded
 
 
 def _act_spec(name: str, side: str, obs, aq: ActivationQuant) -> dict[str, Any]:
@@ -191,9 +215,12 @@ def _act_spec(name: str, side: str, obs, aq: ActivationQuant) -> dict[str, Any]:
             "dtype": "int8" if aq.symmetric else "uint8"}
 
 
-def _convert(plan: LayerPlan, observers: dict) -> QuantizedLayer:
+def _convert(plan: LayerPlan, observers: dict, rounded: dict | None = None) -> QuantizedLayer:
     module = plan.module
     meta, scale, zero_point = _weight_qparams(module.weight, plan.weights)
+    q = None
+    if rounded and plan.name in rounded:
+        q, scale, zero_point = rounded[plan.name]
     spec = QuantizedLayer.geometry(module)
     spec.update(weight=meta, activation="relu" if plan.relu else None)
     if plan.activations is not None and plan.activations.dynamic:
@@ -204,7 +231,9 @@ def _convert(plan: LayerPlan, observers: dict) -> QuantizedLayer:
         spec["output"] = _act_spec(plan.name, "output", out_obs, plan.activations)
     layer = QuantizedLayer.from_spec(spec)
     dtype = torch.int8 if meta["dtype"] == "int8" else torch.uint8
-    layer.set_weight(quantize_weight(module.weight, scale, zero_point, meta["qmin"], meta["qmax"], dtype), scale, zero_point)
+    if q is None:
+        q = quantize_weight(module.weight, scale, zero_point, meta["qmin"], meta["qmax"], dtype)
+    layer.set_weight(q.to(dtype), scale, zero_point)
     if module.bias is not None:
         layer.bias.data.copy_(module.bias.detach().float())
     return layer
@@ -217,7 +246,15 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
     model = copy.deepcopy(model).eval()
     plans = plan_layers(model, cfg, ctx)
     static = [p for p in plans if p.activations is not None and not p.activations.dynamic]
-    observers = {}
+    observers, rounded = {}, {}
+    gptq = _gptq_plans(plans, cfg, ctx)
+    if gptq and ctx.data is None:
+        raise DataError("rounding: gptq needs calibration data (the inputs of each layer): pass data=... (--data), "
+                        "or use rounding: nearest")
+    if gptq and not static:
+        D.check_model_runs(model, ctx.data)
+        _, hessians = _calibrate(model, [], cfg, ctx, gptq)
+        rounded = _gptq_weights(plans, hessians, cfg, ctx)
     if static:
         if ctx.data is None:
             raise DataError(
@@ -225,7 +262,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
                 "activations: null for weight-only quantization"
             )
         D.check_model_runs(model, ctx.data)
-        observers = _calibrate(model, static, cfg, ctx)
+        observers, hessians = _calibrate(model, static, cfg, ctx, gptq)
+        rounded = _gptq_weights(plans, hessians, cfg, ctx)
         unused = [p.name for p in static if observers[p.name][0].count == 0]
         for name in unused:
             ctx.warn(f"quantize: {name} never ran on the calibration data, so its activations have no range; kept in float")
@@ -233,24 +271,25 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
     report = None
     if cfg.max_drop is not None and plans:
         metric = ctx.eval_fn or _fidelity_metric(model, ctx.data)
-        plans, report = choose_fallback(model, plans, lambda chosen: _build(model, chosen, observers)[0],
+        plans, report = choose_fallback(model, plans, lambda chosen: _build(model, chosen, observers, rounded)[0],
                                         metric, cfg.max_drop, progress=ctx.progress)
         for step in report["fallback"]:
             ctx.warn(f"quantize: {step['layer']} kept in float to stay within max_drop={cfg.max_drop} "
                      f"(sensitivity {step['sensitivity']:.4g}, metric after {step['metric_after']:.4g})")
-    quantized, replay = _build(model, plans, observers)
+    quantized, replay = _build(model, plans, observers, rounded)
     if report is not None:
         replay["fallback_report"] = report  # informational: replay ignores it
     return quantized, replay
 
 
-def _build(model: nn.Module, plans: list[LayerPlan], observers: dict) -> tuple[nn.Module, dict[str, Any]]:
+def _build(model: nn.Module, plans: list[LayerPlan], observers: dict, rounded: dict | None = None
+           ) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of the float `model` with exactly `plans` quantized, and its replay record."""
     model = copy.deepcopy(model)
     layers: dict[str, Any] = {}
     shared: dict[str, str] = {}
     for plan in plans:
-        layer = _convert(plan, observers)
+        layer = _convert(plan, observers, rounded)
         for name in (plan.name, *plan.aliases):
             set_submodule(model, name, layer)
         layers[plan.name] = layer.spec()
@@ -259,6 +298,16 @@ def _build(model: nn.Module, plans: list[LayerPlan], observers: dict) -> tuple[n
     for relu in fused:
         set_submodule(model, relu, nn.Identity())
     return model, {"layers": layers, "fused": fused, "shared": shared}
+
+
+def _gptq_plans(plans: list[LayerPlan], cfg: QuantConfig, ctx: Context) -> list[LayerPlan]:
+    if cfg.rounding != Rounding.GPTQ:
+        return []
+    for plan in plans:
+        if not isinstance(plan.module, nn.Linear):
+            ctx.warn(f"quantize: gptq applies to Linear layers; {plan.name} ({type(plan.module).__name__}) "
+                     "is rounded to nearest")
+    return [p for p in plans if isinstance(p.module, nn.Linear)]
 
 
 def _fidelity_metric(reference: nn.Module, data: Any):
