@@ -308,3 +308,20 @@ def test_fine_tune_recovers_and_needs_labels():
         assert agree(tuned) > agree(plain)
     with pytest.raises(st.DataError, match="labelled"):
         st.decompose(model, {**base, "fine_tune": {"epochs": 1}}, data=xs, progress=False)
+
+
+def test_budget_drops_slower_choices_and_chooses_again(monkeypatch):
+    timed = []
+
+    def slower_below_half(whole, decomposed, x):  # pretend every form of features.2 is slower
+        timed.append(decomposed)
+        return decomposed[0].in_channels == 16, 1.0, 2.0
+
+    monkeypatch.setattr(B, "is_slower", slower_below_half)
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    data = [torch.randn(8, 3, 12, 12) for _ in range(2)]
+    out, warned = _decompose(model, {"budget": 0.6}, data=data)
+    assert isinstance(out.features[2], nn.Conv2d)  # every candidate of it was dropped
+    assert any("features.2: the tucker2 form" in w and "not used" in w for w in warned)
+    assert timed and len(timed) == len({id(t) for t in timed})  # each candidate timed at most once

@@ -25,7 +25,7 @@ from ..measure.macs import count_macs
 __all__ = ["Candidate", "capture_inputs", "output_error", "reference_outputs", "layer_macs", "is_slower", "allocate"]
 
 LATENCY_ROUNDS = 3  # alternated rounds of whole vs decomposed; the best median of each is compared
-LATENCY_RUNS = 15  # timed runs per round (after 2 warm-up runs)
+LATENCY_RUNS = 10  # timed runs per round (after 2 warm-up runs)
 
 
 @dataclass
