@@ -130,6 +130,14 @@ def test_eval_fn_that_captures_other_data_is_another_cache_key(tmp_path):
     a = analyze(model, data, eval_fn=scorer(data), actions=["quant8"], cache_dir=tmp_path, **FAST)
     b = analyze(model, data, eval_fn=scorer(wide_data(seed=5)), actions=["quant8"], cache_dir=tmp_path, **FAST)
     assert a.cache["evaluated"] == 2 and b.cache["evaluated"] == 2 and a.baseline != b.baseline
+    from functools import partial
+
+    def score(m, batches):
+        return float(sum(m(x).sum() for x in batches))
+
+    c = analyze(model, data, eval_fn=partial(score, batches=data), actions=["quant8"], cache_dir=tmp_path, **FAST)
+    d = analyze(model, data, eval_fn=partial(score, batches=wide_data(seed=5)), actions=["quant8"], cache_dir=tmp_path, **FAST)
+    assert c.cache["evaluated"] == 2 and d.cache["evaluated"] == 2 and c.baseline == a.baseline and d.baseline == b.baseline
 
 
 def test_failed_and_nan_candidates_are_marked_and_the_analysis_goes_on():

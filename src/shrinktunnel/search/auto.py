@@ -98,7 +98,7 @@ class AutoResult:
 
 # -- the choice ------------------------------------------------------------------------------------
 
-def _layer_options(analysis: Analysis, objective: str) -> dict[str, list[tuple[str | None, float, float]]]:
+def _layer_options(analysis: Analysis, objective: str, usable: Iterable[str]) -> dict[str, list[tuple[str | None, float, float]]]:
     """Per layer: (action or None for "keep", predicted cost, measured drop >= 0) of every usable option.
     Latency of a changed layer is predicted in proportion to its MACs (quantized weights alone do not
     make a CPU layer faster); size breaks ties between options of equal cost."""
@@ -113,7 +113,7 @@ def _layer_options(analysis: Analysis, objective: str) -> dict[str, list[tuple[s
 
         opts = [(None, cost(lp.bytes, lp.macs), 0.0)]
         for action, e in analysis.results.get(lp.name, {}).items():
-            if e["status"] == "ok":
+            if e["status"] == "ok" and action in usable:
                 opts.append((action, cost(e["bytes_after"], e["macs_after"]), max(0.0, e["drop"])))
         options[lp.name] = opts
     return options
@@ -266,7 +266,7 @@ def auto(
         candidates.append(entry)
         return entry
 
-    options = _layer_options(analysis, objective)
+    options = _layer_options(analysis, objective, by_name)  # an analysis may hold actions not passed here
     hull = lagrangian_plans(options)
     budget = min(max_evaluations, 10_000)
     steps = track(range(budget), f"auto: up to {budget} evaluations", enabled=progress)

@@ -10,6 +10,7 @@ at most the evaluation in progress; a torn last line is ignored on reading.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -89,6 +90,11 @@ def fn_hash(fn: Callable | None) -> str:
     if fn is None:
         return "none"
     h = hashlib.sha256()
+    if isinstance(fn, functools.partial):  # partial(accuracy, data=test): the function and its bound arguments
+        h.update(fn_hash(fn.func).encode())
+        _update(h, list(fn.args))
+        _update(h, dict(fn.keywords))
+        return h.hexdigest()
     target = getattr(fn, "__func__", fn)  # bound methods: the function and its instance's type
     h.update(f"{getattr(target, '__module__', '')}.{getattr(target, '__qualname__', type(target).__qualname__)}".encode())
     code = getattr(target, "__code__", None)
