@@ -216,3 +216,36 @@ def test_recipe_keep_layers_then_distill_from_the_original_saves_and_reloads(tmp
     x = held_out[0]
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), student(x), atol=0, rtol=0)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.fc1 = nn.Linear(8 * 6 * 6, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(self.features(x).flatten(1))))
+
+
+@pytest.mark.parametrize("first", [{"prune_channels": {"ratio": 0.5}}, {"decompose": {"ratio": 0.3, "keep_if_slower": False}}],
+                         ids=["prune_channels", "decompose"])
+def test_distill_recovers_after_another_method_in_one_recipe(first, tmp_path):
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randn(16, 1, 6, 6, generator=g) for _ in range(8)]
+    held = torch.randn(64, 1, 6, 6, generator=g)
+    x0 = data[0][:2]
+    compressed = st.compress(model, [first], data=data, example_inputs=x0, progress=False).model
+    result = st.compress(model, [first, {"distill": {"steps": 150, "lr": 3e-3, "loss": "mse"}}], data=data,
+                         example_inputs=x0, progress=False)
+    with torch.no_grad():
+        err_before = float(((compressed(held) - model(held)) ** 2).mean())
+        err_after = float(((result.model(held) - model(held)) ** 2).mean())
+    assert err_after < 0.8 * err_before, (err_before, err_after)
+    result.save(tmp_path / "a")
+    loaded = st.load(tmp_path / "a", model=SmallCNN())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(held), result.model(held), atol=0, rtol=0)
