@@ -86,7 +86,7 @@ class ClusterConfig(Config):
     bits: int = 5  # 32 clusters: the paper's width for fully connected layers (8 for conv)
     init: Init = Init.LINEAR  # the paper found linear best: it keeps the few large weights
     optimal: bool = False  # exact 1-D k-means (dynamic programming, `kmeans1d`) instead of Lloyd from `init`
-    iterations: int = 30  # Lloyd iterations after `init` (0: centroids stay at their initial values)
+    iterations: int = 300  # Lloyd iterations after `init`, fewer when it converges; each is O(k log n), so cheap
     layers: list[str] = ["*"]  # glob patterns over module names; Linear, Conv1d, Conv2d, Embedding and pruned layers
     skip: list[str] = []  # glob patterns kept in float
     overrides: list[ClusterOverride] = []  # per-layer bits, e.g. [{pattern: "conv*", bits: 8}]

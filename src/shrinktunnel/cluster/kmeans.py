@@ -84,7 +84,7 @@ def _optimal(sorted_w: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.unique(np.asarray(result.centroids, dtype=np.float64)))
 
 
-def kmeans_1d(w: torch.Tensor, k: int, *, init: Init = Init.LINEAR, iterations: int = 30,
+def kmeans_1d(w: torch.Tensor, k: int, *, init: Init = Init.LINEAR, iterations: int = 300,
               optimal: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(codebook, labels) of the 1-D weights `w`: at most k float32 centroids, sorted ascending and
     all used, and each weight's index into them (int64, w's shape). `w` must be finite and non-empty."""

@@ -25,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..codec import huffman
+from ..codec.bitpack import packed_nbytes
 from ..errors import ArtifactError
 from ..quant.modules import apply_layer
 from .config import Coding
-from .storage import decode_stream, encode_stream, stream_report
+from .storage import decode_stream, encode_stream, index_width, stream_report
 
 __all__ = ["ClusteredLayer"]
 
@@ -38,6 +40,13 @@ def _int(spec: dict[str, Any], key: str, lo: int = 0, hi: int | None = None) -> 
     if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
         raise ValueError(f"clustered layer spec: {key}={v!r} is not an integer in [{lo}, {hi if hi is not None else 'inf'}]")
     return v
+
+
+def _stream_bytes(spec: dict[str, Any], key: str, count: int, width: int, coding: Coding) -> int:
+    """The stream length recorded under `key`, checked against what `count` symbols can take."""
+    if coding == Coding.PACKED:
+        return _int(spec, key, packed_nbytes(count, width), packed_nbytes(count, width))
+    return _int(spec, key, 0, huffman.header_nbytes(count) + 2 * count)  # codes of at most 16 bits
 
 
 class ClusteredLayer(nn.Module):
@@ -55,12 +64,16 @@ class ClusteredLayer(nn.Module):
         if sparse is not None:
             count = _int(sparse, "kept", 0, n)
             w = _int(sparse, "position_bits", 1, 8)
-            self.register_buffer("position_code", torch.zeros(_int(sparse, "position_bytes"), dtype=torch.uint8))
+            # Bounds checked before allocating: a kept weight or a filler per code, a filler per 2^w - 1 skipped.
+            entries = _int(sparse, "entries", 0, count + n // ((1 << w) - 1) + 1)
+            self.register_buffer("position_code", torch.zeros(_stream_bytes(sparse, "position_bytes", entries, w, coding),
+                                                              dtype=torch.uint8))
             if coding == Coding.HUFFMAN:
                 self.register_buffer("position_lengths", torch.zeros(1 << w, dtype=torch.uint8))
             self.register_buffer("positions", torch.zeros(count, dtype=torch.int64), persistent=False)
         self.codebook = nn.Parameter(torch.zeros(k))
-        self.register_buffer("index_code", torch.zeros(_int(spec, "index_bytes"), dtype=torch.uint8))
+        self.register_buffer("index_code", torch.zeros(_stream_bytes(spec, "index_bytes", count, index_width(k), coding),
+                                                       dtype=torch.uint8))
         if coding == Coding.HUFFMAN:
             self.register_buffer("index_lengths", torch.zeros(k, dtype=torch.uint8))
         self.register_buffer("indices", torch.zeros(count, dtype=torch.int64), persistent=False)

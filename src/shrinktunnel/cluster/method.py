@@ -111,7 +111,8 @@ def cluster_model(model: nn.Module, cfg: ClusterConfig, ctx: Context) -> tuple[n
         ctx.warn("cluster: no Linear/Conv1d/Conv2d/Embedding layer was clustered; the model is unchanged")
     elif cfg.tune is not None:
         _tune(model, original, cfg, ctx)
-    return model, {"layers": layers, "shared": shared, "report": storage_report(model)}
+    # The per-layer figures (storage_report) are not replay data: st.compress puts them in the metrics.
+    return model, {"layers": layers, "shared": shared}
 
 
 def _cluster_layer(name: str, module: nn.Module, pruned: bool, bits: int, cfg: ClusterConfig, ctx: Context) -> ClusteredLayer | None:
