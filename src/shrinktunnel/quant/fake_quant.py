@@ -24,7 +24,7 @@ import math
 import torch
 from torch.autograd import Function
 
-from .ops import dequantize_weight, fake_quant_activation, quantize_weight
+from .ops import dequantize_weight, quantize_weight
 
 __all__ = [
     "fake_quant_weight",
@@ -79,7 +79,7 @@ class _FakeQuantWeight(Function):
         g3 = g.reshape(shape)
         lsq = ctx.needs_input_grad[1]
         inside, below = _masks(u, z3, qmin, qmax, lsq)
-        grad_w = torch.where(inside, g3, torch.zeros_like(g3)).reshape(w.shape)
+        grad_w = torch.where(inside, g3, 0.0).reshape(w.shape)
         grad_s = None
         if lsq:
             d = _lsq_step_grad(g3, u, z3, inside, below, qmin, qmax)
@@ -89,29 +89,36 @@ class _FakeQuantWeight(Function):
 
 class _FakeQuantAct(Function):
     """Per-tensor activation fake quantization, exactly `ops.fake_quant_activation` (x * (1 / s),
-    rounded half to even, clamped); STE for x, LSQ for a 0-d `scale` that requires grad."""
+    rounded half to even, clamped; the decomposed ops' expressions, written out so that the STE mask
+    comes from the same pass); STE for x, LSQ for a 0-d `scale` that requires grad."""
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, dtype, grad_scale):
         s = float(scale)  # the float32 value as a Python number: what the converted layer's ActQuant holds
-        ctx.save_for_backward(x.detach())
-        ctx.params = (s, zero_point, qmin, qmax, grad_scale)
-        return fake_quant_activation(x, s, zero_point, qmin, qmax, dtype)
+        lsq = ctx.needs_input_grad[1]
+        # torch.ops.quantized_decomposed.quantize_per_tensor, then dequantize_per_tensor (the cast to
+        # the integer dtype and back is exact for values clamped into its range):
+        r = torch.round(x.detach() * (1.0 / s)) + zero_point
+        out = (torch.clamp(r, qmin, qmax) - zero_point) * s
+        if lsq:
+            ctx.save_for_backward(x.detach())
+        else:
+            ctx.save_for_backward((r >= qmin) & (r <= qmax))  # STE: only the mask is needed, 1 byte a value
+        ctx.params = (s, zero_point, qmin, qmax, grad_scale, lsq)
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        s, zp, qmin, qmax, grad_scale = ctx.params
-        u = x * (1.0 / s)
+        (saved,) = ctx.saved_tensors
+        s, zp, qmin, qmax, grad_scale, lsq = ctx.params
+        if not lsq:
+            return torch.where(saved, g, 0.0), None, None, None, None, None, None
+        u = saved * (1.0 / s)
         z = torch.tensor(float(zp))
-        lsq = ctx.needs_input_grad[1]
-        inside, below = _masks(u, z, qmin, qmax, lsq)
-        grad_x = torch.where(inside, g, torch.zeros_like(g))
-        grad_s = None
-        if lsq:
-            d = _lsq_step_grad(g, u, z, inside, below, qmin, qmax)
-            grad_s = (d.sum() * grad_scale).reshape(()).to(torch.float32)
-        return grad_x, grad_s, None, None, None, None, None
+        inside, below = _masks(u, z, qmin, qmax, True)
+        d = _lsq_step_grad(g, u, z, inside, below, qmin, qmax)
+        grad_s = (d.sum() * grad_scale).reshape(()).to(torch.float32)
+        return torch.where(inside, g, 0.0), grad_s, None, None, None, None, None
 
 
 def fake_quant_weight(w, scale, zero_point, qmin: int, qmax: int, dtype: torch.dtype, grad_scale: float = 1.0):
@@ -149,7 +156,7 @@ class _SignSTE(Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return torch.where(x.abs() <= 1, g, torch.zeros_like(g))  # d/dx max(-1, min(1, x))
+        return torch.where(x.abs() <= 1, g, 0.0)  # d/dx max(-1, min(1, x))
 
 
 class _TernarySTE(Function):
@@ -161,7 +168,7 @@ class _TernarySTE(Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        return torch.where(x.abs() <= 1, g, torch.zeros_like(g)), None
+        return torch.where(x.abs() <= 1, g, 0.0), None
 
 
 def sign_ste(x: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ class QATConfig(Config):
     def _check(self) -> "QATConfig":
         for where, aq in [("activations", self.activations),
                           *((f"overrides[{i}].activations", r.activations) for i, r in enumerate(self.overrides))]:
-            if aq is not None and getattr(aq, "dynamic", False):  # quant/dynamic.py's run-time scales
+            if aq is not None and aq.dynamic:
                 raise ValueError(f"{where}: dynamic activations have no range to train; quantize them after QAT "
                                  "(QAT with activations: null, then a quantize stage with dynamic: true)")
         if self.optimizer.lower() not in ("adam", "adamw", "sgd"):
