@@ -249,3 +249,14 @@ def test_distill_recovers_after_another_method_in_one_recipe(first, tmp_path):
     loaded = st.load(tmp_path / "a", model=SmallCNN())
     with torch.no_grad():
         torch.testing.assert_close(loaded(held), result.model(held), atol=0, rtol=0)
+
+
+def test_frozen_parameters_stay_exactly_as_they_were():
+    teacher, student = mlp(32, 0), mlp(8, 1)
+    w0 = student[0].weight.detach().clone()
+    out = st.distill(student, teacher, batches(n=2), {"steps": 10, "lr": 1e-2, "freeze": ["0.*"]}, progress=False)
+    torch.testing.assert_close(out[0].weight, w0, atol=0, rtol=0)
+    assert not torch.equal(out[2].weight, student[2].weight)
+    assert all(p.requires_grad for p in out.parameters())  # the flags are restored
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        st.distill(student, teacher, batches(n=1), {"steps": 1, "freeze": ["nope*"]}, progress=False)

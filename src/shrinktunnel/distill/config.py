@@ -57,6 +57,8 @@ class DistillConfig(Config):
     optimizer: str = "adam"  # adam | adamw | sgd (momentum 0.9)
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float | None = Field(default=None, gt=0)  # max global gradient norm; None: no clipping
+    freeze: list[str] = Field(default_factory=list)  # glob patterns of parameter names kept as they are,
+    # e.g. ["*embeddings*"]: a student sharing the teacher's embeddings trains faster without moving them
     eval_every: int | None = Field(default=None, ge=1)  # steps between eval_fn calls; None: no
     # evaluation during training (then no early stopping and no best-model restore)
     patience: int | None = Field(default=None, ge=1)  # evaluations without improvement before stopping;

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..core import data as D
+from ..core.select import matches
 from ..core.train import FitConfig, _num_steps, fit
 from ..errors import ConfigError, DataError, ModelError
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -75,7 +76,7 @@ def _output(model: nn.Module, inputs: D.Inputs) -> torch.Tensor:
 
 def _fingerprint(student: nn.Module, cfg: DistillConfig, total: int) -> dict[str, Any]:
     """What must be equal for a checkpoint to continue this run."""
-    keep = ("loss", "temperature", "alpha", "pooling", "hints", "lr", "optimizer", "weight_decay", "grad_clip")
+    keep = ("loss", "temperature", "alpha", "pooling", "hints", "lr", "optimizer", "weight_decay", "grad_clip", "freeze")
     config = {k: v for k, v in cfg.to_dict().items() if k in keep}
     shapes = {k: list(v.shape) for k, v in student.state_dict().items()}
     return {"config": config, "total_steps": total, "student": shapes}
@@ -235,9 +236,23 @@ def _run(student, adapters, data, cfg: DistillConfig, loss_fn, eval_fn, progress
             write(opt, finished=False)
         return bool(stop)
 
-    params = [p for p in student.parameters() if p.requires_grad] + list(adapters.parameters())
-    if resume is None or resume[0] < total:
-        fit(student, data, fit_cfg, loss_fn=loss_fn, params=params, on_step=on_step, resume=resume)
+    frozen = [n for n, p in student.named_parameters() if matches(n, cfg.freeze)]
+    if cfg.freeze and not frozen:
+        raise ConfigError(f"distill: freeze {cfg.freeze} matches no parameter; names look like "
+                          f"{', '.join(n for n, _ in list(student.named_parameters())[:3])}")
+    # Frozen parameters get no gradient at all (not merely no update): their backward is skipped.
+    was = {n: p.requires_grad for n, p in student.named_parameters() if n in frozen}
+    for n, p in student.named_parameters():
+        if n in was:
+            p.requires_grad_(False)
+    try:
+        params = [p for p in student.parameters() if p.requires_grad] + list(adapters.parameters())
+        if resume is None or resume[0] < total:
+            fit(student, data, fit_cfg, loss_fn=loss_fn, params=params, on_step=on_step, resume=resume)
+    finally:
+        for n, p in student.named_parameters():
+            if n in was:
+                p.requires_grad_(was[n])
     if cfg.restore_best and best_state is not None:
         student.load_state_dict(best_state)
     if last_opt:
