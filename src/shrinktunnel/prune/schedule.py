@@ -117,7 +117,8 @@ class MaskSet:
     def hold(self) -> None:
         """Zero the gradients of pruned weights from now on (until `release`)."""
         for t in self.targets:
-            self._hooks.append(t.weight.register_hook(lambda g, name=t.name: g * self.masks[name]))
+            if t.weight.requires_grad:  # a frozen weight gets no gradient to mask
+                self._hooks.append(t.weight.register_hook(lambda g, name=t.name: g * self.masks[name]))
 
     def release(self) -> None:
         for h in self._hooks:
