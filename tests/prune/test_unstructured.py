@@ -244,3 +244,10 @@ def test_nan_weights_and_missing_data_fail_clearly():
         prune(_mlp(), {"sparsity": 0.5, "steps": 5})
     with pytest.raises(DataError, match="labelled"):
         prune(_mlp(), {"sparsity": 0.5, "steps": 5}, data=[torch.randn(4, 20)])
+
+
+def test_st_prune_dispatches_a_prune_config_here():
+    model = _mlp()
+    for config in (st.PruneConfig(sparsity=0.5), {"sparsity": 0.5}):
+        pruned = st.prune(model, config, progress=False)
+        assert isinstance(pruned[0], SparseLayer) and pruned[0].sparse_spec["kept"] == 640
