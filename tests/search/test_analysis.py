@@ -190,3 +190,16 @@ def test_pareto_front():
     metrics = [0.9, 0.8, 0.85, 0.85, 1.0, 0.5, 0.95]
     assert pareto_front(costs, metrics) == [5, 2, 0, 6]
     assert pareto_front([1, 1], [0.5, 0.5]) == [0]
+
+
+def test_chained_and_static_int8_actions():
+    from shrinktunnel.core.registry import METHODS
+
+    model, data = wide_mlp(), wide_data()
+    a = analyze(model, data, actions=["int8", "prune75+share2"], **FAST)
+    assert a.results["fc1"]["int8"]["status"] == "ok" and 0 <= a.drop("fc1", "int8") < 1e-3
+    if {"prune", "cluster"} <= set(METHODS):  # the chain: prune 75 %, then a 4-entry codebook, same layer
+        e = a.results["fc1"]["prune75+share2"]
+        assert e["status"] == "ok" and e["bytes_after"] < a.results["fc1"]["int8"]["bytes_after"] / 2
+    else:
+        assert any(n.startswith("prune75+share2: skipped, method") for n in a.skipped_actions)

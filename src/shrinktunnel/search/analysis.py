@@ -142,20 +142,23 @@ def artifact_size(model: nn.Module) -> int:
         return artifact_bytes(save_artifact(model, Path(d) / "a"))
 
 
-def evaluate_candidate(model: nn.Module, method: str, config: dict[str, Any], data: Any,
+def evaluate_candidate(model: nn.Module, stages: list[tuple[str, dict[str, Any]]], data: Any,
                        metric: Callable[[nn.Module], float], base_bytes: int, base_macs: int,
                        inputs: D.Inputs) -> tuple[dict[str, Any], nn.Module | None]:
-    """Apply one stage to a copy of `model` and measure it: the entry (status, metric, artifact byte
+    """Apply the stages (method, config) in order to a copy of `model` and measure the result: the entry (status, metric, artifact byte
     and MAC deltas of the whole model against `base_bytes` / `base_macs`, note, seconds) and the candidate (None unless status is "ok")."""
     from ..api import run_stage
 
     t0 = time.perf_counter()
     ctx = Context(data=data, progress=False)
-    entry: dict[str, Any] = {"method": method, "config": config, "status": "ok", "metric": None, "note": ""}
+    method = "+".join(m for m, _ in stages)
+    entry: dict[str, Any] = {"method": method, "config": [c for _, c in stages], "status": "ok", "metric": None, "note": ""}
     try:
         with pywarnings.catch_warnings():
             pywarnings.simplefilter("ignore")  # kept in ctx.warnings, reported as the entry's note
-            candidate = run_stage(model, method, config, ctx)
+            candidate = model
+            for stage_method, config in stages:
+                candidate = run_stage(candidate, stage_method, config, ctx)
     except ShrinkError as exc:
         entry.update(status="skipped", note=str(exc))
         candidate = None
@@ -243,7 +246,7 @@ def analyze(
         metric = _RecordedOutputs(model, data).metric(data)
     for lp, a in track(todo, f"analyze: {len(todo)} evaluations", enabled=progress):
         config = a.config(lp.name)
-        entry, _ = evaluate_candidate(model, a.method, config, data, metric, totals["artifact_bytes"], totals["macs"], one)
+        entry, _ = evaluate_candidate(model, a.stages([lp.name]), data, metric, totals["artifact_bytes"], totals["macs"], one)
         cache.put(entry_key(base, lp.name, a.method, config), entry)
 
     results: dict[str, dict[str, dict[str, Any]]] = {}

@@ -98,23 +98,23 @@ class AutoResult:
 
 # -- the choice ------------------------------------------------------------------------------------
 
-def _layer_options(analysis: Analysis, objective: str, usable: Iterable[str]) -> dict[str, list[tuple[str | None, float, float]]]:
+def _layer_options(analysis: Analysis, objective: str, usable: dict[str, Action]) -> dict[str, list[tuple[str | None, float, float]]]:
     """Per layer: (action or None for "keep", predicted cost, measured drop >= 0) of every usable option.
     Latency of a changed layer is predicted in proportion to its MACs (quantized weights alone do not
     make a CPU layer faster); size breaks ties between options of equal cost."""
     total = analysis.totals
     options = {}
     for lp in analysis.layers:
-        def cost(bytes_, macs):
+        def cost(bytes_, macs, speed=1.0):
             primary = {"size": bytes_, "macs": macs,
-                       "latency": lp.latency_ms * (macs / lp.macs if lp.macs else 1.0)}[objective]
+                       "latency": speed * lp.latency_ms * (macs / lp.macs if lp.macs else 1.0)}[objective]
             scale = {"size": 0.0, "macs": total["macs"], "latency": total["latency_ms"]}[objective]
             return primary + 1e-6 * scale * bytes_ / max(total["bytes"], 1)
 
         opts = [(None, cost(lp.bytes, lp.macs), 0.0)]
         for action, e in analysis.results.get(lp.name, {}).items():
             if e["status"] == "ok" and action in usable:
-                opts.append((action, cost(e["bytes_after"], e["macs_after"]), max(0.0, e["drop"])))
+                opts.append((action, cost(e["bytes_after"], e["macs_after"], usable[action].speed), max(0.0, e["drop"])))
         options[lp.name] = opts
     return options
 
@@ -155,7 +155,8 @@ def build_plan(model: nn.Module, plan: Plan, actions: dict[str, Action], data: A
     current = model
     ctx = Context(data=data, progress=False)
     for name in order:
-        current = run_stage(current, actions[name].method, actions[name].config_for_layers(by_action[name]), ctx)
+        for method, config in actions[name].stages(by_action[name]):
+            current = run_stage(current, method, config, ctx)
     return current
 
 
