@@ -32,7 +32,8 @@ class SVDCache:
             import torch
 
             m = F.matrix_view(scheme, module.weight.detach())
-            self._usv[key] = torch.linalg.svd(m.double(), full_matrices=False)
+            with F.one_thread():
+                self._usv[key] = torch.linalg.svd(m.double(), full_matrices=False)
         return self._usv[key]
 
 
