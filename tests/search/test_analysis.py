@@ -203,3 +203,16 @@ def test_chained_and_static_int8_actions():
         assert e["status"] == "ok" and e["bytes_after"] < a.results["fc1"]["int8"]["bytes_after"] / 2
     else:
         assert any(n.startswith("prune75+share2: skipped, method") for n in a.skipped_actions)
+
+
+def test_histogram_grid_of_a_quantized_layer_holds_its_weights():
+    import shrinktunnel as st
+    from shrinktunnel.search.histogram import float_weight, layer_histogram
+
+    q = st.quantize(wide_mlp(), {"weights": {"bits": 4}, "activations": None}, progress=False)
+    h = layer_histogram(q.fc1, "fc1", bits=None)
+    assert len(h["grid"]) == 15 and "4-bit quantization grid" in h["grid_label"]
+    row = float_weight(q.fc1)[h["channel"]]
+    grid = torch.tensor(h["grid"], dtype=torch.float64)
+    assert float((row.double()[:, None] - grid[None]).abs().min(dim=1).values.max()) < 1e-6  # every weight on the grid
+    assert sum(h["counts"]) == row.numel() == 32

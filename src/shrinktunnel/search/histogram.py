@@ -22,6 +22,9 @@ def float_weight(module: nn.Module) -> torch.Tensor | None:
     if callable(deq):
         return deq().detach().float()
     w = getattr(module, "weight", None)
+    if callable(w) and not isinstance(w, torch.Tensor):  # compressed layers that build their weight (shared)
+        with torch.no_grad():
+            w = w()
     return w.detach().float() if isinstance(w, torch.Tensor) and w.dim() >= 2 else None
 
 
