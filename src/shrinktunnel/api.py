@@ -50,18 +50,23 @@ def prune(
     data: Any = None,
     example_inputs: Any = None,
     eval_fn: Callable[[nn.Module], float] | None = None,
+    train_step: Callable[[nn.Module, Any], None] | None = None,
+    loss_fn: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool = True,
 ) -> nn.Module:
     """Return a NEW pruned model; `model` is not changed. The config's type picks the method:
     `st.ChannelPruneConfig` -> "prune_channels" (structured: layers rewritten to fewer channels),
     `st.PruneConfig` (or a dict / None) -> "prune" (unstructured sparsity). `data`: batches for
-    importance scores and fine-tuning; `example_inputs`: one batch to trace the model with."""
+    importance scores and fine-tuning; `example_inputs`: one batch to trace the model with;
+    `train_step(model, batch)`: your own training step, run instead of the built-in fine-tuning loop;
+    `loss_fn(model, batch) -> loss`: the built-in loop's loss instead of cross-entropy."""
     from .core.config import Config
     from .core.registry import method_for_config
 
     # Looked up in the registry, so each pruning method works as soon as its package registers it.
     method = method_for_config(config).name if isinstance(config, Config) else "prune"
-    ctx = Context(data=D.reiterable(data), example_inputs=example_inputs, eval_fn=eval_fn, progress=progress)
+    ctx = Context(data=D.reiterable(data), example_inputs=example_inputs, eval_fn=eval_fn, progress=progress,
+                  train_step=train_step, loss_fn=loss_fn)
     return run_stage(model, method, config, ctx)
 
 

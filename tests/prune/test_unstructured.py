@@ -251,3 +251,16 @@ def test_st_prune_dispatches_a_prune_config_here():
     for config in (st.PruneConfig(sparsity=0.5), {"sparsity": 0.5}):
         pruned = st.prune(model, config, progress=False)
         assert isinstance(pruned[0], SparseLayer) and pruned[0].sparse_spec["kept"] == 640
+
+
+def test_st_prune_takes_a_train_step_and_quantize_warns_on_pruned_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    data = [(torch.randn(4, 8), torch.randint(0, 3, (4,))) for _ in range(3)]
+    calls = []
+    pruned = st.prune(model, {"sparsity": 0.5, "steps": 5}, data=data, progress=False,
+                      train_step=lambda m, batch: calls.append(batch))
+    assert len(calls) == 5 and isinstance(pruned[0], SparseLayer)
+    with pytest.warns(UserWarning, match="0 is a pruned sparse layer"):
+        still_sparse = st.quantize(pruned, {"activations": None}, progress=False)
+    assert isinstance(still_sparse[0], SparseLayer)

@@ -29,6 +29,9 @@ class Context:
     eval_fn: Callable[[nn.Module], float] | None = None
     progress: bool = True
     original: nn.Module | None = None  # the model before the first stage (a distillation teacher)
+    train_step: Callable[[nn.Module, Any], None] | None = None  # the caller's own training step(model, batch),
+    # run instead of the built-in loop by methods that fine-tune
+    loss_fn: Callable[[nn.Module, Any], Any] | None = None  # the built-in loop's loss(model, batch) -> tensor
     warnings: list[str] = field(default_factory=list)  # things skipped, shown in the report
 
     def warn(self, message: str) -> None:

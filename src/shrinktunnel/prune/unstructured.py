@@ -50,10 +50,8 @@ def prune_context(
       It replaces the built-in loop; the masks are re-applied after every call.
     - `loss_fn(model, batch) -> loss`: the built-in loop's loss instead of cross-entropy on (x, y).
     """
-    ctx = Context(data=D.reiterable(data), example_inputs=example_inputs, eval_fn=eval_fn, progress=progress)
-    ctx.train_step = train_step  # type: ignore[attr-defined]
-    ctx.loss_fn = loss_fn  # type: ignore[attr-defined]
-    return ctx
+    return Context(data=D.reiterable(data), example_inputs=example_inputs, eval_fn=eval_fn, progress=progress,
+                   train_step=train_step, loss_fn=loss_fn)
 
 
 # -- which layers -----------------------------------------------------------------------------------

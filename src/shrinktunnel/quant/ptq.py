@@ -58,6 +58,10 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
         selected = name and matches(name, cfg.layers) and not matches(name, cfg.skip)
         if selected and _has_own_weight(module) and not isinstance(module, SUPPORTED):
             ctx.warn(f"quantize: {name} ({type(module).__name__}) is not a supported layer kind; kept in float")
+        elif selected and hasattr(module, "values") and hasattr(module, "index") and not isinstance(module, SUPPORTED):
+            # A pruned layer (prune/sparse_layer.py) stores its weight as buffers, so it has no weight to quantize.
+            ctx.warn(f"quantize: {name} is a pruned sparse layer; quantizing it is not supported, it stays float "
+                     "(quantize before pruning, or share its weights with `cluster`, which keeps the sparsity)")
     names_of = names_by_module(model)
     plans = []
     for name, module in select_modules(model, SUPPORTED, cfg.layers, cfg.skip):
