@@ -1,0 +1,154 @@
+"""Benchmark: `st.analyze` and `st.auto` (objective size) on all-MiniLM-L6-v2, fidelity budget.
+
+    .venv/bin/python benchmarks/search_minilm.py
+
+No labels: the metric is the mean cosine of the sentence embeddings to the fp32 model's. The search
+sees 64 tweets; the chosen model is scored on 512 held-out tweets in PyTorch and ONNX Runtime. The
+issue's budget is a mean cosine of 0.98 (max_drop 0.02). Quantization actions only (8, 4, 2 bits):
+the analysis of 37 Linear layers under every action would not fit the benchmark's ten minutes on
+two cores. Writes benchmarks/results/search_minilm.json and .md; exits with 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import shrinktunnel as st  # noqa: E402
+from shrinktunnel import assets  # noqa: E402
+from shrinktunnel.export import OrtModel  # noqa: E402
+from shrinktunnel.measure import artifact_bytes, float_safetensors_bytes  # noqa: E402
+from shrinktunnel.measure.latency import onnx_latency  # noqa: E402
+from shrinktunnel.measure.quality import fidelity  # noqa: E402
+from shrinktunnel.report import Table, fmt_bytes  # noqa: E402
+from shrinktunnel.search import analyze, auto  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import COMMAND, RESULTS_DIR, git_state, machine_info, today, write_results  # noqa: E402
+
+NAME = "search_minilm"
+THREADS = 2
+MAX_DROP = 0.02  # mean cosine 0.98 to the fp32 embeddings
+MIN_SIZE_RATIO = 8.0
+MIN_SPEEDUP = 2.5  # recorded for the objective-size model; the latency objective is not run here
+ACTIONS = ["quant8", "quant4", "quant2"]
+LAYERS = ["encoder.encoder.*"]  # the 36 Linear layers of the six transformer blocks (embeddings: no Linear)
+ROUNDS = 5
+
+
+def log(message: str) -> None:
+    print(f"[{NAME}] {message}", file=sys.stderr, flush=True)
+
+
+def run(workdir: Path) -> dict[str, Any]:
+    torch.set_num_threads(THREADS)
+    model = assets.minilm()
+    search = assets.tweet_batches(limit=64, batch_size=32)
+    held = assets.tweet_batches(limit=512, offset=2000, batch_size=32)
+    t0 = time.perf_counter()
+    log("analyze")
+    a = analyze(model, search, actions=ACTIONS, layers=LAYERS, cache_dir=workdir / "cache", progress=False)
+    t_analyze = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    a2 = analyze(model, search, actions=ACTIONS, layers=LAYERS, cache_dir=workdir / "cache", progress=False)
+    t_cached = time.perf_counter() - t0
+    log("auto, objective size")
+    t0 = time.perf_counter()
+    r = auto(model, search, max_drop=MAX_DROP, objective="size", actions=ACTIONS, analysis=a,
+             cache_dir=workdir / "cache", progress=False, max_evaluations=8)
+    t_auto = time.perf_counter() - t0
+    out = r.save(workdir / "auto")
+    size = artifact_bytes(out)
+    fp32_bytes = float_safetensors_bytes(model)
+    log("held-out fidelity and ONNX Runtime latency")
+    example = search[0]
+    paths = {"fp32": st.export_onnx(model, workdir / "fp32.onnx", example_inputs=example),
+             "chosen": st.export_onnx(r.model, workdir / "chosen.onnx", example_inputs=example)}
+    runtimes = {k: OrtModel(p, threads=THREADS) for k, p in paths.items()}
+    fid_torch = fidelity(r.model, model, held)["cosine"]
+    fid_onnx = fidelity(runtimes["chosen"], model, held)["cosine"]
+    feed = {k: rt.feed(**{n: v for n, v in example.items()}) for k, rt in runtimes.items()}
+    per_round = {k: [] for k in runtimes}
+    for _ in range(ROUNDS):
+        for k, rt in runtimes.items():
+            per_round[k].append(onnx_latency(rt.session, feed[k], warmup=3, runs=20).median_ms)
+    speedup = statistics.median(b / c for b, c in zip(per_round["fp32"], per_round["chosen"]))
+    targets = [
+        {"name": "size_ratio", "description": "objective size: fp32 safetensors / artifact", "measured": fp32_bytes / size,
+         "op": ">=", "limit": MIN_SIZE_RATIO, "unit": "x"},
+        {"name": "held_out_cosine_onnx", "description": "objective size: mean cosine on 512 held-out tweets, ONNX Runtime",
+         "measured": fid_onnx, "op": ">=", "limit": 1 - MAX_DROP, "unit": ""},
+        {"name": "latency_speedup", "description": "objective size model: ONNX Runtime fp32 / chosen latency",
+         "measured": speedup, "op": ">=", "limit": MIN_SPEEDUP, "unit": "x"},
+    ]
+    for t in targets:
+        t["passed"] = bool(t["measured"] >= t["limit"])
+    return {
+        "benchmark": NAME, "date": today(), "command": COMMAND, "machine": machine_info(THREADS), "source": git_state(),
+        "setup": {"model": "shrinktunnel.assets:minilm", "search_tweets": 64, "held_out_tweets": 512, "max_drop": MAX_DROP,
+                  "actions": ACTIONS, "layers": LAYERS},
+        "analysis": {"seconds": t_analyze, "cached_seconds": t_cached, "evaluations": a.cache["evaluated"],
+                     "cached_hits": a2.cache["hits"], "layers": len(a.layers)},
+        "auto": {"seconds": t_auto, "fits": r.fits, "message": r.message, "candidates": len(r.candidates),
+                 "plan": r.candidates[r.chosen]["plan"], "search_cosine": r.candidates[r.chosen]["metric"]},
+        "fp32": {"bytes": fp32_bytes, "onnx_latency_ms": min(per_round["fp32"])},
+        "chosen": {"bytes": size, "size_ratio": fp32_bytes / size, "held_out_cosine_torch": fid_torch,
+                   "held_out_cosine_onnx": fid_onnx, "onnx_latency_ms": min(per_round["chosen"]), "speedup": speedup},
+        "targets": targets, "checks": {t["name"]: t["passed"] for t in targets}, "passed": all(t["passed"] for t in targets),
+    }
+
+
+def render(res: dict[str, Any]) -> str:
+    m, c, f, an, au = res["machine"], res["chosen"], res["fp32"], res["analysis"], res["auto"]
+    commit = (res["source"]["commit"] or "unknown")[:10] + (" + local changes in src/" if res["source"]["src_modified"] else "")
+    bits: dict[str, int] = {}
+    for action in au["plan"].values():
+        bits[action] = bits.get(action, 0) + 1
+    lines = [f"Measured {res['date']} on {m['arch']}, {m['cpu']}, {m['cores']} cores, {m['threads']} threads; torch "
+             f"{m['torch']}, onnxruntime {m['onnxruntime']}; commit {commit}.\n"]
+    t = Table("all-MiniLM-L6-v2: st.auto, objective size, budget mean cosine 0.98", ["", "fp32", "chosen"])
+    t.add("size on disk", fmt_bytes(f["bytes"]), f"{fmt_bytes(c['bytes'])} ({c['size_ratio']:.2f}x smaller)")
+    t.add("mean cosine, 512 held-out tweets, PyTorch", "1", f"{c['held_out_cosine_torch']:.4f}")
+    t.add("mean cosine, 512 held-out tweets, ONNX Runtime", "1", f"{c['held_out_cosine_onnx']:.4f}")
+    t.add("latency, ONNX Runtime (32 x 32 tokens)", f"{f['onnx_latency_ms']:.1f} ms",
+          f"{c['onnx_latency_ms']:.1f} ms ({c['speedup']:.2f}x)")
+    t.add("layers per action", "", ", ".join(f"{k}: {v}" for k, v in sorted(bits.items())) or "none")
+    t.add("search", "", f"analysis {an['evaluations']} evaluations in {an['seconds']:.0f} s (cached rerun "
+          f"{an['cached_seconds']:.1f} s); {au['candidates']} candidates in {au['seconds']:.0f} s")
+    lines.append(t.to_markdown())
+    tt = Table("Targets", ["target", "measured", "required", "result"])
+    for x in res["targets"]:
+        tt.add(x["description"], f"{x['measured']:.4g} {x['unit']}", f"{x['op']} {x['limit']:g} {x['unit']}",
+               "pass" if x["passed"] else "**FAIL**")
+    lines.append(tt.to_markdown())
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / f"{NAME}.json")
+    args = parser.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="search-minilm-"))
+    try:
+        res = run(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    markdown = render(res)
+    write_results(args.results, res, markdown)
+    print(markdown)
+    return 0 if res["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
