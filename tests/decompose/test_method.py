@@ -167,7 +167,7 @@ def test_larger_form_is_left_whole_and_listed():
 def test_slower_form_is_left_whole_and_listed(monkeypatch):
     calls = []
 
-    def slower(whole, decomposed, x):
+    def slower(whole, decomposed, x, threads=None):
         calls.append(tuple(x.shape))
         return True, 1.0, 2.0
 
@@ -183,6 +183,21 @@ def test_is_slower_times_real_modules():
     big = nn.Linear(256, 256)
     tiny_rank = B.is_slower(big, nn.Sequential(nn.Linear(256, 2, bias=False), nn.Linear(2, 256)), torch.randn(64, 256))
     assert tiny_rank[1] > 0 and tiny_rank[2] > 0
+
+
+def test_busy_machine_times_on_one_thread(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        threads, note = B.timing_threads()
+    finally:
+        torch.set_num_threads(previous)
+    assert threads == 1 and "load average 99.0" in note
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert B.timing_threads() == (torch.get_num_threads(), None)
 
 
 def test_no_data_warns_that_nothing_was_timed():
@@ -313,7 +328,7 @@ def test_fine_tune_recovers_and_needs_labels():
 def test_budget_drops_slower_choices_and_chooses_again(monkeypatch):
     timed = []
 
-    def slower_below_half(whole, decomposed, x):  # pretend every form of features.2 is slower
+    def slower_below_half(whole, decomposed, x, threads=None):  # pretend every form of features.2 is slower
         timed.append(decomposed)
         return decomposed[0].in_channels == 16, 1.0, 2.0
 

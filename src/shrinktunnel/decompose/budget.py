@@ -10,6 +10,8 @@ with the least added error per unit of cost saved, until the model fits the budg
 
 from __future__ import annotations
 
+import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,13 +21,12 @@ from torch import nn
 from ..core import data as D
 from ..core.progress import track
 from ..core.select import set_submodule
-from ..measure.latency import time_fn
 from ..measure.macs import count_macs
 
 __all__ = ["Candidate", "capture_inputs", "output_error", "reference_outputs", "layer_macs", "is_slower", "allocate"]
 
-LATENCY_ROUNDS = 3  # alternated rounds of whole vs decomposed; the best median of each is compared
-LATENCY_RUNS = 10  # timed runs per round (after 2 warm-up runs)
+LATENCY_WARMUP = 3  # untimed runs of each first
+LATENCY_RUNS = 30  # timed runs of each, alternated one by one; the fastest of each is compared
 
 
 @dataclass
@@ -94,18 +95,48 @@ def layer_macs(module: nn.Module, x: torch.Tensor | None) -> int:
     return count_macs(module, ((x[:1],), {}))
 
 
-def _timing(module: nn.Module, x: torch.Tensor) -> float:
+def timing_threads() -> tuple[int, str | None]:
+    """The thread count to time layers with, and why when it is not the caller's. On a machine with more
+    runnable work than cores, every parallel operator waits for its second thread to be scheduled: a chain of
+    three small convolutions then reads 3x slower than one large one for that reason alone (measured here:
+    80 ms for a 1 ms conv). One thread has no such wait, so the comparison measures the arithmetic again."""
+    threads = torch.get_num_threads()
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # not on every platform
+        return threads, None
+    cores = os.cpu_count() or 1
+    if threads > 1 and load > cores:
+        return 1, (f"decompose: the machine is busy (load average {load:.1f} on {cores} cores), so layers were timed "
+                   f"on one thread rather than {threads}: with more work than cores, parallel operators mostly measure "
+                   f"waiting for their threads")
+    return threads, None
+
+
+def is_slower(whole: nn.Module, decomposed: nn.Module, x: torch.Tensor, threads: int | None = None) -> tuple[bool, float, float]:
+    """Time both on the layer's real input, one run of each in turn; (slower, whole ms, decomposed ms), each
+    the fastest of its runs. Alternating run by run gives both the same machine load, and the fastest run is
+    the one least disturbed by other work: on a busy machine the median of a block of runs mostly measured
+    what else was running (a Linear of 0.3 ms read 56 ms once)."""
+    pair, best = (whole, decomposed), [float("inf"), float("inf")]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        _time_pair(pair, best, x)
+    finally:
+        torch.set_num_threads(previous)
+    return best[1] >= best[0], best[0], best[1]
+
+
+def _time_pair(pair: tuple[nn.Module, nn.Module], best: list[float], x: torch.Tensor) -> None:
     with torch.inference_mode():
-        return time_fn(lambda: module(x), warmup=2, runs=LATENCY_RUNS, threads=torch.get_num_threads()).median_ms
-
-
-def is_slower(whole: nn.Module, decomposed: nn.Module, x: torch.Tensor) -> tuple[bool, float, float]:
-    """Time both on the layer's real input, alternated; (slower, whole ms, decomposed ms), best round each."""
-    best_whole = best_dec = float("inf")
-    for _ in range(LATENCY_ROUNDS):
-        best_whole = min(best_whole, _timing(whole, x))
-        best_dec = min(best_dec, _timing(decomposed, x))
-    return best_dec >= best_whole, best_whole, best_dec
+        for i in range(LATENCY_WARMUP + LATENCY_RUNS):
+            for j in ((0, 1) if i % 2 == 0 else (1, 0)):  # neither always runs first
+                t0 = time.perf_counter()
+                pair[j](x)
+                elapsed = (time.perf_counter() - t0) * 1e3
+                if i >= LATENCY_WARMUP:
+                    best[j] = min(best[j], elapsed)
 
 
 def allocate(options: dict[str, list[Candidate]], total: float, target: float) -> tuple[dict[str, int], float]:

@@ -139,25 +139,24 @@ def _decompose(plan: LayerPlan, ranks: list[int], cfg: DecomposeConfig, cache: S
                              cp_iterations=cfg.cp_iterations, seed=cfg.seed, usv=cache.usv(plan.module, plan.scheme))
 
 
-def _pays(plan: LayerPlan, ranks: list[int], decomposed: nn.Module, x, cfg: DecomposeConfig, ctx: Context | None) -> bool:
-    """False (with a warning when ctx is given) when the decomposed form is not smaller, or measured slower."""
+def _pays(plan: LayerPlan, ranks: list[int], decomposed: nn.Module, x, cfg: DecomposeConfig, ctx: Context,
+          threads: int | None) -> bool:
+    """False, with a warning, when the decomposed form is not smaller, or measured slower."""
     before, after = plan.module.weight.numel(), L.decomposed_weights(plan.module, plan.scheme, ranks)
     if after >= before:
-        if ctx:
-            ctx.warn(f"decompose: {plan.name} left whole: at ranks {ranks} the {plan.scheme} form has {after:,} "
-                     f"weights, the layer {before:,}")
+        ctx.warn(f"decompose: {plan.name} left whole: at ranks {ranks} the {plan.scheme} form has {after:,} "
+                 f"weights, the layer {before:,}")
         return False
     if cfg.keep_if_slower and x is not None:
-        slower, whole_ms, dec_ms = B.is_slower(plan.module, decomposed, x)
+        slower, whole_ms, dec_ms = B.is_slower(plan.module, decomposed, x, threads)
         if slower:
-            if ctx:
-                ctx.warn(f"decompose: {plan.name} left whole: its {plan.scheme} form at ranks {ranks} ran slower "
-                         f"({dec_ms:.3f} ms vs {whole_ms:.3f} ms on input {tuple(x.shape)})")
+            ctx.warn(f"decompose: {plan.name} left whole: its {plan.scheme} form at ranks {ranks} ran slower "
+                     f"({dec_ms:.3f} ms vs {whole_ms:.3f} ms on input {tuple(x.shape)})")
             return False
     return True
 
 
-def _choose_by_budget(model, plans, fixed, cfg, ctx, cache, batches, inputs) -> dict[str, tuple[list[int], nn.Module, float]]:
+def _choose_by_budget(model, plans, fixed, cfg, ctx, cache, batches, inputs, threads) -> dict[str, tuple[list[int], nn.Module, float]]:
     """Ranks of the budgeted layers: candidates per layer, their measured output error, then `allocate`."""
     macs = cfg.budget_metric.value == "macs"
 
@@ -201,7 +200,7 @@ def _choose_by_budget(model, plans, fixed, cfg, ctx, cache, batches, inputs) -> 
         for name, j in choice.items():
             c, x = options[name][j], inputs.get(name)
             if cfg.keep_if_slower and c.module is not None and x is not None and "slower" not in c.extra:
-                c.extra["slower"], c.extra["whole_ms"], c.extra["ms"] = B.is_slower(by_name[name].module, c.module, x)
+                c.extra["slower"], c.extra["whole_ms"], c.extra["ms"] = B.is_slower(by_name[name].module, c.module, x, threads)
             if c.extra.get("slower"):
                 slow.append((name, j))
         if not slow:
@@ -230,6 +229,11 @@ def decompose_model(model: nn.Module, cfg: DecomposeConfig, ctx: Context) -> tup
     source = ctx.data if ctx.data is not None else ctx.example_inputs
     batches = list(D.take(source, cfg.calibration_batches)) if source is not None else []
     inputs = B.capture_inputs(model, {p.name: p.module for p in plans}, batches) if batches and plans else {}
+    threads = None
+    if cfg.keep_if_slower and batches and plans:
+        threads, note = B.timing_threads()
+        if note:
+            ctx.warn(note)
     if cfg.keep_if_slower and not batches and plans:
         ctx.warn("decompose: no data, so no layer could be timed; layers were kept whole only when their "
                  "decomposed form is larger (pass data= to leave slower ones whole too)")
@@ -240,13 +244,13 @@ def decompose_model(model: nn.Module, cfg: DecomposeConfig, ctx: Context) -> tup
             continue
         ranks = _fixed_ranks(plan, cfg, cache)
         module, werr = _decompose(plan, ranks, cfg, cache)
-        if _pays(plan, ranks, module, inputs.get(plan.name), cfg, ctx):
+        if _pays(plan, ranks, module, inputs.get(plan.name), cfg, ctx, threads):
             chosen[plan.name] = (ranks, module, werr)
     if any(p.rule is None for p in plans):
         if not batches:
             raise DataError("decompose: a budget needs data to measure each layer's sensitivity (and MACs): pass "
                             "data= (a few batches), or give ranks by ratio, energy or rank instead of budget")
-        chosen.update(_choose_by_budget(model, plans, chosen, cfg, ctx, cache, batches, inputs))
+        chosen.update(_choose_by_budget(model, plans, chosen, cfg, ctx, cache, batches, inputs, threads))
 
     replay: dict[str, Any] = {"layers": {}, "shared": {}}
     for plan in plans:  # in model order, so the replay reads top to bottom
