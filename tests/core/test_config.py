@@ -100,8 +100,10 @@ def test_parse_none_gives_defaults_and_parse_instance_returns_it():
 
 def test_to_dict_is_plain_json_data():
     d = QuantConfig().to_dict()
-    assert d["weights"] == {"bits": 8, "granularity": "per_channel", "symmetric": True, "reduce_range": False, "group_size": None}
-    assert d["activations"] == {"bits": 8, "symmetric": False, "calibrator": "minmax", "percentile": 99.99, "bins": 2048}
+    assert d["weights"] == {"bits": 8, "format": "int", "granularity": "per_channel", "symmetric": True,
+                            "reduce_range": False, "group_size": None}
+    assert d["activations"] == {"bits": 8, "format": "int", "symmetric": False, "calibrator": "minmax",
+                                "percentile": 99.99, "bins": 2048, "dynamic": False, "per_token": True}
     assert type(d["weights"]["granularity"]) is str  # the enum became its value
 
 
@@ -110,6 +112,7 @@ CONFIGS = [
     QuantConfig(activations=None),
     QuantConfig(weights=WeightQuant(granularity="per_tensor"), skip=["fc*", "body.2"], calibration_batches=3, fuse_relu=False),
     QuantConfig(activations=ActivationQuant(symmetric=True), layers=["conv*"]),
+    QuantConfig(activations=ActivationQuant(dynamic=True, per_token=False), rounding="gptq"),
     QuantConfig(overrides=[LayerOverride(pattern="fc", activations=None),
                            LayerOverride(pattern="conv*", weights=WeightQuant(granularity="per_tensor"))]),
 ]

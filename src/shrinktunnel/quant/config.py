@@ -111,6 +111,12 @@ class WeightQuant(Config):
         return self
 
 
+def _changed(cfg: Config, names: tuple[str, ...]) -> list[str]:
+    # Fields given a value other than their default. Not `model_fields_set`: a config written out by
+    # to_dict() sets every field, and must parse back.
+    return sorted(n for n in names if getattr(cfg, n) != type(cfg).model_fields[n].default)
+
+
 class ActivationQuant(Config):
     bits: int = 8
     format: ActivationFormat = ActivationFormat.INT  # binary: each layer's input takes two levels,
@@ -133,18 +139,18 @@ class ActivationQuant(Config):
     @model_validator(mode="after")
     def _check_dynamic(self) -> "ActivationQuant":
         if self.dynamic:
-            static_only = sorted({"symmetric", "calibrator", "percentile", "bins"} & self.model_fields_set)
+            static_only = _changed(self, ("symmetric", "calibrator", "percentile", "bins"))
             if static_only:
                 raise ValueError(f"{', '.join(static_only)} only apply to static activations (dynamic: false); "
                                  "dynamic activations are uint8 with a zero point computed per input: remove them")
-        elif "per_token" in self.model_fields_set:
+        elif _changed(self, ("per_token",)):
             raise ValueError("per_token only applies to dynamic activations; set dynamic: true or remove per_token")
         return self
 
     @model_validator(mode="after")
     def _check_binary(self) -> "ActivationQuant":
         if self.format == ActivationFormat.BINARY:
-            unused = sorted({"bits", "calibrator", "percentile", "bins", "per_token"} & self.model_fields_set)
+            unused = _changed(self, ("bits", "calibrator", "percentile", "bins", "per_token"))
             if self.dynamic or unused:
                 raise ValueError(f"binary activations have two learned levels, offset +- scale: "
                                  f"remove {', '.join(unused) or 'dynamic'}, which only apply to integer activations")
