@@ -214,8 +214,8 @@ def test_bad_formats_give_typed_errors(tmp_path):
         WeightQuant(format="binary", bits=4)
     with pytest.raises(ConfigError, match="use granularity: per_channel or per_tensor"):
         WeightQuant(format="ternary", granularity="per_group", group_size=4)
-    with pytest.raises(ConfigError, match="remove bits, which only apply to integer activations"):
-        st.QATConfig(activations={"format": "binary", "bits": 8})
+    with pytest.raises(ConfigError, match="remove calibrator, which only apply to integer activations"):
+        st.QATConfig(activations={"format": "binary", "calibrator": "entropy"})
     with pytest.raises(ConfigError, match="'quaternary'"):
         WeightQuant(format="quaternary")
     assert WeightQuant(bits=1).format == "binary" and WeightQuant(format="ternary").bits == 2
