@@ -46,9 +46,10 @@ def _geometry(module: nn.Module) -> dict[str, Any]:
 
 
 def _is_pruned_layer(module: nn.Module) -> bool:
-    """A pruned layer of the prune method (duck-typed: the prune package may not be importable here)."""
-    return (callable(getattr(module, "mask", None)) and callable(getattr(module, "spec", None))
-            and isinstance(getattr(module, "weight", None), torch.Tensor) and type(module).__name__ == "SparseLayer")
+    """A pruned layer of the `prune` method: its weight, its mask and its geometry are read from it."""
+    from ..prune.sparse_layer import SparseLayer  # imported here: prune is a sibling method package
+
+    return isinstance(module, SparseLayer)
 
 
 def _has_own_weight(module: nn.Module) -> bool:
