@@ -340,3 +340,14 @@ def test_budget_drops_slower_choices_and_chooses_again(monkeypatch):
     assert isinstance(out.features[2], nn.Conv2d)  # every candidate of it was dropped
     assert any("features.2: the tucker2 form" in w and "not used" in w for w in warned)
     assert timed and len(timed) == len({id(t) for t in timed})  # each candidate timed at most once
+
+
+def test_budget_with_a_fixed_layer_counts_it_at_its_cost():
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    data = [torch.randn(8, 3, 12, 12) for _ in range(2)]
+    cfg = {"budget": 0.5, "budget_metric": "params", **NO_TIMING, "overrides": [{"pattern": "features.4", "ratio": 0.3}]}
+    out, warned = _decompose(model, cfg, data=data)
+    assert isinstance(out.features[4], LowRank)
+    assert st.measure.count_weights(out.features[4]) - 32 <= 0.3 * 32 * 32 * 9  # its rule, not the budget's
+    assert st.measure.count_weights(out) <= 0.5 * st.measure.count_weights(model)
