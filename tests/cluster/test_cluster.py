@@ -238,3 +238,24 @@ def test_overrides_set_bits_per_layer():
     model = CASES["residual"].model()
     out = quiet_cluster(model, {"bits": 2, "overrides": [{"pattern": "conv2", "bits": 5}]})
     assert out.conv1.codebook.numel() <= 4 and 4 < out.conv2.codebook.numel() <= 32
+
+
+def test_manifest_lengths_are_checked_before_allocating(tmp_path):
+    import json
+
+    model = nn.Sequential(nn.Linear(64, 64))
+    st.save(quiet_cluster(model, {"bits": 4}), tmp_path / "a")
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    manifest["stages"][0]["replay"]["layers"]["0"]["index_bytes"] = 2**60  # would be an exabyte buffer
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="index_bytes"):
+        st.load(tmp_path / "a", model=model)
+
+
+def test_storage_table_lists_every_layer_and_the_total():
+    from shrinktunnel.cluster import storage_report, storage_table
+
+    out = quiet_cluster(CASES["attention"].model(), {"bits": 3})
+    text = storage_table(storage_report(out)).to_markdown()
+    for name in ("| q |", "| k |", "| v |", "| o |", "| total |"):
+        assert name in text
