@@ -78,7 +78,7 @@ def run() -> dict[str, Any]:
         fit(model, [(x, TASKS[task](y)) for x, y in train], FitConfig(epochs=TEACHER_EPOCHS, lr=1e-3, progress=False))
         teachers[task] = model.eval()
 
-    log("fusing (one epoch of multi-teacher distillation on unlabelled images)")
+    log(f"fusing ({FUSE_EPOCHS:g} epoch of multi-teacher distillation on unlabelled images)")
     torch.manual_seed(0)
     fused = st.fuse(list(teachers.values()), st.FuseConfig(epochs=FUSE_EPOCHS, lr=FUSE_LR, names=list(teachers)),
                     data=[x for x, _ in train], progress=False)
