@@ -373,8 +373,6 @@ def _convert(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if id(module) in done:
             set_submodule(model, name, done[id(module)])
-    for p in model.parameters():
-        p.requires_grad_(False)
     del model.__dict__[_STATE]
     return model, {"layers": layers, "fused": state["fused"], "shared": state["shared"]}
 
