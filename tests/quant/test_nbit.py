@@ -217,10 +217,16 @@ def test_groups_run_along_the_flattened_input_dimension():
 
 
 # -- configuration errors -------------------------------------------------------------------------
-@pytest.mark.parametrize("bits", [1, 9, 0, 16])
-def test_bits_outside_2_to_8_are_rejected(bits):
-    with pytest.raises(ConfigError, match=rf"bits={bits} is not supported for weights; use an integer from 2 to 8"):
+@pytest.mark.parametrize("bits", [9, 0, 16, -1])
+def test_bits_outside_1_to_8_are_rejected(bits):
+    with pytest.raises(ConfigError, match=rf"bits={bits} is not supported for weights"):
         st.QuantConfig.parse({"weights": {"bits": bits}})
+
+
+def test_one_bit_weights_are_binary_and_need_training():
+    # bits=1 is the binary format (XNOR-Net scale), which post-training quantization refuses: it needs QAT.
+    with pytest.raises(ConfigError, match="binary weights need training: use the qat method"):
+        st.QuantConfig.parse({"weights": {"bits": 1}})
 
 
 def test_every_width_from_2_to_8_is_accepted_and_activations_stay_8_bit():
