@@ -50,7 +50,7 @@ PAPER = {
 NETS: dict[str, dict[str, Any]] = {
     "LeNet-300-100": {
         "sparsity": {"fc1": 0.92, "fc2": 0.91, "fc3": 0.74},
-        "bits": 6, "overrides": {}, "prune_epochs": 4.0, "tune_epochs": 1.0,
+        "bits": 5, "overrides": {}, "prune_epochs": 4.0, "tune_epochs": 1.0,  # the paper: 6 (40x with its 1.64 % net)
     },
     "LeNet-5": {
         "sparsity": {"conv1": 0.34, "conv2": 0.88, "fc1": 0.92, "fc2": 0.81},
@@ -202,7 +202,7 @@ def main() -> int:
     markdown = "\n".join(lines)
     print(markdown)
     write_results(args.out, {"name": NAME, "date": today(), "machine": machine_info(THREADS), "git": git_state(),
-                             "settings": vars(args) | {"out": str(args.out)}, "results": results, "checks": checks},
+                             "settings": json.loads(json.dumps(vars(args), default=str)), "results": results, "checks": checks},
                   markdown)
     return 0 if all(c["pass"] for c in checks.values()) else 1
 
