@@ -149,10 +149,15 @@ def _check_weight(name: str, module: nn.Module, wq: WeightQuant) -> None:
             )
 
 
+def _weight_grid(wq: WeightQuant) -> tuple[int, int, int | None]:
+    """(qmin, qmax, group_size) of a weight format: its integer range and, per group, the group size."""
+    qmin, qmax = weight_qrange(wq.bits - 1 if wq.reduce_range else wq.bits, wq.symmetric)
+    return qmin, qmax, (wq.group_size if wq.granularity == Granularity.PER_GROUP else None)
+
+
 def _weight_qparams(weight: torch.Tensor, wq: WeightQuant) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """The weight's format record (the spec's `weight` entry), scales and zero points."""
-    qmin, qmax = weight_qrange(wq.bits - 1 if wq.reduce_range else wq.bits, wq.symmetric)
-    group_size = wq.group_size if wq.granularity == Granularity.PER_GROUP else None
+    qmin, qmax, group_size = _weight_grid(wq)
     scale, zero_point = weight_qparams(weight, qmin, qmax, wq.symmetric, str(wq.granularity), group_size)
     dtype = "int8" if wq.symmetric else "uint8"
     meta = {"bits": wq.bits, "dtype": dtype, "qmin": qmin, "qmax": qmax, "granularity": str(wq.granularity),
@@ -196,8 +201,7 @@ def _gptq_weights(plans: list[LayerPlan], hessians: dict, cfg: QuantConfig, ctx:
     todo = [p for p in plans if p.name in hessians and hessians[p.name].count > 0]
     for plan in track(todo, "gptq", enabled=ctx.progress):
         wq = plan.weights
-        qmin, qmax = weight_qrange(wq.bits - 1 if wq.reduce_range else wq.bits, wq.symmetric)
-        group_size = wq.group_size if wq.granularity == Granularity.PER_GROUP else None
+        qmin, qmax, group_size = _weight_grid(wq)
         try:
             rounded[plan.name] = gptq_quantize(plan.module.weight, hessians[plan.name].h, qmin, qmax, wq.symmetric,
                                                str(wq.granularity), group_size, damp=cfg.gptq_damp)
