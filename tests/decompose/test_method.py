@@ -315,7 +315,9 @@ def test_fine_tune_recovers_and_needs_labels():
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(16, 3, 12, 12, generator=g) for _ in range(4)]
     labelled = [(x, model(x).argmax(1).detach()) for x in xs]  # the original model's own decisions
-    base = {"ratio": 0.2, **NO_TIMING}
+    # method svd: this random net's logits are nearly tied, and whitened SVD keeps every decision already,
+    # leaving nothing for fine-tuning to recover
+    base = {"ratio": 0.2, "method": "svd", **NO_TIMING}
     plain, _ = _decompose(model, base, data=labelled)
     tuned, _ = _decompose(model, {**base, "fine_tune": {"epochs": 10, "lr": 3e-3}}, data=labelled)
     agree = lambda m: sum(int((m(x).argmax(1) == y).sum()) for x, y in labelled)  # noqa: E731

@@ -23,7 +23,7 @@ from ..core.progress import track
 from ..core.select import set_submodule
 from ..measure.macs import count_macs
 
-__all__ = ["Candidate", "capture_inputs", "output_error", "reference_outputs", "layer_macs", "is_slower", "allocate"]
+__all__ = ["Candidate", "capture_inputs", "input_grams", "patches", "output_error", "reference_outputs", "layer_macs", "is_slower", "allocate"]
 
 LATENCY_WARMUP = 3  # untimed runs of each first
 LATENCY_RUNS = 30  # timed runs of each, alternated one by one; the fastest of each is compared
@@ -58,6 +58,64 @@ def capture_inputs(model: nn.Module, modules: dict[str, nn.Module], batches: lis
         for h in hooks:
             h.remove()
     return seen
+
+
+def patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The rows a layer's weight matrix multiplies: (N, in) for a Linear (every position of the last
+    dimension), (N * L, S * k) input patches for a convolution (its channel view), or None for a convolution
+    whose padding this does not reproduce (a padding mode other than zeros, or a string padding)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        return None
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(-2)
+        kernel, dilation, padding, stride = ((1, *module.kernel_size), (1, *module.dilation), (0, *module.padding),
+                                             (1, *module.stride))
+    else:
+        kernel, dilation, padding, stride = module.kernel_size, module.dilation, module.padding, module.stride
+    if x.dim() == 3:  # an unbatched input
+        x = x.unsqueeze(0)
+    cols = torch.nn.functional.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, S*k, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def input_grams(model: nn.Module, modules: dict[str, nn.Module], batches: list) -> dict[str, torch.Tensor]:
+    """Each module's input second moment X^T X (float64), summed over the rows of every batch: the data that
+    whitened SVD fits. A batch given as a dict with an `attention_mask` (B, T) drops the rows of padding
+    tokens from inputs shaped (B, T, ...): no output is read at those positions. A module that never ran,
+    or whose rows `patches` cannot form, is left out."""
+    grams: dict[str, torch.Tensor] = {}
+    skipped: set[str] = set()
+    mask: list[torch.Tensor | None] = [None]
+    hooks = []
+    for name, module in modules.items():
+        def hook(mod, args, name=name):
+            if name in skipped or not args or not isinstance(args[0], torch.Tensor):
+                return
+            x = args[0].detach()
+            m = mask[0]
+            if m is not None and isinstance(mod, nn.Linear) and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
+                x = x[m.bool()]
+            rows = patches(mod, x)
+            if rows is None:
+                skipped.add(name)
+                return
+            rows = rows.double()
+            g = rows.T @ rows
+            grams[name] = grams[name] + g if name in grams else g
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs, _ = D.split(batch)
+                m = inputs[1].get("attention_mask") if isinstance(inputs[1], dict) else None
+                mask[0] = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+                D.forward(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v for k, v in grams.items() if k not in skipped}
 
 
 def reference_outputs(model: nn.Module, batches: list) -> list[torch.Tensor]:

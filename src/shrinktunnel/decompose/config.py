@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..core.config import Config, StrEnum
 
-__all__ = ["ConvScheme", "BudgetMetric", "FineTune", "LayerRank", "DecomposeConfig"]
+__all__ = ["ConvScheme", "BudgetMetric", "BudgetScope", "Method", "FineTune", "LayerRank", "DecomposeConfig"]
 
 
 class ConvScheme(StrEnum):
@@ -18,6 +18,21 @@ class ConvScheme(StrEnum):
     CHANNEL = "channel"  # Zhang et al. 2015: (kh x kw, r channels) then 1 x 1: an SVD of (out, in*kh*kw)
     TUCKER2 = "tucker2"  # Kim et al. 2016: 1 x 1 (in -> r_in), kh x kw core, 1 x 1 (r_out -> out)
     CP = "cp"  # Lebedev et al. 2015: 1 x 1, depthwise kh x 1, depthwise 1 x kw, 1 x 1 (rank R)
+
+
+class Method(StrEnum):
+    """What the truncated SVD of a Linear (and of a conv under the channel scheme) keeps."""
+
+    AUTO = "auto"  # whitened_svd when the stage has data, svd otherwise
+    SVD = "svd"  # the weight's own leading singular directions: least ||W - W~|| (Eckart-Young)
+    WHITENED_SVD = "whitened_svd"  # least ||(W - W~) X^T|| on the calibration inputs X: an SVD of W S with
+    # X^T X = S S^T, then S^-1 back (SVD-LLM, Wang et al. 2024; ASVD, Yuan et al. 2023). Needs data
+
+
+class BudgetScope(StrEnum):
+    MODEL = "model"  # the budget is a fraction of the whole model's metric (the issue's "MACs cut by half")
+    LAYERS = "layers"  # a fraction of the selected layers' metric only (e.g. "the projections at half their
+    # weights" while the embeddings, which are not decomposed, stay as they are)
 
 
 class BudgetMetric(StrEnum):
@@ -104,6 +119,14 @@ class DecomposeConfig(Config):
     budget: float | None = None  # (0, 1): ranks chosen per layer, from measured sensitivity, so that the whole
     # model keeps this fraction of its `budget_metric`; needs data
     budget_metric: BudgetMetric = BudgetMetric.MACS  # macs: what decides CPU latency
+    budget_scope: BudgetScope = BudgetScope.MODEL  # model: a budget of the whole model, as the issue states it
+    method: Method = Method.AUTO  # auto: whitened_svd with data (on MiniLM at half the projections' weights
+    # the output error fell from ... to ...; docs/decomposition.md), svd without. Applies to Linears and to
+    # convolutions under the channel scheme; the other conv schemes factor the weight alone
+    whitening_batches: int = Field(default=16, ge=1)  # batches whose inputs give each layer's X^T X: a
+    # 1536-wide layer needs many more rows than columns for its second moment to be estimated
+    whitening_damping: float = Field(default=1e-4, ge=0)  # added to X^T X as a fraction of its mean diagonal:
+    # directions the calibration data never took keep a little weight instead of an arbitrary amount
     keep_if_slower: bool = True  # True: a layer whose decomposed form runs slower than the whole layer on
     # the data's real shapes (timed here, in PyTorch) is left whole. Without data nothing can be timed
     calibration_batches: int = Field(default=4, ge=1)  # batches that measure sensitivity and latency: 4 of 64

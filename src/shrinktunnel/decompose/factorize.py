@@ -16,6 +16,7 @@ import torch
 __all__ = [
     "matrix_view", "singular_values", "energy_rank", "svd_factors", "spatial_factors", "channel_factors",
     "tucker2_factors", "cp_factors", "mode_singular_values", "reconstruct", "relative_error", "one_thread",
+    "Whitening", "whitening", "whitened_svd", "output_error",
 ]
 
 
@@ -75,12 +76,61 @@ def energy_rank(sigma: torch.Tensor, energy: float) -> int:
 
 
 @_single_threaded
-def svd_factors(m: torch.Tensor, r: int, usv=None) -> tuple[torch.Tensor, torch.Tensor]:
+def svd_factors(m: torch.Tensor, r: int, usv=None, white: Whitening | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """m (a, b) ~ left (a, r) @ right (r, b), the singular values split evenly (sqrt on each side),
-    which keeps both factors at the same scale for fine-tuning and for float rounding."""
-    u, s, vh = usv if usv is not None else _svd(m)
+    which keeps both factors at the same scale for fine-tuning and for float rounding. With `white`,
+    `usv` is the SVD of m S (`whitened_svd`) and the right factor is un-whitened by S^-1."""
+    u, s, vh = usv if usv is not None else (whitened_svd(m, white) if white is not None else _svd(m))
     root = s[:r].sqrt()
-    return u[:, :r] * root, root[:, None] * vh[:r]
+    right = root[:, None] * vh[:r]
+    if white is not None:
+        right = right @ white.inverse
+    return u[:, :r] * root, right
+
+
+class Whitening:
+    """A square root S of a layer's input second moment G = X^T X = S S^T, and S^-1, in float64.
+
+    S = Q diag(sqrt(e)) from the eigendecomposition G = Q diag(e) Q^T (rather than a Cholesky factor,
+    which fails on the singular G of a layer whose inputs span fewer directions than its width; the
+    damping below makes every e positive either way)."""
+
+    def __init__(self, root: torch.Tensor, inverse: torch.Tensor) -> None:
+        self.root, self.inverse = root, inverse
+
+
+@_single_threaded
+def whitening(gram: torch.Tensor, damping: float) -> Whitening:
+    """S and S^-1 of gram + damping * mean(diag(gram)) * I. The damping keeps directions the data never
+    takes from being free to hold any weight (they would be when the input never reaches them during
+    calibration but does later), and it bounds S^-1."""
+    g = gram.double()
+    g = (g + g.T) / 2
+    scale = float(g.diagonal().mean())
+    if scale <= 0:
+        scale = 1.0
+    g = g + damping * scale * torch.eye(g.shape[0], dtype=torch.float64)
+    e, q = torch.linalg.eigh(g)
+    e = e.clamp_min(damping * scale * 1e-3 if damping > 0 else 1e-300)
+    root = e.sqrt()
+    return Whitening(q * root, (q / root).T)
+
+
+@_single_threaded
+def whitened_svd(m: torch.Tensor, white: Whitening) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD of M S: its truncation to rank r, right factor times S^-1, is the rank-r matrix M~ with the
+    least output error ||(M - M~) X^T||_F on the calibration inputs X (SVD-LLM, Wang et al. 2024, theorem
+    3.2; ASVD, Yuan et al. 2023, with the full second moment in place of its diagonal)."""
+    return _svd(m.double() @ white.root)
+
+
+@_single_threaded
+def output_error(m: torch.Tensor, approx: torch.Tensor, gram: torch.Tensor) -> float:
+    """||(M - M~) X^T||_F / ||M X^T||_F from the second moment G = X^T X: tr(D G D^T) over tr(M G M^T)."""
+    g, m, d = gram.double(), m.double(), (m.double() - approx.double())
+    num = float(torch.einsum("oi,ij,oj->", d, g, d))
+    den = float(torch.einsum("oi,ij,oj->", m, g, m))
+    return (max(num, 0.0) / den) ** 0.5 if den > 0 else max(num, 0.0) ** 0.5
 
 
 @_single_threaded
@@ -94,10 +144,11 @@ def spatial_factors(w: torch.Tensor, r: int, usv=None) -> tuple[torch.Tensor, to
 
 
 @_single_threaded
-def channel_factors(w: torch.Tensor, r: int, usv=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first (r, S, *k) with the layer's geometry, second (T, r, 1...)): an SVD of (T, S*k)."""
+def channel_factors(w: torch.Tensor, r: int, usv=None, white: Whitening | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first (r, S, *k) with the layer's geometry, second (T, r, 1...)): an SVD of (T, S*k), whitened by
+    the second moment of the input patches when `white` is given."""
     t, s, *k = w.shape
-    left, right = svd_factors(matrix_view("channel", w), r, usv)  # (T, r), (r, S*k)
+    left, right = svd_factors(matrix_view("channel", w), r, usv, white)  # (T, r), (r, S*k)
     return right.reshape(r, s, *k), left.reshape(t, r, *[1] * len(k))
 
 

@@ -164,15 +164,20 @@ def build(module: nn.Module, scheme: str, ranks: list[int]) -> LowRank:
 
 
 def factors(module: nn.Module, scheme: str, ranks: list[int], *, tucker_iterations: int = 2,
-            cp_iterations: int = 100, seed: int = 0, usv=None) -> tuple[torch.Tensor, ...]:
-    """The factors of `module`'s weight (float64). `usv`: a precomputed SVD of the scheme's matrix view."""
+            cp_iterations: int = 100, seed: int = 0, usv=None, white: F.Whitening | None = None) -> tuple[torch.Tensor, ...]:
+    """The factors of `module`'s weight (float64). `usv`: a precomputed SVD of the scheme's matrix view
+    (of the whitened view when `white` is given: svd and channel only)."""
     w = module.weight.detach()
+    if white is not None and scheme not in ("svd", "channel"):
+        raise ValueError(f"whitening applies to the svd and channel schemes, not {scheme}")
     if scheme in ("svd", "channel", "spatial"):
         r = ranks[0]
         if scheme == "svd":
-            left, right = F.svd_factors(w, r, usv)
+            left, right = F.svd_factors(w, r, usv, white)
             return right, left  # layer order: first (r, in), second (out, r)
-        return (F.channel_factors if scheme == "channel" else F.spatial_factors)(w, r, usv)
+        if scheme == "channel":
+            return F.channel_factors(w, r, usv, white)
+        return F.spatial_factors(w, r, usv)
     if scheme == "tucker2":
         return F.tucker2_factors(w, ranks[0], ranks[1], tucker_iterations)
     return F.cp_factors(w, ranks[0], cp_iterations, seed)

@@ -15,9 +15,10 @@ from ..core.select import matches, names_by_module, set_submodule, unmatched_pat
 from ..errors import ArtifactError, DataError
 from ..measure import count_macs, count_weights
 from . import budget as B
+from . import factorize as F
 from . import layers as L
-from .config import DecomposeConfig
-from .ranks import SVDCache, check_rank, ranks_for_energy, ranks_for_ratio
+from .config import BudgetScope, DecomposeConfig, Method
+from .ranks import WHITENED_SCHEMES, SVDCache, check_rank, ranks_for_energy, ranks_for_ratio
 
 __all__ = ["decompose_model", "replay_decompose", "LayerPlan", "plan_layers"]
 
@@ -136,7 +137,35 @@ def _fixed_ranks(plan: LayerPlan, cfg: DecomposeConfig, cache: SVDCache) -> list
 
 def _decompose(plan: LayerPlan, ranks: list[int], cfg: DecomposeConfig, cache: SVDCache):
     return L.decompose_layer(plan.module, plan.scheme, ranks, tucker_iterations=cfg.tucker_iterations,
-                             cp_iterations=cfg.cp_iterations, seed=cfg.seed, usv=cache.usv(plan.module, plan.scheme))
+                             cp_iterations=cfg.cp_iterations, seed=cfg.seed, usv=cache.usv(plan.module, plan.scheme),
+                             white=cache.white(plan.module, plan.scheme))
+
+
+def _whitenings(model: nn.Module, plans: list[LayerPlan], cfg: DecomposeConfig, ctx: Context,
+                source: Any) -> tuple[dict[int, F.Whitening], dict[int, Any]]:
+    """Each whitenable layer's Whitening (by id of the layer) and its X^T X, from one calibration pass."""
+    if cfg.method == Method.SVD or not plans:
+        return {}, {}
+    if source is None:
+        if cfg.method == Method.WHITENED_SVD:
+            raise DataError("decompose: method whitened_svd needs data (a few batches of real inputs) to measure each "
+                            "layer's inputs: pass data=, or set method: svd")
+        return {}, {}
+    targets = {p.name: p.module for p in plans if p.scheme in WHITENED_SCHEMES}
+    grams = B.input_grams(model, targets, list(D.take(source, cfg.whitening_batches))) if targets else {}
+    for name in targets:
+        if name not in grams:
+            ctx.warn(f"decompose: {name} not whitened (it did not run on the data, or its padding is not zeros of a "
+                     f"given size); its plain SVD is used")
+    for p in plans:
+        if p.scheme not in WHITENED_SCHEMES and cfg.method == Method.WHITENED_SVD:
+            ctx.warn(f"decompose: {p.name} ({p.scheme}) is factorised from its weight alone: whitening applies to "
+                     f"Linears and to the channel scheme")
+    by_id = {id(targets[n]): g for n, g in grams.items()}
+    whites = {}
+    for i, g in by_id.items():
+        whites[i] = F.whitening(g, cfg.whitening_damping)
+    return whites, by_id
 
 
 def _pays(plan: LayerPlan, ranks: list[int], decomposed: nn.Module, x, cfg: DecomposeConfig, ctx: Context,
@@ -164,7 +193,10 @@ def _choose_by_budget(model, plans, fixed, cfg, ctx, cache, batches, inputs, thr
         return float(B.layer_macs(module, x)) if macs else float(sum(
             m.weight.numel() for m in module.modules() if isinstance(getattr(m, "weight", None), nn.Parameter)))
 
-    original = float(count_macs(model, D.split(batches[0])[0]) if macs else count_weights(model))
+    if cfg.budget_scope == BudgetScope.LAYERS:
+        original = float(sum(cost(p.module, inputs.get(p.name)) for p in plans))
+    else:
+        original = float(count_macs(model, D.split(batches[0])[0]) if macs else count_weights(model))
     total = original
     # Layers with a fixed rule count at the cost they will have; their choice is not the budget's.
     for name, (ranks, module, _) in fixed.items():
@@ -210,7 +242,8 @@ def _choose_by_budget(model, plans, fixed, cfg, ctx, cache, batches, inputs, thr
             ctx.warn(f"decompose: {name}: the {by_name[name].scheme} form at ranks {c.ranks} ran slower than the whole "
                      f"layer ({c.extra['ms']:.3f} ms vs {c.extra['whole_ms']:.3f} ms); not used")
     if reached > target:
-        ctx.warn(f"decompose: budget {cfg.budget} of the model's {cfg.budget_metric.value} not reached: the layers that "
+        scope = "selected layers'" if cfg.budget_scope == BudgetScope.LAYERS else "model's"
+        ctx.warn(f"decompose: budget {cfg.budget} of the {scope} {cfg.budget_metric.value} not reached: the layers that "
                  f"decompose profitably reach {reached / original:.3f}; decompose more layers or accept it")
     out = {}
     for name, j in choice.items():
@@ -225,8 +258,9 @@ def decompose_model(model: nn.Module, cfg: DecomposeConfig, ctx: Context) -> tup
     """Low-rank decomposition of a copy of `model`: Linear -> two Linears, Conv -> thin convolutions."""
     model = copy.deepcopy(model).eval()
     plans = plan_layers(model, cfg, ctx)
-    cache = SVDCache()
     source = ctx.data if ctx.data is not None else ctx.example_inputs
+    whites, grams = _whitenings(model, plans, cfg, ctx, source)
+    cache = SVDCache(whites)
     batches = list(D.take(source, cfg.calibration_batches)) if source is not None else []
     inputs = B.capture_inputs(model, {p.name: p.module for p in plans}, batches) if batches and plans else {}
     threads = None
@@ -259,8 +293,17 @@ def decompose_model(model: nn.Module, cfg: DecomposeConfig, ctx: Context) -> tup
         ranks, module, werr = chosen[plan.name]
         for n in (plan.name, *plan.aliases):
             set_submodule(model, n, module)
-        replay["layers"][plan.name] = {"kind": plan.kind, "scheme": plan.scheme, "ranks": list(ranks),
-                                       "weight_error": round(werr, 6)}
+        spec = {"kind": plan.kind, "scheme": plan.scheme, "ranks": list(ranks), "weight_error": round(werr, 6)}
+        white = cache.white(plan.module, plan.scheme)
+        if plan.scheme in WHITENED_SCHEMES:
+            spec["method"] = "whitened_svd" if white is not None else "svd"
+        gram = grams.get(id(plan.module))
+        if gram is not None:  # ||(W - W~) X^T|| / ||W X^T|| on the calibration inputs
+            w = F.matrix_view(plan.scheme, plan.module.weight.detach())
+            approx = F.reconstruct(plan.scheme, L.factors(plan.module, plan.scheme, ranks, usv=cache.usv(
+                plan.module, plan.scheme), white=white))
+            spec["output_error"] = round(F.output_error(w, F.matrix_view(plan.scheme, approx), gram), 6)
+        replay["layers"][plan.name] = spec
         replay["shared"].update({a: plan.name for a in plan.aliases})
     if cfg.fine_tune is not None and chosen:
         _fine_tune(model, cfg, ctx)

@@ -14,15 +14,26 @@ from ..errors import ConfigError
 from . import factorize as F
 from . import layers as L
 
-__all__ = ["check_rank", "ranks_for_ratio", "ranks_for_energy", "SVDCache"]
+__all__ = ["check_rank", "ranks_for_ratio", "ranks_for_energy", "SVDCache", "WHITENED_SCHEMES"]
+
+WHITENED_SCHEMES = ("svd", "channel")  # the schemes whose factors are one SVD of (out, in * kernel): the input
+# (or its patches) multiplies that matrix directly, so its second moment whitens it
 
 
 class SVDCache:
     """One SVD per (layer, scheme), shared by the energy rule, the candidates of the budget and the
-    factors themselves: an SVD of a 1536 x 384 matrix costs more than everything else done to it."""
+    factors themselves: an SVD of a 1536 x 384 matrix costs more than everything else done to it.
 
-    def __init__(self) -> None:
+    `whitenings` (id of a layer -> its input's `factorize.Whitening`): those layers' SVDs are of W S, the
+    weight seen through the data (whitened_svd); the energy rule then counts the energy of the layer's
+    output on the calibration data rather than of its weight."""
+
+    def __init__(self, whitenings: dict[int, F.Whitening] | None = None) -> None:
         self._usv: dict[tuple[int, str], tuple] = {}
+        self.whitenings = whitenings or {}
+
+    def white(self, module: nn.Module, scheme: str) -> F.Whitening | None:
+        return self.whitenings.get(id(module)) if scheme in WHITENED_SCHEMES else None
 
     def usv(self, module: nn.Module, scheme: str):
         if scheme not in ("svd", "channel", "spatial"):
@@ -32,8 +43,10 @@ class SVDCache:
             import torch
 
             m = F.matrix_view(scheme, module.weight.detach())
+            white = self.white(module, scheme)
             with F.one_thread():
-                self._usv[key] = torch.linalg.svd(m.double(), full_matrices=False)
+                self._usv[key] = F.whitened_svd(m, white) if white is not None else torch.linalg.svd(
+                    m.double(), full_matrices=False)
         return self._usv[key]
 
 
