@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from shrinktunnel.distill.config import OutputLoss, Pooling
-from shrinktunnel.distill.losses import (ConvAdapter, check_output_shapes, embedding_loss, hinton_loss, make_adapter,
-                                         pool, soft_target_loss)
+from shrinktunnel.distill.losses import (ConvAdapter, check_output_shapes, embedding_loss, feature_loss, hinton_loss,
+                                         make_adapter, pool, soft_target_loss)
 from shrinktunnel.errors import ModelError
 
 
@@ -61,6 +61,19 @@ def test_embedding_losses():
     assert float(embedding_loss(a, 3 * a, OutputLoss.COSINE)) == pytest.approx(0.0, abs=1e-7)
     assert float(embedding_loss(a, -a, OutputLoss.COSINE)) == pytest.approx(2.0)
     assert float(embedding_loss(a, a + 1, OutputLoss.MSE)) == pytest.approx(1.0)
+
+
+def test_token_feature_loss_counts_only_real_tokens():
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    real = torch.cat([(s[0, :3] - t[0, :3]) ** 2, (s[1] - t[1]) ** 2])  # the 8 real tokens
+    torch.testing.assert_close(feature_loss(s, t, mask), real.mean())
+    garbage = t.clone()
+    garbage[0, 3:] = 1e6  # what the teacher leaves at padding positions cannot matter
+    assert torch.equal(feature_loss(s, garbage, mask), feature_loss(s, t, mask))
+    assert torch.equal(feature_loss(s, t), F.mse_loss(s, t))  # no mask: plain MSE
+    assert torch.equal(feature_loss(s[:, 0], t[:, 0], mask), F.mse_loss(s[:, 0], t[:, 0]))  # mask of another shape
 
 
 def test_adapters_map_widths_and_refuse_other_axes():

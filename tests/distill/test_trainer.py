@@ -130,10 +130,11 @@ class Interrupt(Exception):
     pass
 
 
-def test_an_interrupted_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("schedule", [{}, {"schedule": "linear", "warmup": 0.2}], ids=["constant", "warmup-linear"])
+def test_an_interrupted_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path, schedule):
     teacher = mlp(32, 0)
     data = batches(n=5)
-    cfg = dict(steps=23, lr=1e-2, eval_every=4, checkpoint_every=4, restore_best=False)
+    cfg = dict(steps=23, lr=1e-2, eval_every=4, checkpoint_every=4, restore_best=False, **schedule)
 
     reference = mlp(8, 1)
     distill_train(reference, teacher, data, DistillConfig(**cfg), eval_fn=lambda m: 0.0, progress=False)
@@ -163,6 +164,26 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
 
     with pytest.raises(ConfigError, match="different run"):
         distill_train(mlp(8, 1), teacher, data, DistillConfig(**{**cfg, "lr": 0.5}, checkpoint=str(ckpt)), progress=False)
+
+
+def test_the_schedule_sets_each_steps_learning_rate(monkeypatch):
+    from shrinktunnel.distill import trainer
+
+    assert [trainer.lr_factor(i, 10, "linear", 0.2) for i in range(10)] == pytest.approx(
+        [0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
+    assert trainer.lr_factor(2, 10, "cosine", 0.2) == 1.0 and trainer.lr_factor(6, 10, "cosine", 0.2) == pytest.approx(0.5)
+    assert [trainer.lr_factor(i, 4, "constant", 0.5) for i in range(4)] == [0.5, 1.0, 1.0, 1.0]
+    seen = []  # the lr every optimiser step really used
+    step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    distill_train(mlp(8, 1), mlp(32, 0), batches(n=3), DistillConfig(steps=10, lr=0.1, schedule="linear", warmup=0.2),
+                  progress=False)
+    assert seen == pytest.approx([0.1 * trainer.lr_factor(i, 10, "linear", 0.2) for i in range(10)])
 
 
 def test_bad_input_is_a_typed_error():
@@ -229,7 +250,7 @@ class SmallCNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(self.features(x).flatten(1))))
 
 
-@pytest.mark.parametrize("first", [{"prune_channels": {"ratio": 0.5}}, {"decompose": {"ratio": 0.3, "keep_if_slower": False}}],
+@pytest.mark.parametrize("first", [{"prune_channels": {"ratio": 0.5}}, {"decompose": {"ratio": 0.3, "keep_if_slower": False, "method": "svd"}}],
                          ids=["prune_channels", "decompose"])
 def test_distill_recovers_after_another_method_in_one_recipe(first, tmp_path):
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..core.config import Config, StrEnum
 
-__all__ = ["OutputLoss", "Pooling", "Hint", "DistillConfig", "KeepLayersConfig"]
+__all__ = ["OutputLoss", "Pooling", "Schedule", "Hint", "DistillConfig", "KeepLayersConfig"]
 
 
 class OutputLoss(StrEnum):
@@ -21,6 +21,12 @@ class Pooling(StrEnum):
     NONE = "none"  # compare outputs position by position
     MEAN = "mean"  # mean over dim 1, weighted by the batch's attention_mask when it has one
     CLS = "cls"  # the first position (BERT's [CLS] token)
+
+
+class Schedule(StrEnum):
+    CONSTANT = "constant"  # lr throughout (after the warmup, if any)
+    LINEAR = "linear"  # linear decay to 0 at the last step (BERT's and TinyBERT's schedule)
+    COSINE = "cosine"  # half a cosine from lr to 0 at the last step
 
 
 class Hint(Config):
@@ -55,6 +61,11 @@ class DistillConfig(Config):
     lr: float = 1e-4  # Adam; low because the student usually starts from trained (compressed) weights.
     # A student trained from scratch wants 1e-3
     optimizer: str = "adam"  # adam | adamw | sgd (momentum 0.9)
+    schedule: Schedule = Schedule.CONSTANT  # the learning rate over the steps; constant: what a short
+    # recovery after compression wants. A student far from its teacher (keep_layers) learns faster with
+    # a higher lr, warmed up and decayed: linear or cosine
+    warmup: float = Field(default=0.0, ge=0, lt=1)  # fraction of the steps over which lr rises linearly
+    # from lr / warmup-steps to lr; 0: none. 0.1 is BERT's usual
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float | None = Field(default=None, gt=0)  # max global gradient norm; None: no clipping
     freeze: list[str] = Field(default_factory=list)  # glob patterns of parameter names kept as they are,

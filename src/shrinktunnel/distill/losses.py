@@ -18,7 +18,8 @@ from torch import nn
 from ..errors import ModelError
 from .config import OutputLoss, Pooling
 
-__all__ = ["soft_target_loss", "hinton_loss", "pool", "embedding_loss", "make_adapter", "check_output_shapes"]
+__all__ = ["soft_target_loss", "hinton_loss", "pool", "embedding_loss", "feature_loss", "make_adapter",
+           "check_output_shapes"]
 
 
 def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -61,6 +62,17 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, loss: OutputLos
     if loss == OutputLoss.COSINE:
         return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
     return F.mse_loss(student.float(), teacher.float())
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE between two features; over the real tokens only when `mask` (B, T) matches a (B, T, D)
+    feature: a padding position's hidden state is never read (attention and pooling skip it), so
+    TinyBERT-style token distillation should not spend the student's capacity on it."""
+    if mask is None or student.dim() != 3 or tuple(mask.shape) != tuple(student.shape[:2]):
+        return F.mse_loss(student.float(), teacher.float())
+    m = mask.unsqueeze(-1).float()  # (B, T, 1)
+    squared = (student.float() - teacher.float()) ** 2 * m
+    return squared.sum() / (m.sum() * student.shape[-1]).clamp_min(1.0)
 
 
 def check_output_shapes(student: torch.Tensor, teacher: torch.Tensor, loss: OutputLoss) -> None:

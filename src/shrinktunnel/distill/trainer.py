@@ -7,6 +7,7 @@ stopping and a resumable checkpoint.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -18,10 +19,24 @@ from ..core.select import matches
 from ..core.train import FitConfig, _num_steps, fit
 from ..errors import ConfigError, DataError, ModelError
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import DistillConfig, OutputLoss
-from .losses import check_output_shapes, embedding_loss, hinton_loss, make_adapter, pool
+from .config import DistillConfig, OutputLoss, Schedule
+from .losses import check_output_shapes, embedding_loss, feature_loss, hinton_loss, make_adapter, pool
 
-__all__ = ["DistillLog", "distill_train"]
+__all__ = ["DistillLog", "distill_train", "lr_factor"]
+
+
+def lr_factor(step: int, total: int, schedule: Schedule | str, warmup: float) -> float:
+    """The multiple of lr used by optimiser step `step` (0-based) of `total`: a linear rise over the
+    first round(warmup * total) steps, then constant, linear or cosine decay towards 0 at the end."""
+    warm = round(warmup * total)
+    if step < warm:
+        return (step + 1) / warm
+    if schedule == Schedule.CONSTANT:
+        return 1.0
+    progress = (step - warm) / max(1, total - warm)  # 0 at the first step after warmup, -> 1 at the end
+    if schedule == Schedule.LINEAR:
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -76,7 +91,8 @@ def _output(model: nn.Module, inputs: D.Inputs) -> torch.Tensor:
 
 def _fingerprint(student: nn.Module, cfg: DistillConfig, total: int) -> dict[str, Any]:
     """What must be equal for a checkpoint to continue this run."""
-    keep = ("loss", "temperature", "alpha", "pooling", "hints", "lr", "optimizer", "weight_decay", "grad_clip", "freeze")
+    keep = ("loss", "temperature", "alpha", "pooling", "hints", "lr", "optimizer", "schedule", "warmup", "weight_decay",
+            "grad_clip", "freeze")
     config = {k: v for k, v in cfg.to_dict().items() if k in keep}
     shapes = {k: list(v.shape) for k, v in student.state_dict().items()}
     return {"config": config, "total_steps": total, "student": shapes}
@@ -151,9 +167,10 @@ def distill_train(
                     loss = loss + hinton_loss(s, t_out, target, cfg.temperature, cfg.alpha)
                 else:
                     loss = loss + embedding_loss(s, t_out, cfg.loss)
+            mask = inputs[1].get("attention_mask")
             for h, adapter, t_feat in zip(hints, adapters, t_feats):
                 s_feat = adapter(s_cap.outputs[h.student])
-                loss = loss + h.weight * torch.nn.functional.mse_loss(s_feat.float(), t_feat.float())
+                loss = loss + h.weight * feature_loss(s_feat, t_feat, mask)
             return loss
 
         return _run(student, adapters, data, cfg, loss_fn, eval_fn, progress)
@@ -164,10 +181,13 @@ def distill_train(
 
 
 def _run(student, adapters, data, cfg: DistillConfig, loss_fn, eval_fn, progress) -> DistillLog:
-    fit_cfg = FitConfig(steps=cfg.steps, epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer,
+    scheduled = cfg.schedule != Schedule.CONSTANT or cfg.warmup > 0
+    total = _num_steps(data, FitConfig(steps=cfg.steps, epochs=cfg.epochs))
+    # fit builds the optimiser with the first step's lr; on_step sets each following step's
+    first_lr = cfg.lr * lr_factor(0, total, cfg.schedule, cfg.warmup) if scheduled else cfg.lr
+    fit_cfg = FitConfig(steps=cfg.steps, epochs=cfg.epochs, lr=first_lr, optimizer=cfg.optimizer,
                         weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, description="distilling",
                         progress=progress)
-    total = _num_steps(data, fit_cfg)
     fingerprint = _fingerprint(student, cfg, total)
     log = DistillLog()
     best_state: dict[str, torch.Tensor] | None = None
@@ -230,6 +250,9 @@ def _run(student, adapters, data, cfg: DistillConfig, loss_fn, eval_fn, progress
             last_opt.append(opt)
         log.steps = step
         log.losses.append(loss)
+        if scheduled and step < total:
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * lr_factor(step, total, cfg.schedule, cfg.warmup)
         stop = evaluating and (step % cfg.eval_every == 0 or step == total) and evaluate(step)
         log.stopped_early = bool(stop) and step < total
         if step % cfg.checkpoint_every == 0 or stop or step == total:
