@@ -123,6 +123,8 @@ def test_scheme_needing_2d_kernel_on_conv1d_is_listed():
     ({"energy": 1.5}, ["energy=1.5", "(0, 1]"]),
     ({"ratio": 1.0}, ["ratio=1.0", "(0, 1)"]),
     ({"budget": 0}, ["budget=0", "(0, 1)"]),
+    ({"budget_candidates": [0.5, 1.0]}, ["budget_candidates=[0.5, 1.0]", "(0, 1)"]),
+    ({"method": "asvd"}, ["method"]),
     ({"rank": 2, "energy": 0.9}, ["rank and energy", "set one of"]),
     ({"rank": [1, 2, 3]}, ["3 entries"]),
     ({"conv_scheme": "svd2"}, ["conv_scheme"]),

@@ -119,6 +119,9 @@ class DecomposeConfig(Config):
     budget: float | None = None  # (0, 1): ranks chosen per layer, from measured sensitivity, so that the whole
     # model keeps this fraction of its `budget_metric`; needs data
     budget_metric: BudgetMetric = BudgetMetric.MACS  # macs: what decides CPU latency
+    budget_candidates: list[float] = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]  # the ranks
+    # each layer may take under a budget, as fractions of its weights: finer where the savings are large. Each
+    # costs one sensitivity pass over the calibration batches per layer; fewer make a large model affordable
     budget_scope: BudgetScope = BudgetScope.MODEL  # model: a budget of the whole model, as the issue states it
     method: Method = Method.AUTO  # auto: whitened_svd with data (on MiniLM at half the projections' weights
     # the output error fell from ... to ...; docs/decomposition.md), svd without. Applies to Linears and to
@@ -143,6 +146,14 @@ class DecomposeConfig(Config):
     _rank = field_validator("rank")(_check_rank)
     _energy = field_validator("energy")(_check_energy)
     _ratio = field_validator("ratio")(_check_ratio)
+
+    @field_validator("budget_candidates")
+    @classmethod
+    def _check_candidates(cls, values: list[float]) -> list[float]:
+        if not values or any(not 0 < v < 1 for v in values):
+            raise ValueError(f"budget_candidates={values}: give at least one fraction of a layer's weights, each in "
+                             f"(0, 1), e.g. [0.3, 0.5, 0.7]")
+        return values
 
     @field_validator("budget")
     @classmethod

@@ -23,8 +23,6 @@ from .ranks import WHITENED_SCHEMES, SVDCache, check_rank, ranks_for_energy, ran
 __all__ = ["decompose_model", "replay_decompose", "LayerPlan", "plan_layers"]
 
 DEFAULT_RATIO = 0.5  # used when the config gives none of rank / energy / ratio / budget
-BUDGET_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # the candidates of each layer
-# under a budget, as fractions of its weights: finer where the savings are large
 
 
 @dataclass
@@ -210,7 +208,7 @@ def _choose_by_budget(model, plans, fixed, cfg, ctx, cache, batches, inputs, thr
         x = inputs.get(plan.name)
         whole = B.Candidate(None, None, cost(plan.module, x))
         seen, cands = set(), [whole]
-        for ratio in BUDGET_RATIOS:
+        for ratio in cfg.budget_candidates:
             ranks = ranks_for_ratio(plan.module, plan.scheme, ratio)
             if tuple(ranks) in seen:
                 continue
