@@ -14,6 +14,8 @@ class Importance(StrEnum):
     L2 = "l2"  # sum of w^2 of every weight tied to the channel (Torch-Pruning's default)
     BN_SCALE = "bn_scale"  # |gamma| of the BatchNorms in the group (Liu et al. 2017, "network slimming")
     TAYLOR = "taylor"  # |sum w * dL/dw| per channel, on labelled batches (Molchanov et al. 2019)
+    ACTIVATION = "activation"  # E[x_c^2] * ||W[:, c]||^2 summed over the layers that read channel c: the energy
+    # the channel adds to their outputs on real inputs (Wanda, Sun et al. 2023, per channel); needs unlabelled data
 
 
 class Mode(StrEnum):
@@ -71,7 +73,8 @@ class ChannelPruneConfig(Config):
     protect: list[str] = []  # globs of layers whose output channels are kept (their inputs may still shrink);
     # layers whose channels reach the model's output are always kept, so its output shape never changes
     max_group_ratio: float = 0.9  # global mode: no group loses more than this; keeps every layer alive
-    calibration_batches: int = Field(default=8, ge=1)  # taylor: labelled batches whose gradients are summed
+    calibration_batches: int = Field(default=8, ge=1)  # taylor: labelled batches whose gradients are summed;
+    # activation: batches whose inputs are measured
     finetune: Finetune | None = None  # recovery training after pruning; None: none (run your own loop)
 
     _check_ratio = field_validator("ratio", "head_ratio", "max_group_ratio")(_ratio)

@@ -8,7 +8,11 @@ those weights at once (the group-level criterion of DepGraph, Fang et al. 2023):
 - bn_scale: |gamma| of the group's BatchNorms (Liu et al. 2017, "Learning Efficient Convolutional
   Networks through Network Slimming"); groups without BatchNorm fall back to l1, with a warning;
 - taylor: |sum of w * dL/dw| over the channel's weights, gradients summed over labelled batches
-  (Molchanov et al. 2019, "Importance Estimation for Neural Network Pruning", first order).
+  (Molchanov et al. 2019, "Importance Estimation for Neural Network Pruning", first order);
+- activation: E[x_c^2] * ||W[:, c]||^2 over the layers that read channel c, i.e. the energy channel c adds
+  to their outputs on real inputs, cross terms left out (the per-weight |w| * ||x|| of Wanda, Sun et al.
+  2023, "A Simple and Effective Pruning Approach for Large Language Models", taken per input channel).
+  Weight norms alone treat a neuron that never fires like one that always does.
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ from ..core.progress import track
 from ..errors import DataError
 from .config import Importance
 from .graph import Group
-from .surgery import along
+from .surgery import along, is_depthwise
 
-__all__ = ["group_scores", "accumulate_gradients"]
+__all__ = ["group_scores", "accumulate_gradients", "input_energies"]
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -46,9 +50,33 @@ def _member_scores(member, kind: Importance) -> torch.Tensor | None:
     return rows.abs().sum(dim=1)
 
 
-def group_scores(group: Group, kind: Importance, warn: Callable[[str], None]) -> torch.Tensor:
-    """One score per root channel of `group` (float64)."""
+def _activation_scores(group: Group, energies: dict[str, torch.Tensor], scores: torch.Tensor) -> bool:
+    """Add E[x_c^2] * ||W[:, c]||^2 of every reading member; False when no member was measured."""
+    found = False
+    for member in group.members:
+        energy = energies.get(member.name)
+        if member.dim != "in" or energy is None or is_depthwise(member.module):
+            continue
+        rows = along(member.module, "in")
+        if rows is None or rows.shape[0] != energy.shape[0]:
+            continue
+        idx = torch.tensor(member.idxs, dtype=torch.long)
+        s = rows[idx].double().pow(2).sum(dim=1) * energy[idx]
+        scores.index_add_(0, torch.tensor(member.root_idxs, dtype=torch.long), s)
+        found = True
+    return found
+
+
+def group_scores(group: Group, kind: Importance, warn: Callable[[str], None],
+                 energies: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """One score per root channel of `group` (float64). `energies`: activation only, from `input_energies`."""
     scores = torch.zeros(group.size, dtype=torch.float64)
+    if kind == Importance.ACTIVATION:
+        if _activation_scores(group, energies or {}, scores):
+            return scores
+        warn(f"prune_channels: no layer reading the channels of {group.root} ran on the data (or reads them "
+             f"depthwise), so activation cannot rank them; ranked by l2 instead")
+        kind = Importance.L2
     members = group.members
     if kind == Importance.BN_SCALE:
         norms = [m for m in members if isinstance(m.module, _NORMS)]
@@ -68,6 +96,50 @@ def group_scores(group: Group, kind: Importance, warn: Callable[[str], None]) ->
         # A flatten ties several inputs of the next Linear to one channel: index_add sums them.
         scores.index_add_(0, torch.tensor(member.root_idxs, dtype=torch.long), s)
     return scores
+
+
+def input_energies(model: nn.Module, data: Any, batches: int, progress: bool) -> dict[str, torch.Tensor]:
+    """E[x_c^2] of every input channel of every Linear and (ungrouped or grouped) convolution of `model`, by
+    name, over `batches` batches: a Linear's rows are every position of its last dimension, minus padding
+    tokens when a dict batch has an `attention_mask` (B, T) matching the input; a conv's over batch and space."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    mask: list[torch.Tensor | None] = [None]
+    hooks = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            continue
+
+        def hook(mod, args, name=name):
+            if not args or not isinstance(args[0], torch.Tensor):
+                return
+            x = args[0].detach().double()
+            if isinstance(mod, nn.Linear):
+                m = mask[0]
+                if m is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
+                    x = x[m.bool()]
+                rows = x.reshape(-1, x.shape[-1])
+            else:
+                rows = x.movedim(-mod.weight.dim() + 1, -1).reshape(-1, x.shape[-mod.weight.dim() + 1])
+            sums[name] = sums.get(name, 0) + rows.pow(2).sum(0)
+            counts[name] = counts.get(name, 0) + rows.shape[0]
+        hooks.append(module.register_forward_pre_hook(hook))
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in track(list(D.take(data, batches)), "activation importance", enabled=progress):
+                inputs, _ = D.split(batch)
+                m = inputs[1].get("attention_mask")
+                mask[0] = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+                D.forward(model, inputs)
+                seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if not seen:
+        raise DataError("prune_channels: importance 'activation' got no batch; pass data= (a few batches of real "
+                        "inputs, no labels needed)")
+    return {k: v / max(counts[k], 1) for k, v in sums.items()}
 
 
 def accumulate_gradients(model: nn.Module, data: Any, batches: int, progress: bool) -> None:

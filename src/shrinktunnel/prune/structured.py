@@ -27,7 +27,7 @@ from ..errors import ConfigError, DataError, ModelError
 from . import surgery
 from .config import ChannelPruneConfig, Finetune, FinetuneLoss, Importance, Mode
 from .graph import OUTPUT_REASON, Group, build_groups
-from .importance import accumulate_gradients, group_scores
+from .importance import accumulate_gradients, group_scores, input_energies
 
 __all__ = ["prune_channels", "replay_prune_channels", "Selection"]
 
@@ -57,11 +57,16 @@ def prune_channels(model: nn.Module, cfg: ChannelPruneConfig, ctx: Context) -> t
         if ctx.data is None:
             raise DataError("prune_channels: importance 'taylor' needs labelled data=; or use l1, l2 or bn_scale")
         accumulate_gradients(work, ctx.data, cfg.calibration_batches, ctx.progress)
+    energies = None
+    if cfg.importance == Importance.ACTIVATION:
+        # data (up to calibration_batches of it), else the one example batch that the trace needed anyway
+        energies = input_energies(work, ctx.data if ctx.data is not None else [example], cfg.calibration_batches,
+                                  ctx.progress)
     for g in groups:
         if g.blocked and g.blocked != OUTPUT_REASON:
             kind = "a layer kind the surgery does not know" if g.unknown_kind else "not prunable"
             ctx.warn(f"prune_channels: skipped the channels of {g.describe()} ({kind}): {g.blocked}")
-    selections = _select([g for g in groups if not g.blocked], cfg, ctx)
+    selections = _select([g for g in groups if not g.blocked], cfg, ctx, energies)
     work.zero_grad(set_to_none=True)
     del work
 
@@ -136,7 +141,8 @@ def _top(scores: torch.Tensor, keep: int, chunks: int) -> list[int]:
     return sorted(kept)
 
 
-def _select(groups: list[Group], cfg: ChannelPruneConfig, ctx: Context) -> list[Selection]:
+def _select(groups: list[Group], cfg: ChannelPruneConfig, ctx: Context,
+            energies: dict[str, torch.Tensor] | None = None) -> list[Selection]:
     selections, pooled = [], []
     for g in groups:
         protected = [n for n in g.out_names if any(fnmatchcase(n, p) for p in cfg.protect)]
@@ -144,10 +150,10 @@ def _select(groups: list[Group], cfg: ChannelPruneConfig, ctx: Context) -> list[
             continue
         if g.heads is not None:
             if cfg.head_ratio > 0:
-                selections.append(_select_heads(g, cfg, ctx))
+                selections.append(_select_heads(g, cfg, ctx, energies))
             continue
         ratio, ruled = _ratio_for(g, cfg)
-        scores = group_scores(g, cfg.importance, ctx.warn)
+        scores = group_scores(g, cfg.importance, ctx.warn, energies)
         if cfg.mode == Mode.GLOBAL and not ruled:
             pooled.append((g, scores))
             continue
@@ -185,13 +191,14 @@ def _select_global(pooled: list[tuple[Group, torch.Tensor]], cfg: ChannelPruneCo
     return out
 
 
-def _select_heads(g: Group, cfg: ChannelPruneConfig, ctx: Context) -> Selection:
+def _select_heads(g: Group, cfg: ChannelPruneConfig, ctx: Context,
+                  energies: dict[str, torch.Tensor] | None = None) -> Selection:
     heads = g.heads
     remove = round(cfg.head_ratio * heads.count)
     if remove >= heads.count:
         raise ConfigError(f"prune_channels: head_ratio {cfg.head_ratio} would remove all {heads.count} heads of "
                           f"{heads.module}; use a smaller head_ratio (at most {(heads.count - 1) / heads.count:.2f})")
-    scores = group_scores(g, cfg.importance, ctx.warn).view(heads.count, heads.size).sum(dim=1)
+    scores = group_scores(g, cfg.importance, ctx.warn, energies).view(heads.count, heads.size).sum(dim=1)
     kept_heads = _top(scores, heads.count - remove, 1)
     kept = [h * heads.size + i for h in kept_heads for i in range(heads.size)]
     return Selection(g, kept, heads=len(kept_heads))
