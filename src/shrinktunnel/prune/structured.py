@@ -28,6 +28,7 @@ from . import surgery
 from .config import ChannelPruneConfig, Finetune, FinetuneLoss, Importance, Mode
 from .graph import OUTPUT_REASON, Group, build_groups
 from .importance import accumulate_gradients, group_scores, input_energies
+from .refit import input_moments, refit_layers
 
 __all__ = ["prune_channels", "replay_prune_channels", "Selection"]
 
@@ -75,11 +76,17 @@ def prune_channels(model: nn.Module, cfg: ChannelPruneConfig, ctx: Context) -> t
     if not any(len(s.kept) < s.group.size for s in selections):
         ctx.warn("prune_channels: no channel was removed (every group is protected, reaches the output, "
                  "or is too small for round_to); the model is unchanged")
+    layers, attrs = _layer_plan(selections)
+    refitted = []
+    if cfg.refit:
+        names = [n for n, e in layers.items() if e.get("in") is not None and isinstance(original.get_submodule(n), nn.Linear)]
+        moments = input_moments(original, names, ctx.data if ctx.data is not None else [example],
+                                cfg.calibration_batches, ctx.progress)
+        refitted = refit_layers(pruned, original, layers, moments, cfg.refit_damping)
     if cfg.finetune is not None:
         _finetune(pruned, original, cfg.finetune, ctx)
-    layers, attrs = _layer_plan(selections)
     summary = [{"root": s.group.root, "before": s.group.size, "after": len(s.kept)} for s in selections]
-    return pruned, {"layers": layers, "attrs": attrs, "groups": summary}
+    return pruned, {"layers": layers, "attrs": attrs, "groups": summary, **({"refitted": refitted} if cfg.refit else {})}
 
 
 # -- inputs and patterns ------------------------------------------------------------------------
