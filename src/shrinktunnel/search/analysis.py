@@ -10,6 +10,7 @@ which needs no labels. Each (layer, action) evaluation goes through the register
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import warnings as pywarnings
@@ -144,13 +145,16 @@ def artifact_size(model: nn.Module) -> int:
 
 def evaluate_candidate(model: nn.Module, stages: list[tuple[str, dict[str, Any]]], data: Any,
                        metric: Callable[[nn.Module], float], base_bytes: int, base_macs: int,
-                       inputs: D.Inputs) -> tuple[dict[str, Any], nn.Module | None]:
+                       inputs: D.Inputs, ctx: Context | None = None, seed: int = 0) -> tuple[dict[str, Any], nn.Module | None]:
     """Apply the stages (method, config) in order to a copy of `model` and measure the result: the entry (status, metric, artifact byte
-    and MAC deltas of the whole model against `base_bytes` / `base_macs`, note, seconds) and the candidate (None unless status is "ok")."""
+    and MAC deltas of the whole model against `base_bytes` / `base_macs`, note, seconds) and the candidate (None unless status is "ok").
+    `ctx`: the context the stages run in (default: `data` for calibration); seeded with `seed`."""
     from ..api import run_stage
+    from .plan import seed_everything
 
     t0 = time.perf_counter()
-    ctx = Context(data=data, progress=False)
+    seed_everything(seed)
+    ctx = Context(data=data, progress=False) if ctx is None else dataclasses.replace(ctx, warnings=[])
     method = "+".join(m for m, _ in stages)
     entry: dict[str, Any] = {"method": method, "config": [c for _, c in stages], "status": "ok", "metric": None, "note": ""}
     try:
@@ -199,6 +203,11 @@ def analyze(
     skip: Sequence[str] = (),
     threads: int = 2,
     latency_runs: int = 10,
+    recovery: "RecoveryConfig | dict | None" = None,
+    train_data: Any = None,
+    seed: int = 0,
+    workers: int = 1,
+    backend: str = "process",
 ) -> Analysis:
     """Measure every layer and its sensitivity to every action; `model` is not changed.
 
@@ -208,12 +217,23 @@ def analyze(
     listed in `skipped_actions`). `cache_dir`: evaluations are stored there, keyed by the model, the
     data, the eval_fn, the action configs and the toolkit version, so a second run reads them back and
     an interrupted one resumes. `layers` / `skip`: glob patterns over module names.
+    `recovery` (a RecoveryConfig): structural actions (channel and unstructured pruning, decomposition)
+    are scored after `recovery.analysis_steps` steps of distillation from the original on `train_data`
+    (default `data`), sharing after as many centroid-tuning steps; None: every action one shot.
+    `workers` / `backend`: evaluations run in that many local processes ("process") or on Ray ("ray");
+    each is seeded from `seed`, so the figures are the same either way.
     """
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise ModelError(f"analyze expects a torch.nn.Module, got {type(model).__name__}")
+    from .parallel import check_backend, run_all
+    from .plan import analysis_recovery, plan_stages, recovery_context
+
+    check_backend(backend, workers)
     chosen, skipped_actions = resolve_actions(actions)
+    recovery = analysis_recovery(recovery)
     data = D.reiterable(data)
+    train_data = None if train_data is None else D.reiterable(train_data)
     model = _frozen_copy(model)
     inputs = D.check_model_runs(model, data)
     one = _first_samples(inputs, 1)  # MACs per sample: one sample counts them (FlopCounterMode is slow)
@@ -221,7 +241,9 @@ def analyze(
     if not names:
         raise ModelError(f"no layer with a weight matches layers={list(layers)} skip={list(skip)}; "
                          f"layers with weights: {', '.join(candidate_layers(model)[:20]) or 'none'}")
-    base = fingerprint(model_hash(model), data_hash(data), fn_hash(eval_fn), __version__, list(layers), list(skip))
+    base = fingerprint(model_hash(model), data_hash(data), fn_hash(eval_fn), __version__, list(layers), list(skip),
+                       *(() if recovery is None else (recovery.model_dump(mode="json"), seed,
+                                                      data_hash(train_data) if train_data is not None else "data")))
     cache = EvalCache(cache_dir, base)
     metric_name = "eval_fn" if eval_fn is not None else "cosine to the original outputs"
     profile = cache.profile
@@ -239,20 +261,34 @@ def analyze(
     totals, baseline = profile["totals"], profile["baseline"]
 
     metric = eval_fn
+    by_name = {a.name: a for a in chosen}
     pairs = [(lp, a) for lp in profiles for a in chosen]
-    todo = [(lp, a) for lp, a in pairs if cache.get(entry_key(base, lp.name, a.method, a.config(lp.name))) is None]
+    stages = {(lp.name, a.name): plan_stages({lp.name: a.name}, by_name, recovery) for lp, a in pairs}
+
+    def key(lp, a) -> str:
+        return entry_key(base, lp.name, a.method, stages[(lp.name, a.name)])
+
+    todo = [(lp, a) for lp, a in pairs if cache.get(key(lp, a)) is None]
     hits = len(pairs) - len(todo)
     if todo and metric is None:
         metric = _RecordedOutputs(model, data).metric(data)
-    for lp, a in track(todo, f"analyze: {len(todo)} evaluations", enabled=progress):
-        config = a.config(lp.name)
-        entry, _ = evaluate_candidate(model, a.stages([lp.name]), data, metric, totals["artifact_bytes"], totals["macs"], one)
-        cache.put(entry_key(base, lp.name, a.method, config), entry)
+    ctx = recovery_context(model, data, train_data, recovery, next(D.batches(data)))
+
+    def one_pair(pair) -> dict[str, Any]:
+        lp, a = pair
+        entry, _ = evaluate_candidate(model, stages[(lp.name, a.name)], data, metric, totals["artifact_bytes"],
+                                      totals["macs"], one, ctx=ctx, seed=seed)
+        return entry
+
+    results_iter = run_all(one_pair, todo, workers=workers, backend=backend, threads=threads,
+                           description=f"analyze: {len(todo)} evaluations", progress=progress)
+    for (lp, a), entry in zip(todo, results_iter):
+        cache.put(key(lp, a), entry)
 
     results: dict[str, dict[str, dict[str, Any]]] = {}
     warnings: list[str] = []
     for lp, a in pairs:
-        e = cache.get(entry_key(base, lp.name, a.method, a.config(lp.name)))
+        e = cache.get(key(lp, a))
         metric_value = e.get("metric") if isinstance(e.get("metric"), (int, float)) else None
         ok = e["status"] == "ok" and metric_value is not None
         results.setdefault(lp.name, {})[a.name] = {

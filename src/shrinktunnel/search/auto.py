@@ -1,20 +1,23 @@
-"""`st.auto`: one action per layer, chosen jointly under a metric budget, verified on ONNX Runtime.
+"""`st.auto`: one action per layer, chosen jointly under a metric budget, verified on held-out data
+and on ONNX Runtime.
 
-1. `analyze` measures each layer's drop and cost under each action alone (cached).
+1. `analyze` measures each layer's drop and cost under each action alone (cached; structural
+   actions after a short recovery when `recovery` is given).
 2. A Lagrangian relaxation of the multiple-choice knapsack "least cost with the summed drops within
-   max_drop": for a price lambda on the drop, each layer independently takes the option minimising
+   the budget": for a price lambda on the drop, each layer independently takes the option minimising
    cost + lambda * drop. Sweeping lambda through every breakpoint gives the lower convex hull of
    plans, from "keep everything" (drop 0) to "cheapest everywhere".
-3. Drops do not add up exactly, so the hull is walked with real evaluations: a bisection for the
-   cheapest hull plan whose measured drop fits, then single-layer moves to cheaper options, each kept
-   only if the measured model still fits.
+3. Drops do not add up exactly, so the hull is walked with real evaluations, in rounds of `probes`
+   candidates (a k-ary search for the cheapest hull plan whose measured drop fits), then rounds of
+   single-layer moves to cheaper options from the best fitting candidate. Each candidate is built in
+   the sound order (plan.py: structure, recovery by distillation from the original, sharing,
+   quantization), seeded from the plan, and evaluated in `workers` processes or on Ray; the rounds
+   do not depend on the workers, so neither does the result.
 4. Every evaluated candidate is a point of the Pareto frontiers (metric against size and against
-   latency); the objective picks the cheapest fitting one, which is exported and verified in ONNX
-   Runtime (metric and latency). A candidate that fails there is passed over for the next.
+   latency); the objective picks the cheapest fitting one, which must ALSO fit on the held-out check
+   (`verify_fn`, or fidelity on `verify_data`) and in ONNX Runtime; a candidate failing either is
+   passed over for the next (at most `max_verifications`).
 5. Nothing fits: the candidate with the smallest drop is returned with `fits=False` and a message.
-
-Stages are applied in a sound order whatever the actions: structure first (decompose, prune),
-then sharing, then quantization (FAMILY_ORDER); recovery by distillation and encoding come later.
 """
 
 from __future__ import annotations
@@ -32,19 +35,18 @@ import torch
 from torch import nn
 
 from ..core import data as D
-from ..core.progress import track
-from ..core.registry import Context
 from ..errors import ConfigError, ShrinkError, one_line
 from .actions import Action, resolve_actions
-from .analysis import Analysis, _RecordedOutputs, _first_samples, analyze, artifact_size
-from .cache import EvalCache, fingerprint
+from .analysis import Analysis, _RecordedOutputs, _first_samples, analyze
+from .cache import EvalCache, data_hash, fingerprint, fn_hash
 from .histogram import layer_histogram
+from .parallel import check_backend, run_all
 from .pareto import pareto_front
+from .plan import FAMILY_ORDER, RecoveryConfig, as_recovery, build_plan
 
-__all__ = ["auto", "AutoResult", "OBJECTIVES", "FAMILY_ORDER", "lagrangian_plans"]
+__all__ = ["auto", "AutoResult", "OBJECTIVES", "FAMILY_ORDER", "lagrangian_plans", "RecoveryConfig"]
 
 OBJECTIVES = ("size", "latency", "macs")
-FAMILY_ORDER = ("decompose", "prune", "share", "quantize")  # structure first, precision last
 
 Plan = dict[str, str]  # layer -> action name (layers left out keep their float form)
 
@@ -107,7 +109,7 @@ def _layer_options(analysis: Analysis, objective: str, usable: dict[str, Action]
     for lp in analysis.layers:
         def cost(bytes_, macs, speed=1.0):
             primary = {"size": bytes_, "macs": macs,
-                       "latency": speed * lp.latency_ms * (macs / lp.macs if lp.macs else 1.0)}[objective]
+                       "latency": speed * lp.latency_ms * (max(macs, 0) / lp.macs if lp.macs else 1.0)}[objective]
             scale = {"size": 0.0, "macs": total["macs"], "latency": total["latency_ms"]}[objective]
             return primary + 1e-6 * scale * bytes_ / max(total["bytes"], 1)
 
@@ -143,32 +145,13 @@ def lagrangian_plans(options: dict[str, list[tuple[str | None, float, float]]]) 
     return sorted(plans.values(), key=lambda p: (p[2], -p[1]))
 
 
-def build_plan(model: nn.Module, plan: Plan, actions: dict[str, Action], data: Any) -> nn.Module:
-    """The model with `plan` applied: one stage per action, structure first (FAMILY_ORDER)."""
-    from ..api import run_stage
-
-    by_action: dict[str, list[str]] = {}
-    for layer, action in plan.items():
-        by_action.setdefault(action, []).append(layer)
-    order = sorted(by_action, key=lambda a: (FAMILY_ORDER.index(actions[a].family)
-                                             if actions[a].family in FAMILY_ORDER else len(FAMILY_ORDER), a))
-    current = model
-    ctx = Context(data=data, progress=False)
-    for name in order:
-        for method, config in actions[name].stages(by_action[name]):
-            current = run_stage(current, method, config, ctx)
-    return current
-
-
 # -- evaluation ------------------------------------------------------------------------------------
 
-def _latency_onnx(model: nn.Module, example: Any, inputs: D.Inputs, directory: Path, name: str, threads: int,
-                  metric: Callable | None = None) -> tuple[float, float | None]:
+def _latency_onnx(path: Path, inputs: D.Inputs, threads: int, metric: Callable | None = None) -> tuple[float, float | None]:
     """Median ms of ONNX Runtime on the profiling batch and, when asked, the metric of the runtime model."""
-    from ..export import OrtModel, export_onnx
+    from ..export import OrtModel
     from ..measure.latency import onnx_latency
 
-    path = export_onnx(model, directory / f"{name}.onnx", example)
     runtime = OrtModel(path, threads=threads)
     feed = runtime.feed(*inputs[0], **inputs[1])
     ms = onnx_latency(runtime.session, feed, warmup=3, runs=15).median_ms
@@ -177,6 +160,81 @@ def _latency_onnx(model: nn.Module, example: Any, inputs: D.Inputs, directory: P
         with torch.no_grad():
             value = float(metric(runtime))
     return ms, value
+
+
+def _plan_key(plan: Plan) -> str:
+    return fingerprint(sorted(plan.items()))
+
+
+def _seed_for(seed: int, key: str) -> int:
+    return (seed * 1_000_003 + int(key[:8], 16)) % 2**31
+
+
+class _Job:
+    """What an evaluation needs; a plain function of the plan, run in any process."""
+
+    def __init__(self, original, by_name, data, train_data, recovery, metric, objective, example, one, workdir, seed):
+        self.original, self.by_name, self.data, self.train_data = original, by_name, data, train_data
+        self.recovery, self.metric, self.objective, self.example, self.one = recovery, metric, objective, example, one
+        self.workdir, self.seed = workdir, seed
+
+    def build(self, plan: Plan) -> nn.Module:
+        return build_plan(self.original, plan, self.by_name, self.data, recovery=self.recovery,
+                          train_data=self.train_data, seed=_seed_for(self.seed, _plan_key(plan)))
+
+    def __call__(self, plan: Plan) -> dict[str, Any]:
+        from ..core.artifact import save_artifact
+        from ..export import export_onnx
+        from ..measure.macs import count_macs
+        from ..measure.size import artifact_bytes
+
+        import warnings as pywarnings
+
+        t0 = time.perf_counter()
+        entry: dict[str, Any] = {"status": "ok", "note": ""}
+        where = self.workdir / _plan_key(plan)[:16]
+        try:
+            with pywarnings.catch_warnings():
+                pywarnings.simplefilter("ignore")
+                candidate = self.build(plan)
+                entry["bytes"] = artifact_bytes(save_artifact(candidate, where / "artifact"))
+                entry["macs"] = count_macs(candidate, self.one)
+                with torch.no_grad():
+                    value = float(self.metric(candidate))
+                if math.isnan(value):
+                    raise ValueError("the metric is NaN")
+                entry["metric"] = value
+                if self.objective == "latency":
+                    export_onnx(candidate, where / "model.onnx", self.example)
+        except ShrinkError as exc:
+            entry.update(status="failed", metric=None, note=str(exc))
+        except Exception as exc:  # an eval_fn or a method raising on one candidate must not end the search
+            entry.update(status="failed", metric=None, note=one_line(exc))
+        entry["seconds"] = time.perf_counter() - t0
+        return entry
+
+    def model(self, plan: Plan) -> nn.Module:
+        """The candidate: read back from its artifact when this run built it, else rebuilt (seeded: the same)."""
+        from ..core.artifact import load_artifact
+
+        where = self.workdir / _plan_key(plan)[:16] / "artifact"
+        if not plan:
+            return self.original
+        if where.is_dir():
+            try:
+                return load_artifact(where, self.original).eval()
+            except ShrinkError:
+                pass
+        return self.build(plan).eval()
+
+    def onnx(self, plan: Plan) -> Path:
+        from ..export import export_onnx
+
+        path = self.workdir / _plan_key(plan)[:16] / "model.onnx"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            export_onnx(self.model(plan), path, self.example)
+        return path
 
 
 def auto(
@@ -195,132 +253,200 @@ def auto(
     layers: Sequence[str] = ("*",),
     skip: Sequence[str] = (),
     progress: bool = True,
+    verify_fn: Callable[[nn.Module], float] | None = None,
+    verify_data: Any = None,
+    margin: float = 0.0,
+    recovery: RecoveryConfig | dict | None = None,
+    train_data: Any = None,
+    seed: int = 0,
+    workers: int = 1,
+    backend: str = "process",
+    probes: int = 4,
+    max_verifications: int = 6,
 ) -> AutoResult:
     """Choose an action per layer so that the metric stays within `max_drop` of the original's and
     the `objective` (size | latency | macs) is least; `model` is not changed.
 
     The metric is `eval_fn(model)` (higher is better) or, without it, the mean cosine of the outputs
-    to the original's on `data`. `max_evaluations`: real candidate evaluations after the analysis.
-    `verify_runtime`: the chosen model is exported and scored in ONNX Runtime too; latency is always
-    measured there. Returns an AutoResult whose `fits` is False when no candidate met the budget.
+    to the original's on `data`. Held-out check: `verify_fn` (the same metric on data the search does
+    not see) or, without an eval_fn, fidelity on `verify_data`; the returned model fits there too.
+    Without either, the budget is checked on the search data only (said in `warnings`). `margin`: a
+    candidate fits when its drop is <= max_drop - margin, on the search data and the held-out check.
+    `recovery` (RecoveryConfig or dict): distillation from the original after the structural actions
+    and centroid tuning after sharing, on `train_data` (default `data`); None: every action one shot.
+    `max_evaluations`: real candidate evaluations after the analysis, in rounds of `probes`, run by
+    `workers` local processes (backend "process") or Ray ("ray"); seeded from `seed`, so the result is
+    the same for any number of workers. `verify_runtime`: the chosen model is exported and scored in
+    ONNX Runtime too; latency is always measured there. Returns an AutoResult whose `fits` is False
+    when no candidate met the budget.
     """
     t0 = time.perf_counter()
     if objective not in OBJECTIVES:
         raise ConfigError(f"unknown objective {objective!r}; use one of: {', '.join(OBJECTIVES)} "
                           f"(size: bytes on disk, latency: ONNX Runtime time, macs: multiply-accumulates)")
-    if not isinstance(max_drop, (int, float)) or isinstance(max_drop, bool) or not math.isfinite(max_drop) or max_drop < 0:
-        raise ConfigError(f"max_drop={max_drop!r} must be a number >= 0: the most the metric may fall below the "
-                          f"original's, in its own units (0.005 for half a point of accuracy in [0, 1])")
+    for name, value in (("max_drop", max_drop), ("margin", margin)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{name}={value!r} must be a number >= 0: max_drop is the most the metric may fall below "
+                              f"the original's, in its own units (0.005 for half a point of accuracy in [0, 1]); "
+                              f"margin is kept below max_drop")
+    if margin > max_drop:
+        raise ConfigError(f"margin={margin} is above max_drop={max_drop}: a candidate fits when its drop is <= "
+                          f"max_drop - margin; use a margin below max_drop")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ConfigError(f"probes={probes!r} must be an integer >= 1 (candidates per round of the search)")
+    if verify_data is not None and eval_fn is not None and verify_fn is None:
+        raise ConfigError("verify_data is scored by fidelity, which is the metric only without an eval_fn; with an "
+                          "eval_fn pass verify_fn= (the same metric on held-out data)")
+    check_backend(backend, workers)
+    recovery = as_recovery(recovery)
     chosen_actions, _ = resolve_actions(actions)
     data = D.reiterable(data)
+    train_data = None if train_data is None else D.reiterable(train_data)
     if analysis is None:
         analysis = analyze(model, data, eval_fn=eval_fn, actions=chosen_actions, cache_dir=cache_dir,
-                           progress=progress, layers=layers, skip=skip, threads=threads)
+                           progress=progress, layers=layers, skip=skip, threads=threads, recovery=recovery,
+                           train_data=train_data, seed=seed, workers=workers, backend=backend)
     by_name = {a.name: a for a in chosen_actions}
     baseline = analysis.baseline
     original = copy.deepcopy(model).eval()
     inputs = D.check_model_runs(original, data)
     example = next(D.batches(data))
     metric = eval_fn if eval_fn is not None else _RecordedOutputs(original, data).metric(data)
-    cache = EvalCache(cache_dir, fingerprint("auto", analysis.to_dict()["results"], analysis.baseline,
-                                             [lp.name for lp in analysis.layers], objective))
+    held_out = verify_fn
+    if held_out is None and verify_data is not None:
+        verify_data = D.reiterable(verify_data)
+        held_out = _RecordedOutputs(original, verify_data).metric(verify_data)
     warnings: list[str] = []
+    if held_out is None:
+        warnings.append("auto: no held-out check (verify_fn= or verify_data=): the budget was checked on the data "
+                        "the search selected on only, so the drop on other data may be larger; pass one, or a margin")
+    limit = max_drop - margin
+    cache = EvalCache(cache_dir, fingerprint("auto", analysis.to_dict()["results"], analysis.baseline,
+                                             [lp.name for lp in analysis.layers], objective, fn_hash(eval_fn),
+                                             None if recovery is None else recovery.model_dump(mode="json"), seed,
+                                             data_hash(train_data) if train_data is not None and recovery else None))
     workdir = Path(tempfile.mkdtemp(prefix="shrink-auto-"))
-    one = _first_samples(inputs, 1)
-    from ..measure.macs import count_macs
-
+    job = _Job(original, by_name, data, train_data, recovery, metric, objective, example, _first_samples(inputs, 1),
+               workdir, seed)
     candidates: list[dict[str, Any]] = []
-    models: dict[int, nn.Module] = {}
+    keys: dict[str, int] = {}
+    spent = [0]
 
-    def evaluate(plan: Plan, label: str) -> dict[str, Any]:
-        key = fingerprint(sorted(plan.items()), objective)
-        for i, c in enumerate(candidates):
-            if c["key"] == key:
-                return c
-        cached = cache.get(key)
-        if cached is not None:
-            entry = dict(cached)
-        else:
-            entry = {"plan": plan, "status": "ok", "note": ""}
-            try:
-                candidate = build_plan(original, plan, by_name, data) if plan else original
-                entry["bytes"] = artifact_size(candidate)
-                entry["macs"] = count_macs(candidate, one)
-                with torch.no_grad():
-                    value = float(metric(candidate))
-                if math.isnan(value):
-                    raise ValueError("the metric is NaN")
-                entry["metric"] = value
-                if objective == "latency":
-                    entry["latency_ms"], _ = _latency_onnx(candidate, example, inputs, workdir, f"c{len(candidates)}", threads)
-            except ShrinkError as exc:
-                entry.update(status="failed", metric=None, note=str(exc))
-            except Exception as exc:
-                entry.update(status="failed", metric=None, note=one_line(exc))
-            cache.put(key, entry)
-            entry = dict(cache.get(key))
-        entry.update(key=key, label=label, plan=plan)
-        entry["drop"] = None if entry.get("metric") is None else baseline - entry["metric"]
-        entry["fits"] = entry["status"] == "ok" and entry["drop"] <= max_drop + 1e-12
-        if entry["status"] == "failed":
-            warnings.append(f"auto: candidate {label} failed: {entry['note']}")
-        candidates.append(entry)
-        return entry
+    def evaluate_round(plans: list[tuple[Plan, str]]) -> list[dict[str, Any]]:
+        """Evaluate the new plans of a round (cache first, then the workers); latency timed here, one at a time."""
+        fresh = []
+        for plan, label in plans:
+            key = _plan_key(plan)
+            if key in keys or any(_plan_key(p) == key for p, _ in fresh):
+                continue
+            fresh.append((plan, label))
+        todo = [(p, l) for p, l in fresh if cache.get(_plan_key(p)) is None]
+        spent[0] += len(todo)
+        done = dict(zip((_plan_key(p) for p, _ in todo),
+                        run_all(job, [p for p, _ in todo], workers=workers, backend=backend, threads=threads,
+                                description=f"auto: round of {len(todo)} candidates", progress=progress)))
+        out = []
+        for plan, label in fresh:
+            key = _plan_key(plan)
+            entry = dict(cache.get(key) or done[key])
+            timed = False
+            if objective == "latency" and entry["status"] == "ok" and "latency_ms" not in entry:
+                timed = True
+                try:
+                    entry["latency_ms"], _ = _latency_onnx(job.onnx(plan), inputs, threads)
+                except Exception as exc:
+                    entry.update(status="failed", note=f"ONNX Runtime: {one_line(exc)}")
+            if key in done or timed:  # resume: every finished evaluation is on disk
+                cache.put(key, {k: v for k, v in entry.items() if k != "key"})
+            entry.update(plan=plan, label=label, key=key)
+            entry["drop"] = None if entry.get("metric") is None else baseline - entry["metric"]
+            entry["fits"] = entry["status"] == "ok" and entry["drop"] <= limit + 1e-12
+            if entry["status"] == "failed":
+                warnings.append(f"auto: candidate {label} failed: {entry['note']}")
+            keys[key] = len(candidates)
+            candidates.append(entry)
+            out.append(entry)
+        return out
 
     options = _layer_options(analysis, objective, by_name)  # an analysis may hold actions not passed here
     hull = lagrangian_plans(options)
-    budget = min(max_evaluations, 10_000)
-    steps = track(range(budget), f"auto: up to {budget} evaluations", enabled=progress)
-    step_iter = iter(steps)
-
-    def spend() -> bool:
-        return next(step_iter, None) is not None
-
-    evaluate({}, "original")
-    # Bisection over the hull for the cheapest plan that really fits; the start is the cheapest plan
-    # predicted to fit.
-    lo, hi = 0, len(hull) - 1  # hull[lo] fits (keep everything); above hi nothing is known yet
-    guess = max([i for i, (_, _, d) in enumerate(hull) if d <= max_drop] or [0])
-    probe = guess
-    while lo < hi and spend():
-        plan = hull[probe][0]
-        c = evaluate(plan, f"hull {probe}/{len(hull) - 1}")
-        if c["fits"]:
-            lo = probe
-        else:
-            hi = probe - 1
-        probe = (lo + hi + 1) // 2
-        if probe == lo:
-            break
-    # Refinement: single-layer moves to a cheaper option, best predicted saving per drop first.
-    fitting = [c for c in candidates if c["fits"]]
-    best = min(fitting, key=lambda c: _objective_cost(c, objective, options)) if fitting else None
-    if best is not None:
-        moves = []
-        for layer, opts in options.items():
-            current = best["plan"].get(layer)
-            cur = next(o for o in opts if o[0] == current)
-            for action, cost, drop in opts:
-                if cost < cur[1] and action is not None:
-                    moves.append(((cur[1] - cost) / (max(drop - cur[2], 0.0) + 1e-9), layer, action))
-        for _, layer, action in sorted(moves, reverse=True):
-            if not spend():
-                break
-            plan = {**best["plan"], layer: action}
-            c = evaluate(plan, f"{best['label']} + {layer}:{action}")
-            if c["fits"] and _objective_cost(c, objective, options) < _objective_cost(best, objective, options):
-                best = c
-    for _ in step_iter:  # close the progress bar
-        pass
-
+    budget = max(0, min(max_evaluations, 10_000))
+    evaluate_round([({}, "original")])
+    spent[0] = 0
+    _search(hull, options, objective, limit, probes, budget, spent, evaluate_round, candidates)
     try:
-        return _choose(original, candidates, analysis, by_name, data, objective, max_drop, metric, baseline,
-                       example, inputs, workdir, threads, verify_runtime, warnings, t0)
+        return _choose(job, candidates, analysis, objective, max_drop, limit, metric, held_out, baseline, inputs,
+                       threads, verify_runtime, max_verifications, warnings, t0)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _objective_cost(c: dict[str, Any], objective: str, options) -> float:
+def _search(hull, options, objective, limit, probes, budget, spent, evaluate_round, candidates) -> None:
+    """Rounds of `probes` candidates: a k-ary search over the hull, then single-layer moves."""
+    lo, hi = 0, len(hull)  # hull[lo] fits (keep everything); hull[hi:] is known (or assumed) not to
+    guess = max([i for i, (_, _, d) in enumerate(hull) if d <= limit] or [0])
+    first = True
+    while hi - lo > 1 and spent[0] < budget:
+        room = min(probes, budget - spent[0], hi - lo - 1)
+        if first:  # around the cheapest plan predicted to fit: most of the hull is far off
+            picks = sorted({min(max(lo + 1, guess + o), hi - 1) for o in _spread(room)})
+            first = False
+        else:
+            picks = sorted({lo + round((j + 1) * (hi - lo) / (room + 1)) for j in range(room)} - {lo, hi})
+        if not picks:
+            break
+        results = evaluate_round([(hull[i][0], f"hull {i}/{len(hull) - 1}") for i in picks])
+        by_plan = {_plan_key(c["plan"]): c for c in results}
+        for i in picks:
+            c = by_plan.get(_plan_key(hull[i][0])) or candidates[[_plan_key(x["plan"]) for x in candidates].index(_plan_key(hull[i][0]))]
+            if c["fits"]:
+                lo = max(lo, i)
+        failing = [i for i in picks if i > lo and not _fits_plan(hull[i][0], candidates)]
+        hi = min([hi, *failing]) if failing else hi
+        if not failing and max(picks) >= hi - 1:
+            break
+    tried: set[tuple] = set()
+    while spent[0] < budget:
+        fitting = [c for c in candidates if c["fits"]]
+        if not fitting:
+            return
+        best = min(fitting, key=lambda c: _objective_cost(c, objective))
+        moves = []
+        for layer, opts in options.items():
+            cur = next(o for o in opts if o[0] == best["plan"].get(layer))
+            for action, cost, drop in opts:
+                plan = {**best["plan"], layer: action}
+                if action is None:
+                    plan.pop(layer)
+                if cost < cur[1] and tuple(sorted(plan.items())) not in tried:
+                    moves.append(((cur[1] - cost) / (max(drop - cur[2], 0.0) + 1e-9), layer, action, plan))
+        moves.sort(key=lambda m: (-m[0], m[1], str(m[2])))
+        batch = moves[: min(probes, budget - spent[0])]
+        if not batch:
+            return
+        for m in batch:
+            tried.add(tuple(sorted(m[3].items())))
+        evaluate_round([(plan, f"{best['label']} + {layer}:{action}") for _, layer, action, plan in batch])
+
+
+def _spread(n: int) -> list[int]:
+    """Offsets around the predicted point: 0, +1, -1, +2, -2, ..."""
+    out = [0]
+    k = 1
+    while len(out) < n:
+        out.append(k)
+        if len(out) < n:
+            out.append(-k)
+        k += 1
+    return out
+
+
+def _fits_plan(plan: Plan, candidates: list[dict[str, Any]]) -> bool:
+    key = _plan_key(plan)
+    return any(c["key"] == key and c["fits"] for c in candidates)
+
+
+def _objective_cost(c: dict[str, Any], objective: str) -> float:
     if objective == "size":
         return c["bytes"]
     if objective == "macs":
@@ -328,56 +454,75 @@ def _objective_cost(c: dict[str, Any], objective: str, options) -> float:
     return c.get("latency_ms", math.inf)
 
 
-def _choose(original, candidates, analysis, by_name, data, objective, max_drop, metric, baseline, example, inputs,
-            workdir, threads, verify_runtime, warnings, t0) -> AutoResult:
+def _choose(job: _Job, candidates, analysis, objective, max_drop, limit, metric, held_out, baseline, inputs, threads,
+            verify_runtime, max_verifications, warnings, t0) -> AutoResult:
     ok = [i for i, c in enumerate(candidates) if c["status"] == "ok"]
     pareto = {"size": pareto_front([candidates[i]["bytes"] if i in ok else None for i in range(len(candidates))],
                                    [c.get("metric") for c in candidates])}
     if objective == "latency":
         pareto["latency"] = pareto_front([c.get("latency_ms") for c in candidates], [c.get("metric") for c in candidates])
     compressed = [i for i in ok if candidates[i]["plan"]]
-    fitting = sorted((i for i in compressed if candidates[i]["fits"]),
-                     key=lambda i: _objective_cost(candidates[i], objective, None))
-    chosen, verified = None, None
-    for i in fitting:
-        if not verify_runtime:
-            chosen = i
+    fitting = sorted((i for i in compressed if candidates[i]["fits"]), key=lambda i: _objective_cost(candidates[i], objective))
+    held_base = None
+    if held_out is not None and fitting:
+        with torch.no_grad():
+            held_base = float(held_out(job.original))
+    chosen, notes = None, []
+    for n, i in enumerate(fitting):
+        c = candidates[i]
+        if n >= max_verifications:
+            warnings.append(f"auto: {max_verifications} fitting candidates failed their checks; the rest are not verified")
             break
-        model = build_plan(original, candidates[i]["plan"], by_name, data)
-        try:
-            ms, value = _latency_onnx(model, example, inputs, workdir, f"verify{i}", threads, metric)
-            base_ms, _ = _latency_onnx(original, example, inputs, workdir, "original", threads)
-        except Exception as exc:  # the runtime could not run it: say so, keep PyTorch's figures
-            warnings.append(f"auto: {candidates[i]['label']} was not verified in ONNX Runtime: {one_line(exc)}")
-            chosen = i
-            break
-        candidates[i].update(runtime_metric=value, runtime_latency_ms=ms, runtime_latency_original_ms=base_ms)
-        if baseline - value <= max_drop + 1e-12:
-            chosen, verified = i, value
-            break
-        candidates[i]["fits"] = False
-        warnings.append(f"auto: {candidates[i]['label']} fits in PyTorch but not in ONNX Runtime "
-                        f"(metric {value:.4g}); the next candidate is tried")
+        model = job.model(c["plan"])
+        if held_base is not None:
+            with torch.no_grad():
+                value = float(held_out(model))
+            c["verify_metric"], c["verify_drop"] = value, held_base - value
+            if not held_base - value <= limit + 1e-12:
+                c["fits"] = False
+                warnings.append(f"auto: {c['label']} fits on the search data but not on the held-out check (drop "
+                                f"{held_base - value:.4g} > {limit:.4g}); the next candidate is tried")
+                continue
+        if verify_runtime:
+            try:
+                path = job.onnx(c["plan"])
+                ms, value = _latency_onnx(path, inputs, threads, metric)
+                base_ms, _ = _latency_onnx(job.onnx({}), inputs, threads)
+            except Exception as exc:  # the runtime could not run it: say so, keep PyTorch's figures
+                warnings.append(f"auto: {c['label']} was not verified in ONNX Runtime: {one_line(exc)}")
+                chosen = i
+                break
+            c.update(runtime_metric=value, runtime_latency_ms=ms, runtime_latency_original_ms=base_ms)
+            if not baseline - value <= limit + 1e-12:
+                c["fits"] = False
+                warnings.append(f"auto: {c['label']} fits in PyTorch but not in ONNX Runtime (metric {value:.4g}); "
+                                f"the next candidate is tried")
+                continue
+        chosen = i
+        break
     if chosen is not None:
         c = candidates[chosen]
         fits = True
         message = (f"chosen: {c['label']} ({len(c['plan'])} layers changed), metric {c['metric']:.4g} "
-                   f"(drop {c['drop']:.4g} <= max_drop {max_drop})"
-                   + (f", ONNX Runtime metric {verified:.4g}" if verified is not None else "")
+                   f"(drop {c['drop']:.4g} <= {limit:.4g}, max_drop {max_drop}"
+                   + (f" less margin {max_drop - limit:.4g}" if limit < max_drop else "") + ")"
+                   + (f", held-out drop {c['verify_drop']:.4g}" if "verify_drop" in c else "")
+                   + (f", ONNX Runtime metric {c['runtime_metric']:.4g}" if "runtime_metric" in c else "")
                    + f", {c['bytes']:,} bytes on disk vs {candidates[0]['bytes']:,}")
     elif compressed:
-        chosen = min(compressed, key=lambda i: (candidates[i]["drop"], _objective_cost(candidates[i], objective, None)))
+        chosen = min(compressed, key=lambda i: (candidates[i].get("verify_drop", candidates[i]["drop"]),
+                                                _objective_cost(candidates[i], objective)))
         c = candidates[chosen]
         fits = False
         message = (f"NO CANDIDATE MEETS THE BUDGET max_drop={max_drop}: the best compressed candidate, {c['label']}, "
-                   f"drops the metric by {c['drop']:.4g}; it is returned marked fits=False. Raise max_drop, or keep "
-                   f"the original model (drop 0)")
+                   f"drops the metric by {c.get('verify_drop', c['drop']):.4g}; it is returned marked fits=False. Raise "
+                   f"max_drop, or keep the original model (drop 0)")
         warnings.append("auto: " + message)
     else:
         chosen, fits = 0, True
         message = "no compressed candidate could be evaluated (every one failed); the original model is returned"
         warnings.append("auto: " + message)
-    model = original if chosen == 0 else build_plan(original, candidates[chosen]["plan"], by_name, data)
+    model = job.model(candidates[chosen]["plan"])
     hist = None
     plan = candidates[chosen]["plan"]
     if plan:
