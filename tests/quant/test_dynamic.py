@@ -130,3 +130,23 @@ def test_dynamic_with_sub_byte_weights_keeps_them_packed():
     x = case.batches(1)[0]
     assert sqnr_db(_torch(case.model(), x), _torch(q, x)) > 10
     assert not math.isnan(float(_torch(q, x).sum()))
+
+
+@pytest.mark.parametrize("name", ["attention", "flatten"])
+def test_per_tensor_dynamic_exports_as_one_fused_kernel_per_linear(name, tmp_path):
+    # ONNX Runtime's DynamicQuantizeMatMul quantizes, multiplies in integers and rescales in one kernel:
+    # the graph holds one per Linear and none of the elementwise quantization ops.
+    case = CASES[name]
+    model = case.model()
+    x = case.batches(1, batch=3)[0]
+    q = st.quantize(model, {"activations": {"dynamic": True, "per_token": False}}, progress=False)
+    assert sqnr_db(_torch(model, x), _torch(q, x)) > 25
+    path = st.export_onnx(q, tmp_path / "m.onnx", example_inputs=x)
+    nodes = onnx.load(str(path)).graph.node
+    linears = sum(isinstance(m, nn.Linear) for m in model.modules())
+    fused = [n for n in nodes if n.op_type == "DynamicQuantizeMatMul"]
+    assert len(fused) == linears and all(n.domain == "com.microsoft" for n in fused)
+    assert not any(n.op_type in ("MatMulInteger", "ReduceMin", "Round") for n in nodes)
+    session = ort_session(path, threads=1)
+    out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(out, _torch(q, x).numpy(), rtol=1e-4, atol=1e-4)

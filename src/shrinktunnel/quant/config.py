@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 
 from ..core.config import Config, StrEnum
@@ -184,10 +186,26 @@ class QuantConfig(Config):
     gptq_damp: float = Field(default=0.01, gt=0, lt=1)  # GPTQ's dampening, a fraction of the mean diagonal
     # of the Hessian added to it: 0.01 as in the paper; raise it if a layer's inputs are nearly collinear
     fuse_relu: bool = True  # a ReLU right after a layer joins its output quantizer, as runtimes fuse it
+    smooth: Literal["auto"] | float | None = None  # None: inputs quantized as they come. SmoothQuant: move
+    # activation outliers into the weights (x / s, W * s) before quantizing, so one scale per tensor fits
+    # transformer inputs. "auto": alpha chosen per Linear from a grid by its own quantized output error
+    # (unsmoothed included); a number in (0, 1): that alpha everywhere. Needs calibration data
+    smooth_layers: list[str] = ["*"]  # glob patterns: the Linears smooth applies to. Each smoothed layer costs
+    # one elementwise Mul on its input at run time; restrict it to the layers that need it to save that
     overrides: list[LayerOverride] = []  # per-layer exceptions, last match wins (a search sets these)
     max_drop: float | None = Field(default=None, ge=0)  # None: quantize every selected layer. A number:
     # return the most sensitive layers to float until the metric (eval_fn, or without one the mean
     # cosine to the float model's outputs on the calibration data) is within max_drop of float's.
+
+    @model_validator(mode="after")
+    def _check_smooth(self) -> "QuantConfig":
+        if isinstance(self.smooth, float) and not 0 < self.smooth < 1:
+            raise ValueError(f"smooth={self.smooth} is not a migration strength; use a number in (0, 1) "
+                             "(0.5 is the paper's default, 0.75-0.9 for strong outliers) or smooth: auto")
+        if self.smooth is not None and self.activations is None and not any(r.activations for r in self.overrides):
+            raise ValueError("smooth moves activation outliers into the weights, so it needs quantized "
+                             "activations; set activations (static or dynamic) or remove smooth")
+        return self
 
     @model_validator(mode="after")
     def _no_trained_formats(self) -> "QuantConfig":

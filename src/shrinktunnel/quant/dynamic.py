@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["matmul_integer", "quantize_dynamic_u8", "dynamic_linear", "onnx_translations"]
+__all__ = ["matmul_integer", "dynamic_quantize_matmul", "quantize_dynamic_u8", "dynamic_linear", "onnx_translations"]
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -39,6 +39,21 @@ def matmul_integer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @matmul_integer.register_fake
 def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.int32)
+
+
+@torch.library.custom_op("shrinktunnel::dynamic_quantize_matmul", mutates_args=())
+def dynamic_quantize_matmul(x: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x float (..., K) quantized per tensor to uint8 at run time, times int8 `b` (K, N) scaled per
+    column by `b_scale` (N,), plus `bias` (N,): ONNX Runtime's `com.microsoft` DynamicQuantizeMatMul,
+    which runs the quantization, the u8s8 GEMM and the rescale in one kernel."""
+    q, scale, zero_point = quantize_dynamic_u8(x, per_token=False)
+    acc = matmul_integer(q, b) - zero_point * b.to(torch.int32).sum(dim=0)
+    return acc.to(torch.float32) * (scale * b_scale) + bias
+
+
+@dynamic_quantize_matmul.register_fake
+def _(x, b, b_scale, bias):
+    return x.new_empty((*x.shape[:-1], b.shape[-1]))
 
 
 def quantize_dynamic_u8(x: torch.Tensor, per_token: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,8 +80,11 @@ def dynamic_linear(
 ) -> torch.Tensor:
     """Linear with int8 weights `qweight` (out, in; zero point 0) scaled per output channel by
     `weight_scale` (out,), and the input quantized dynamically to uint8."""
-    q, scale, zero_point = quantize_dynamic_u8(x, per_token)
     wt = qweight.t()  # (in, out): a constant the exporter folds
+    if not per_token:
+        zeros = torch.zeros(wt.shape[1], dtype=torch.float32, device=x.device)
+        return dynamic_quantize_matmul(x, wt, weight_scale, zeros if bias is None else bias)
+    q, scale, zero_point = quantize_dynamic_u8(x, per_token)
     acc = matmul_integer(q, wt)  # (..., out) int32
     # The input's zero point times each weight column's sum: what acc counted too much.
     acc = acc - zero_point * wt.to(torch.int32).sum(dim=0)
@@ -81,4 +99,22 @@ def onnx_translations() -> dict:
     def _matmul_integer(a, b):
         return op.MatMulInteger(a, b)
 
-    return {torch.ops.shrinktunnel.matmul_integer.default: _matmul_integer}
+    from onnx.defs import OpSchema
+    from onnxscript import values
+
+    # onnx ships no schema for ONNX Runtime's contrib operators and the exporter needs one: the part
+    # of DynamicQuantizeMatMul's that we use (A float, B int8, per-column scales, bias; no zero point).
+    P = OpSchema.FormalParameter
+    schema = OpSchema(
+        "DynamicQuantizeMatMul", "com.microsoft", 1,
+        inputs=[P("A", "T1"), P("B", "T2"), P("b_scale", "T1"), P("b_zero_point", "T2"), P("bias", "T1")],
+        outputs=[P("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(int8)"], "")],
+    )
+    dqmm = values.Op(values.Opset("com.microsoft", 1), "DynamicQuantizeMatMul", schema)
+
+    def _dynamic_quantize_matmul(x, b, b_scale, bias):
+        return dqmm(x, b, b_scale, None, bias)
+
+    return {torch.ops.shrinktunnel.matmul_integer.default: _matmul_integer,
+            torch.ops.shrinktunnel.dynamic_quantize_matmul.default: _dynamic_quantize_matmul}

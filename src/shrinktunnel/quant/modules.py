@@ -153,6 +153,11 @@ class QuantizedLayer(nn.Module):
         if self.input_dynamic is not None and (spec["kind"] != "linear" or w["dtype"] != "int8"
                                                or w["granularity"] == "per_group"):
             raise ValueError("dynamic activations need a Linear with symmetric int8 weights per tensor or channel")
+        if spec.get("input_smooth"):
+            # SmoothQuant (quant/smooth.py): the input is multiplied by 1 / s per channel, the weight holds W * s.
+            if spec["kind"] != "linear":
+                raise ValueError("input smoothing applies to Linear layers only")
+            self.register_buffer("input_smooth", torch.ones(shape[1], dtype=torch.float32))
 
     # -- construction -------------------------------------------------------------------------
     @staticmethod
@@ -279,6 +284,8 @@ class QuantizedLayer(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._spec.get("input_smooth"):
+            x = x * self.input_smooth
         if self.input_dynamic is not None:
             y = dynamic_linear(x, self.integer_weight(), self.weight_scale, self.bias, self.input_dynamic["per_token"])
         else:
@@ -307,5 +314,6 @@ class QuantizedLayer(nn.Module):
             + (f", in_q=({self.input_quant.scale:.4g}, {self.input_quant.zero_point})" if self.input_quant else "")
             + (f", out_q=({self.output_quant.scale:.4g}, {self.output_quant.zero_point})" if self.output_quant else "")
             + (f", in_q=dynamic {'per token' if self.input_dynamic['per_token'] else 'per tensor'}" if self.input_dynamic else "")
+            + (", smoothed" if self._spec.get("input_smooth") else "")
             + (f", fused={act}" if act else "")
         )

@@ -20,6 +20,7 @@ from .fallback import choose_fallback
 from .gptq import HessianObserver, gptq_quantize
 from .modules import SUPPORTED, QuantizedLayer
 from .observers import make_observer
+from .smooth import SmoothObserver, choose_smoothing
 from .ops import qrange, quantize_weight, weight_qparams, weight_qrange
 
 __all__ = ["quantize_model", "replay_quantize", "plan_layers", "LayerPlan"]
@@ -36,6 +37,16 @@ class LayerPlan:
     activations: ActivationQuant | None
     relu: str | None = None
     aliases: tuple[str, ...] = ()  # other names of the same module object (a layer registered twice)
+    smooth: torch.Tensor | None = None  # SmoothQuant factors s per input channel (quant/smooth.py)
+
+    def weight(self) -> torch.Tensor:
+        """The float weight to quantize: the module's, times s per input channel when smoothed."""
+        w = self.module.weight.detach()
+        return w if self.smooth is None else w * self.smooth
+
+    def observed(self, x: torch.Tensor) -> torch.Tensor:
+        """A layer input as the quantized layer sees it (divided by s when smoothed)."""
+        return x if self.smooth is None else x / self.smooth
 
 
 def replay_quantize(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
@@ -175,10 +186,11 @@ def _calibrate(model: nn.Module, plans: list[LayerPlan], cfg: QuantConfig, ctx: 
     observers, hooks = {}, []
     hessians = {p.name: HessianObserver(p.module.in_features) for p in hessian_plans}
     for plan in hessian_plans:
-        hooks.append(plan.module.register_forward_hook(lambda m, i, o, obs=hessians[plan.name]: obs.update(i[0])))
+        hooks.append(plan.module.register_forward_hook(
+            lambda m, i, o, obs=hessians[plan.name], p=plan: obs.update(p.observed(i[0]))))
     for plan in plans:
         in_obs, out_obs = observers[plan.name] = (make_observer(plan.activations), make_observer(plan.activations))
-        hooks.append(plan.module.register_forward_hook(lambda m, i, o, obs=in_obs: obs.update(i[0])))
+        hooks.append(plan.module.register_forward_hook(lambda m, i, o, obs=in_obs, p=plan: obs.update(p.observed(i[0]))))
         # With a folded ReLU, the output range is the ReLU's output range.
         where = model.get_submodule(plan.relu) if plan.relu else plan.module
         hooks.append(where.register_forward_hook(lambda m, i, o, obs=out_obs: obs.update(o)))
@@ -203,7 +215,7 @@ def _gptq_weights(plans: list[LayerPlan], hessians: dict, cfg: QuantConfig, ctx:
         wq = plan.weights
         qmin, qmax, group_size = _weight_grid(wq)
         try:
-            rounded[plan.name] = gptq_quantize(plan.module.weight, hessians[plan.name].h, qmin, qmax, wq.symmetric,
+            rounded[plan.name] = gptq_quantize(plan.weight(), hessians[plan.name].h, qmin, qmax, wq.symmetric,
                                                str(wq.granularity), group_size, damp=cfg.gptq_damp)
         except torch.linalg.LinAlgError:
             ctx.warn(f"quantize: gptq: the input Hessian of {plan.name} is not positive definite even with "
@@ -225,12 +237,15 @@ def _act_spec(name: str, side: str, obs, aq: ActivationQuant) -> dict[str, Any]:
 
 def _convert(plan: LayerPlan, observers: dict, rounded: dict | None = None) -> QuantizedLayer:
     module = plan.module
-    meta, scale, zero_point = _weight_qparams(module.weight, plan.weights)
+    weight = plan.weight()
+    meta, scale, zero_point = _weight_qparams(weight, plan.weights)
     q = None
     if rounded and plan.name in rounded:
         q, scale, zero_point = rounded[plan.name]
     spec = QuantizedLayer.geometry(module)
     spec.update(weight=meta, activation="relu" if plan.relu else None)
+    if plan.smooth is not None:
+        spec["input_smooth"] = True
     if plan.activations is not None and plan.activations.dynamic:
         spec["input_dynamic"] = {"per_token": plan.activations.per_token}
     elif plan.activations is not None:
@@ -240,8 +255,10 @@ def _convert(plan: LayerPlan, observers: dict, rounded: dict | None = None) -> Q
     layer = QuantizedLayer.from_spec(spec)
     dtype = torch.int8 if meta["dtype"] == "int8" else torch.uint8
     if q is None:
-        q = quantize_weight(module.weight, scale, zero_point, meta["qmin"], meta["qmax"], dtype)
+        q = quantize_weight(weight, scale, zero_point, meta["qmin"], meta["qmax"], dtype)
     layer.set_weight(q.to(dtype), scale, zero_point)
+    if plan.smooth is not None:
+        layer.input_smooth.copy_(1.0 / plan.smooth)
     if module.bias is not None:
         layer.bias.data.copy_(module.bias.detach().float())
     return layer
@@ -254,7 +271,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
     model = copy.deepcopy(model).eval()
     plans = plan_layers(model, cfg, ctx)
     static = [p for p in plans if p.activations is not None and not p.activations.dynamic]
-    observers, rounded = {}, {}
+    observers, rounded, smoothing = {}, {}, None
+    if cfg.smooth is not None:
+        smoothing = _smooth(model, plans, cfg, ctx)
     gptq = _gptq_plans(plans, cfg, ctx)
     if gptq and ctx.data is None:
         raise DataError("rounding: gptq needs calibration data (the inputs of each layer): pass data=... (--data), "
@@ -287,6 +306,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
     quantized, replay = _build(model, plans, observers, rounded)
     if report is not None:
         replay["fallback_report"] = report  # informational: replay ignores it
+    if smoothing is not None:
+        replay["smoothing_report"] = smoothing
     return quantized, replay
 
 
@@ -306,6 +327,41 @@ def _build(model: nn.Module, plans: list[LayerPlan], observers: dict, rounded: d
     for relu in fused:
         set_submodule(model, relu, nn.Identity())
     return model, {"layers": layers, "fused": fused, "shared": shared}
+
+
+def _smooth(model: nn.Module, plans: list[LayerPlan], cfg: QuantConfig, ctx: Context) -> dict[str, Any]:
+    """SmoothQuant factors for every Linear with quantized activations, from one pass over the data
+    (before calibration: the activation ranges are then those of the smoothed inputs). Sets plan.smooth;
+    returns {layer: {alpha, error, error_unsmoothed}}."""
+    if ctx.data is None:
+        raise DataError("smooth needs calibration data (each layer's input range per channel): pass data=... "
+                        "(--data), or remove smooth")
+    for pattern in unmatched_patterns(model, cfg.smooth_layers):
+        ctx.warn(f"quantize: smooth_layers pattern {pattern!r} matches no module")
+    todo = [p for p in plans if p.activations is not None and isinstance(p.module, nn.Linear)
+            and matches(p.name, cfg.smooth_layers)]
+    others = [p.name for p in plans if p.activations is not None and not isinstance(p.module, nn.Linear)]
+    if others:
+        ctx.warn(f"quantize: smooth applies to Linear layers; {len(others)} other layer(s) quantized unsmoothed "
+                 f"({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})")
+    if not todo:
+        return {}
+    D.check_model_runs(model, ctx.data)
+    observers = {p.name: SmoothObserver() for p in todo}
+    hooks = [p.module.register_forward_hook(lambda m, i, o, obs=observers[p.name]: obs.update(i[0])) for p in todo]
+    try:
+        with torch.no_grad():
+            for batch in track(list(D.take(ctx.data, cfg.calibration_batches)), "smoothing statistics",
+                               enabled=ctx.progress):
+                D.forward(model, D.split(batch)[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    report = {}
+    for plan in track(todo, "smoothing factors", enabled=ctx.progress):
+        plan.smooth, report[plan.name] = choose_smoothing(observers[plan.name], plan.module.weight, plan.weights,
+                                                          plan.activations, cfg.smooth)
+    return report
 
 
 def _gptq_plans(plans: list[LayerPlan], cfg: QuantConfig, ctx: Context) -> list[LayerPlan]:
