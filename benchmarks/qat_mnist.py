@@ -4,6 +4,9 @@ Runtime, artifact size and training time, in one run.
 
     .venv/bin/python benchmarks/qat_mnist.py          # this benchmark alone (about 10 minutes on 2 quiet cores)
 
+W4A8 trains one full epoch, as the issue asks; binary weights a quarter epoch; the other QAT rows a
+tenth (each row's label states its epochs).
+
 Targets (quantization issue): W4A8 after one epoch of QAT loses at most 0.5 points against fp32;
 binary weights with QAT: report the accuracy, aim at 98 % or better (recorded as a check, not hidden).
 """
@@ -38,17 +41,18 @@ BINARY_AIM = 0.98  # binary weights with QAT
 FIRST_LAST_INT8 = [{"pattern": "conv_layers.0", "weights": {"bits": 8}},
                    {"pattern": "fc_layers.2", "weights": {"bits": 8}}]
 
-EXTRA_EPOCHS = 0.25  # the rows beyond the issue's three train a quarter epoch, so that the whole run
-# stays near 10 minutes on 2 cores; their labels say so
+EXTRA_EPOCHS = 0.1  # the rows beyond the issue's required two (W4A8 QAT: one epoch; binary weights:
+# a quarter) train a tenth of an epoch, so that the whole run stays near 10 minutes on 2 cores (a QAT
+# step of this CNN costs about a third of a second there); their labels say so
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (method, config); QAT rows are labelled with their epochs
     "W4A8 PTQ": ("quantize", {"weights": {"bits": 4}}),
     "W4A8 QAT": ("qat", {"weights": {"bits": 4}, "epochs": 1}),
     "W4A8 QAT (LSQ)": ("qat", {"weights": {"bits": 4}, "scales": "lsq", "epochs": EXTRA_EPOCHS}),
     "W8A8 PTQ": ("quantize", {}),
-    "W8A8 QAT": ("qat", {"epochs": 1}),
+    "W8A8 QAT": ("qat", {"epochs": EXTRA_EPOCHS}),
     "binary weights (first, last int8), A8, QAT": (
-        "qat", {"weights": {"format": "binary"}, "overrides": FIRST_LAST_INT8, "lr": 1e-3, "epochs": 1}),
+        "qat", {"weights": {"format": "binary"}, "overrides": FIRST_LAST_INT8, "lr": 1e-3, "epochs": 0.25}),
     "binary weights (every layer), A8, QAT": (
         "qat", {"weights": {"format": "binary"}, "lr": 1e-3, "epochs": EXTRA_EPOCHS}),
     "ternary weights (first, last int8), A8, QAT": (
