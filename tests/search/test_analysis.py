@@ -163,10 +163,11 @@ def test_unsupported_layers_are_skipped_with_the_methods_reason():
     case = CASES["unsupported"]
     a = analyze(case.model(), case.batches(2, 8), actions=["quant8"], **FAST)
     assert [lp.name for lp in a.layers] == ["emb", "lstm", "head"]
-    for layer in ("emb", "lstm"):
+    for layer in case.quantized:  # the layers quantize handles (the Embedding too, once quantize takes it)
+        assert a.results[layer]["quant8"]["status"] == "ok"
+    for layer in {"emb", "lstm"} - set(case.quantized):
         entry = a.results[layer]["quant8"]
         assert entry["status"] == "skipped" and "not a supported layer kind" in entry["note"]
-    assert a.results["head"]["quant8"]["status"] == "ok"
 
 
 def test_actions_resolution_and_bad_input():

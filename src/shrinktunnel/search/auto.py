@@ -102,15 +102,16 @@ class AutoResult:
 
 def _layer_options(analysis: Analysis, objective: str, usable: dict[str, Action]) -> dict[str, list[tuple[str | None, float, float]]]:
     """Per layer: (action or None for "keep", predicted cost, measured drop >= 0) of every usable option.
-    Latency of a changed layer is predicted in proportion to its MACs (quantized weights alone do not
-    make a CPU layer faster); size breaks ties between options of equal cost."""
+    Latency of a changed layer is predicted in proportion to its MACs times the action's `speed`
+    (quantized weights alone do not make a CPU layer faster); for size and MACs, size breaks ties."""
     total = analysis.totals
     options = {}
     for lp in analysis.layers:
         def cost(bytes_, macs, speed=1.0):
             primary = {"size": bytes_, "macs": macs,
                        "latency": speed * lp.latency_ms * (max(macs, 0) / lp.macs if lp.macs else 1.0)}[objective]
-            scale = {"size": 0.0, "macs": total["macs"], "latency": total["latency_ms"]}[objective]
+            scale = {"size": 0.0, "macs": total["macs"], "latency": 0.0}[objective]  # latency: no size tie-break,
+            # a change that does not speed the layer up costs runtime work (QDQ pairs) and is left out
             return primary + 1e-6 * scale * bytes_ / max(total["bytes"], 1)
 
         opts = [(None, cost(lp.bytes, lp.macs), 0.0)]
@@ -389,7 +390,8 @@ def _search(hull, options, objective, limit, probes, budget, spent, evaluate_rou
     while hi - lo > 1 and spent[0] < budget:
         room = min(probes, budget - spent[0], hi - lo - 1)
         if first:  # around the cheapest plan predicted to fit: most of the hull is far off
-            picks = sorted({min(max(lo + 1, guess + o), hi - 1) for o in _spread(room)})
+            near = [guess + o for o in _spread(2 * len(hull) + 2) if lo < guess + o < hi]
+            picks = sorted(near[:room])  # below the guess too: the fallbacks when the held-out check refuses it
             first = False
         else:
             picks = sorted({lo + round((j + 1) * (hi - lo) / (room + 1)) for j in range(room)} - {lo, hi})
