@@ -70,10 +70,15 @@ def test_the_same_seed_gives_the_same_result_serially_and_in_processes():
 
 
 def test_ray_backend_gives_the_same_result():
-    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'shrinktunnel[ray]') and is not installed here")
-    model, data = wide_mlp(), wide_data()
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'shrinktunnel[ray]') and is not installed here")
+    torch.manual_seed(0)  # torch modules only: Ray's workers import what they unpickle, and this test file is no package
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    data = wide_data()
     kwargs = dict(max_drop=0.02, actions=["quant8", "quant2"], progress=False, max_evaluations=4, verify_runtime=False)
-    assert _summary(auto(model, data, **kwargs)) == _summary(auto(model, data, workers=2, backend="ray", **kwargs))
+    try:
+        assert _summary(auto(model, data, **kwargs)) == _summary(auto(model, data, workers=2, backend="ray", **kwargs))
+    finally:
+        ray.shutdown()
 
 
 def test_nan_or_raising_candidates_are_marked_failed_and_the_search_goes_on():
