@@ -145,4 +145,18 @@ def test_structured_and_small_nets_export(tmp_path):
     c = r.candidates[r.chosen]
     assert r.fits and c["plan"] and c["runtime_latency_ms"] > 0 and "latency_ms" in c
     assert abs(c["runtime_metric"] - c["metric"]) < 1e-4  # ONNX Runtime scores what PyTorch scored
-    assert r.model.get_submodule("0").out_channels == 8  # physically smaller
+    convs = [m.out_channels for m in r.model.modules() if isinstance(m, nn.Conv2d)]
+    assert 8 in convs and len(convs) == 2  # a conv rewritten to half its channels: physically smaller
+
+
+def test_a_second_search_reads_every_candidate_from_its_cache(tmp_path):
+    model, data = wide_mlp(), wide_data()
+    kwargs = dict(max_drop=0.02, actions=["quant8", "quant2"], progress=False, max_evaluations=4, verify_runtime=False,
+                  cache_dir=tmp_path)
+    first = auto(model, data, **kwargs)
+    evals = list(tmp_path.rglob("evals.jsonl"))
+    assert not any(c["cached"] for c in first.candidates) and evals
+    lines = sum(len(p.read_text().splitlines()) for p in evals)
+    second = auto(model, data, **kwargs)
+    assert all(c["cached"] for c in second.candidates) and _summary(second) == _summary(first)
+    assert sum(len(p.read_text().splitlines()) for p in evals) == lines  # nothing evaluated again

@@ -163,6 +163,12 @@ def _latency_onnx(path: Path, inputs: D.Inputs, threads: int, metric: Callable |
     return ms, value
 
 
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 def _plan_key(plan: Plan) -> str:
     return fingerprint(sorted(plan.items()))
 
@@ -330,6 +336,7 @@ def auto(
     job = _Job(original, by_name, data, train_data, recovery, metric, objective, example, _first_samples(inputs, 1),
                workdir, seed)
     candidates: list[dict[str, Any]] = []
+    budget = max(0, min(max_evaluations, 10_000))
     keys: dict[str, int] = {}
     spent = [0]
 
@@ -342,14 +349,24 @@ def auto(
                 continue
             fresh.append((plan, label))
         todo = [(p, l) for p, l in fresh if cache.get(_plan_key(p)) is None]
-        spent[0] += len(todo)
-        done = dict(zip((_plan_key(p) for p, _ in todo),
-                        run_all(job, [p for p, _ in todo], workers=workers, backend=backend, threads=threads,
-                                description=f"auto: round of {len(todo)} candidates", progress=progress)))
+        spent[0] += len(fresh)  # read from the cache or not: a resumed search takes the same path
+        done = {}
+        for (plan, _), entry in zip(todo, run_all(job, [p for p, _ in todo], workers=workers, backend=backend,
+                                                  threads=threads, progress=progress,
+                                                  description=f"auto: round of {len(todo)} candidates")):
+            done[_plan_key(plan)] = entry
+            cache.put(_plan_key(plan), entry)  # at once: an interrupted search resumes from here
+        if progress and todo:  # the whole search's estimate: the mean evaluation times what the budget has left
+            took = [done[_plan_key(p)]["seconds"] for p, _ in todo]
+            left = max(0, budget - spent[0]) * sum(took) / len(took) / max(1, min(workers, probes))
+            _console().print(f"auto: {spent[0]} of at most {budget} evaluations done, about {left:.0f} s left "
+                             f"(then the held-out and runtime checks)")
         out = []
         for plan, label in fresh:
             key = _plan_key(plan)
-            entry = dict(cache.get(key) or done[key])
+            entry = dict(cache.get(key))
+            entry.pop("key", None)
+            entry["cached"] = key not in done
             timed = False
             if objective == "latency" and entry["status"] == "ok" and "latency_ms" not in entry:
                 timed = True
@@ -357,8 +374,8 @@ def auto(
                     entry["latency_ms"], _ = _latency_onnx(job.onnx(plan), inputs, threads)
                 except Exception as exc:
                     entry.update(status="failed", note=f"ONNX Runtime: {one_line(exc)}")
-            if key in done or timed:  # resume: every finished evaluation is on disk
-                cache.put(key, {k: v for k, v in entry.items() if k != "key"})
+            if timed:
+                cache.put(key, {k: v for k, v in entry.items() if k != "cached"})
             entry.update(plan=plan, label=label, key=key)
             entry["drop"] = None if entry.get("metric") is None else baseline - entry["metric"]
             entry["fits"] = entry["status"] == "ok" and entry["drop"] <= limit + 1e-12
@@ -371,7 +388,6 @@ def auto(
 
     options = _layer_options(analysis, objective, by_name)  # an analysis may hold actions not passed here
     hull = lagrangian_plans(options)
-    budget = max(0, min(max_evaluations, 10_000))
     evaluate_round([({}, "original")])
     spent[0] = 0
     _search(hull, options, objective, limit, probes, budget, spent, evaluate_round, candidates)
