@@ -111,7 +111,8 @@ class TinyAttention(nn.Module):
 
 
 class UnsupportedNet(nn.Module):
-    """Embedding -> LSTM -> Linear: the first two have weights but are not quantizable (warned)."""
+    """Embedding -> LSTM -> Linear: the LSTM has weights but is not quantizable (warned); the embedding
+    is quantized weight-only."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -155,7 +156,7 @@ CASES: dict[str, Case] = {
         Case("grouped_conv", GroupedConvNet, _randn(4, 6, 6), ("dw", "gc")),
         Case("flatten", FlattenNet, _randn(1, 10, 10), ("features.0", "fc"), ("features.1",)),
         Case("attention", TinyAttention, _randn(5, 16), ("q", "k", "v", "o")),
-        Case("unsupported", UnsupportedNet, lambda n, g: torch.randint(0, 20, (n, 6), generator=g), ("head",)),
+        Case("unsupported", UnsupportedNet, lambda n, g: torch.randint(0, 20, (n, 6), generator=g), ("emb", "head")),
     ]
 }
 SUPPORTED_CASES = [n for n in CASES if n != "unsupported"]

@@ -2,6 +2,8 @@
 accuracy, what it records, and that the input model is never touched."""
 
 import copy
+
+import numpy as np
 import warnings
 
 import pytest
@@ -49,6 +51,9 @@ def test_expected_layers_are_quantized_and_relus_folded(case):
         assert isinstance(q.get_submodule(name), nn.Identity)
     for name, layer in quantized_layers(q).items():
         assert layer.qweight.dtype == torch.int8
+        if layer.kind == "embedding":  # weight-only: its input is an index
+            assert layer.input_quant is None and layer.output_quant is None
+            continue
         assert layer.input_quant is not None and layer.output_quant is not None
     # A folded ReLU "p.i" belongs to the layer just before it, "p.(i-1)".
     folded_into = {f"{p}.{int(i) - 1}" for p, i in (f.rsplit(".", 1) for f in case.fused)}
@@ -74,11 +79,11 @@ def test_unsupported_layers_are_skipped_with_warnings():
     model, data = case.model(), case.batches()
     with pytest.warns(UserWarning) as caught:
         result = st.compress(model, [st.QuantConfig()], data=data, progress=False)
-    expected = ["quantize: emb (Embedding) is not a supported layer kind; kept in float",
-                "quantize: lstm (LSTM) is not a supported layer kind; kept in float"]
+    expected = ["quantize: lstm (LSTM) is not a supported layer kind; kept in float"]
     assert result.warnings == expected
     assert [str(w.message) for w in caught if "quantize:" in str(w.message)] == expected
-    assert type(result.model.emb) is nn.Embedding and type(result.model.lstm) is nn.LSTM
+    assert type(result.model.lstm) is nn.LSTM
+    assert isinstance(result.model.emb, QuantizedLayer) and result.model.emb.kind == "embedding"
     assert torch.equal(result.model.lstm.weight_ih_l0, model.lstm.weight_ih_l0)
     assert isinstance(result.model.head, QuantizedLayer)
 
@@ -175,7 +180,7 @@ def test_unmatched_pattern_warns():
 def test_nothing_selected_warns_and_keeps_the_model():
     case = CASES["attention"]
     model = case.model()
-    with pytest.warns(UserWarning, match="no Linear/Conv1d/Conv2d layer selected"):
+    with pytest.warns(UserWarning, match="no Linear/Conv1d/Conv2d/Embedding layer selected"):
         q = st.quantize(model, {"skip": ["*"]}, data=case.batches(), progress=False)
     assert state_dicts_equal(q, model)
 
@@ -314,3 +319,44 @@ def test_deepcopy_of_a_quantized_model_is_independent():
     c = copy.deepcopy(q)
     c.fc.qweight.zero_()
     assert not torch.equal(c.fc.qweight, q.fc.qweight)
+
+
+class _Bag(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 32, padding_idx=0)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, tokens):
+        return self.head(self.emb(tokens).mean(dim=1))
+
+
+@pytest.mark.parametrize("weights, floor_db", [({}, 38), ({"bits": 4, "granularity": "per_group", "group_size": 8}, 18)])
+def test_embeddings_are_quantized_weight_only_per_row(weights, floor_db, tmp_path):
+    model = _Bag().eval()
+    tokens = torch.randint(0, 50, (6, 7))
+    q = st.quantize(model, {"weights": weights, "activations": None}, progress=False)
+    assert q.emb.kind == "embedding" and q.emb.input_quant is None
+    table = q.emb.dequantized_weight()
+    assert sqnr_db(model.emb.weight.detach(), table) > floor_db
+    assert torch.equal(table[0], torch.zeros(32))  # the padding row is zeros, and stays exactly zero
+    with torch.no_grad():
+        assert torch.equal(q.emb(tokens), table[tokens])
+    st.save(q, tmp_path / "a")
+    loaded = st.load(tmp_path / "a", model=_Bag())
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), q(tokens))
+    path = st.export_onnx(q, tmp_path / "m.onnx", example_inputs=tokens)
+    from shrinktunnel.export import ort_session
+    session = ort_session(path, threads=1)
+    out = session.run(None, {session.get_inputs()[0].name: tokens.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, q(tokens).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_static_activations_leave_embeddings_weight_only():
+    model = _Bag().eval()
+    data = [torch.randint(0, 50, (6, 7)) for _ in range(2)]
+    q = st.quantize(model, data=data, progress=False)
+    assert q.emb.input_quant is None and q.emb.output_quant is None and q.head.input_quant is not None

@@ -178,7 +178,7 @@ class QuantConfig(Config):
 
     weights: WeightQuant = WeightQuant()
     activations: ActivationQuant | None = ActivationQuant()  # None: weight-only, no calibration data needed
-    layers: list[str] = ["*"]  # glob patterns over module names; Linear, Conv1d and Conv2d among them are quantized
+    layers: list[str] = ["*"]  # glob patterns over module names; Linear, Conv1d, Conv2d and Embedding (weight-only) among them are quantized
     skip: list[str] = []  # glob patterns of layers kept in floating point, applied after `layers`
     calibration_batches: int | None = Field(default=None, ge=1)  # None: every batch of the data given
     rounding: Rounding = Rounding.NEAREST  # nearest: fine at 8 bits. gptq: needs calibration data, worth it

@@ -24,10 +24,11 @@ from .dynamic import dynamic_linear
 from .nbits import exports_as_nbits, matmul_nbits, nbits_layout
 from .ops import dequantize_weight, fake_quant_activation
 
-__all__ = ["QuantizedLayer", "ActQuant", "SUPPORTED"]
+__all__ = ["QuantizedLayer", "ActQuant", "SUPPORTED", "WEIGHT_ONLY"]
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
-_KIND = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
+WEIGHT_ONLY = (nn.Embedding,)  # a lookup table: its weight is quantized (per row), its input is an index
+_KIND = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
 _DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32}
 
 
@@ -110,6 +111,8 @@ def apply_layer(spec: dict[str, Any], x: torch.Tensor, w: torch.Tensor, bias: to
     """The Linear / Conv1d / Conv2d that `spec` (see `QuantizedLayer.geometry`) describes, with weight `w`."""
     if spec["kind"] == "linear":
         return F.linear(x, w, bias)
+    if spec["kind"] == "embedding":
+        return F.embedding(x, w, spec.get("padding_idx"))
     conv = F.conv2d if spec["kind"] == "conv2d" else F.conv1d
     padding = spec["padding"]
     if spec.get("padding_mode", "zeros") != "zeros":
@@ -153,6 +156,8 @@ class QuantizedLayer(nn.Module):
         if self.input_dynamic is not None and (spec["kind"] != "linear" or w["dtype"] != "int8"
                                                or w["granularity"] == "per_group"):
             raise ValueError("dynamic activations need a Linear with symmetric int8 weights per tensor or channel")
+        if spec["kind"] == "embedding" and (spec.get("input") or spec.get("output") or self.input_dynamic):
+            raise ValueError("an embedding is quantized weight-only: its input is an index")
         if spec.get("input_smooth"):
             # SmoothQuant (quant/smooth.py): the input is multiplied by 1 / s per channel, the weight holds W * s.
             if spec["kind"] != "linear":
@@ -165,8 +170,10 @@ class QuantizedLayer(nn.Module):
         spec: dict[str, Any] = {
             "kind": _KIND[type(module)],
             "weight_shape": list(module.weight.shape),
-            "bias": module.bias is not None,
+            "bias": getattr(module, "bias", None) is not None,
         }
+        if isinstance(module, nn.Embedding):
+            spec["padding_idx"] = module.padding_idx
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
             pad = module.padding
             spec.update(

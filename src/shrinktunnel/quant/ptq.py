@@ -18,7 +18,7 @@ from ..errors import ConfigError, DataError
 from .config import ActivationQuant, Granularity, QuantConfig, Rounding, WeightQuant
 from .fallback import choose_fallback
 from .gptq import HessianObserver, gptq_quantize
-from .modules import SUPPORTED, QuantizedLayer
+from .modules import SUPPORTED, WEIGHT_ONLY, QuantizedLayer
 from .observers import make_observer
 from .smooth import SmoothObserver, choose_smoothing
 from .ops import qrange, quantize_weight, weight_qparams, weight_qrange
@@ -67,7 +67,7 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
         ctx.warn(f"quantize: pattern {pattern!r} matches no module")
     for name, module in model.named_modules():
         selected = name and matches(name, cfg.layers) and not matches(name, cfg.skip)
-        if selected and _has_own_weight(module) and not isinstance(module, SUPPORTED):
+        if selected and _has_own_weight(module) and not isinstance(module, SUPPORTED + WEIGHT_ONLY):
             ctx.warn(f"quantize: {name} ({type(module).__name__}) is not a supported layer kind; kept in float")
         elif selected and hasattr(module, "values") and hasattr(module, "index") and not isinstance(module, SUPPORTED):
             # A pruned layer (prune/sparse_layer.py) stores its weight as buffers, so it has no weight to quantize.
@@ -99,8 +99,33 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
         relu = _following_relu(model, name) if (cfg.fuse_relu and activations is not None) else None
         aliases = tuple(n for n in names_of[id(module)] if n != name)
         plans.append(LayerPlan(name, module, weights, activations, relu, aliases))
+    plans += _embedding_plans(model, cfg, ctx, names_of)
     if not plans:
-        ctx.warn("quantize: no Linear/Conv1d/Conv2d layer selected; the model is unchanged")
+        ctx.warn("quantize: no Linear/Conv1d/Conv2d/Embedding layer selected; the model is unchanged")
+    return plans
+
+
+def _embedding_plans(model: nn.Module, cfg: QuantConfig, ctx: Context, names_of: dict) -> list[LayerPlan]:
+    """Embeddings: weight-only, one scale per row (per_channel) or per group along the row."""
+    shared = {id(p): n for n, m in model.named_modules() if not isinstance(m, nn.Embedding)
+              for p in m.parameters(recurse=False)}
+    plans = []
+    for name, module in select_modules(model, WEIGHT_ONLY, cfg.layers, cfg.skip):
+        if type(module) is not nn.Embedding or module.max_norm is not None:
+            why = "renormalises its rows in place (max_norm)" if type(module) is nn.Embedding else "is a subclass"
+            ctx.warn(f"quantize: {name} ({type(module).__name__}) {why}; kept in float")
+            continue
+        if id(module.weight) in shared:
+            ctx.warn(f"quantize: {name}'s weight is tied to {shared[id(module.weight)]}, which stays float; "
+                     "kept in float so the tie holds (quantizing it would store a second copy)")
+            continue
+        weights = cfg.weights
+        for rule in cfg.overrides:
+            if fnmatchcase(name, rule.pattern) and "weights" in rule.model_fields_set and rule.weights is not None:
+                weights = rule.weights
+        _check_weight(name, module, weights)
+        aliases = tuple(n for n in names_of[id(module)] if n != name)
+        plans.append(LayerPlan(name, module, weights, None, None, aliases))
     return plans
 
 
@@ -259,7 +284,7 @@ def _convert(plan: LayerPlan, observers: dict, rounded: dict | None = None) -> Q
     layer.set_weight(q.to(dtype), scale, zero_point)
     if plan.smooth is not None:
         layer.input_smooth.copy_(1.0 / plan.smooth)
-    if module.bias is not None:
+    if getattr(module, "bias", None) is not None:
         layer.bias.data.copy_(module.bias.detach().float())
     return layer
 
