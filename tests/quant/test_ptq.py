@@ -360,3 +360,28 @@ def test_static_activations_leave_embeddings_weight_only():
     data = [torch.randint(0, 50, (6, 7)) for _ in range(2)]
     q = st.quantize(model, data=data, progress=False)
     assert q.emb.input_quant is None and q.emb.output_quant is None and q.head.input_quant is not None
+
+
+def test_inputs_only_drops_output_quantizers_and_their_onnx_nodes(tmp_path):
+    import onnx
+
+    case = CASES["attention"]
+    model, data = case.model(), case.batches()
+    both = st.quantize(model, data=data, progress=False)
+    inputs = st.quantize(model, {"activations": {"outputs": False}}, data=data, progress=False)
+    layers = quantized_layers(inputs)
+    assert layers and all(l.input_quant is not None and l.output_quant is None for l in layers.values())
+    x = data[0]
+    assert sqnr_db(_out(model, [x]), _out(inputs, [x])) >= sqnr_db(_out(model, [x]), _out(both, [x])) - 0.5
+    count = {}
+    for name, q in (("both", both), ("inputs", inputs)):
+        path = st.export_onnx(q, tmp_path / f"{name}.onnx", example_inputs=x)
+        count[name] = sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)
+    assert count["inputs"] == count["both"] - len(layers)
+
+
+def test_outputs_is_a_static_setting():
+    from shrinktunnel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="outputs"):
+        st.quantize(CASES["attention"].model(), {"activations": {"dynamic": True, "outputs": False}}, progress=False)

@@ -131,6 +131,9 @@ class ActivationQuant(Config):
     # max. >= 256: the KL search needs a bin per uint8 level; <= 65536: memory is 32 bytes per bin per
     # observed tensor. Read by the percentile, entropy and mse calibrators
 
+    outputs: bool = True  # True: each layer's output is quantized too, so a runtime can chain integer
+    # kernels (a CNN's conv -> relu -> pool -> conv stays uint8). False: inputs only: where the consumers
+    # are float ops (a transformer's residual Add, LayerNorm, GELU), output Q/DQ pairs cost time and accuracy
     dynamic: bool = False  # False: static, scales calibrated once on data. True: scales computed from each
     # input at run time (uint8 with a zero point; Linear layers only): no calibration data, no stale range
     per_token: bool = True  # dynamic only. True: a scale per token (row), what keeps transformers accurate;
@@ -141,7 +144,7 @@ class ActivationQuant(Config):
     @model_validator(mode="after")
     def _check_dynamic(self) -> "ActivationQuant":
         if self.dynamic:
-            static_only = _changed(self, ("symmetric", "calibrator", "percentile", "bins"))
+            static_only = _changed(self, ("symmetric", "calibrator", "percentile", "bins", "outputs"))
             if static_only:
                 raise ValueError(f"{', '.join(static_only)} only apply to static activations (dynamic: false); "
                                  "dynamic activations are uint8 with a zero point computed per input: remove them")

@@ -216,9 +216,10 @@ def _calibrate(model: nn.Module, plans: list[LayerPlan], cfg: QuantConfig, ctx: 
     for plan in plans:
         in_obs, out_obs = observers[plan.name] = (make_observer(plan.activations), make_observer(plan.activations))
         hooks.append(plan.module.register_forward_hook(lambda m, i, o, obs=in_obs, p=plan: obs.update(p.observed(i[0]))))
-        # With a folded ReLU, the output range is the ReLU's output range.
-        where = model.get_submodule(plan.relu) if plan.relu else plan.module
-        hooks.append(where.register_forward_hook(lambda m, i, o, obs=out_obs: obs.update(o)))
+        if plan.activations.outputs:
+            # With a folded ReLU, the output range is the ReLU's output range.
+            where = model.get_submodule(plan.relu) if plan.relu else plan.module
+            hooks.append(where.register_forward_hook(lambda m, i, o, obs=out_obs: obs.update(o)))
     try:
         batches = list(D.take(ctx.data, cfg.calibration_batches))
         with torch.no_grad():
@@ -276,7 +277,7 @@ def _convert(plan: LayerPlan, observers: dict, rounded: dict | None = None) -> Q
     elif plan.activations is not None:
         in_obs, out_obs = observers[plan.name]
         spec["input"] = _act_spec(plan.name, "input", in_obs, plan.activations)
-        spec["output"] = _act_spec(plan.name, "output", out_obs, plan.activations)
+        spec["output"] = _act_spec(plan.name, "output", out_obs, plan.activations) if plan.activations.outputs else None
     layer = QuantizedLayer.from_spec(spec)
     dtype = torch.int8 if meta["dtype"] == "int8" else torch.uint8
     if q is None:
