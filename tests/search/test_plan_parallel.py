@@ -160,3 +160,14 @@ def test_a_second_search_reads_every_candidate_from_its_cache(tmp_path):
     second = auto(model, data, **kwargs)
     assert all(c["cached"] for c in second.candidates) and _summary(second) == _summary(first)
     assert sum(len(p.read_text().splitlines()) for p in evals) == lines  # nothing evaluated again
+
+
+def test_uniform_single_action_plans_are_tried_first():
+    model, data = wide_mlp(), wide_data()
+    r = auto(model, data, max_drop=0.05, actions=["quant8", "quant4"], progress=False, max_evaluations=6, probes=2,
+             verify_runtime=False)
+    labels = [c["label"] for c in r.candidates]
+    assert labels[1:3] == ["uniform quant4", "uniform quant8"]  # the cheapest single action first
+    assert r.candidates[1]["plan"] == {"fc1": "quant4", "fc2": "quant4"}
+    # the joint result is at least as small as every single action that fits
+    assert all(r.candidates[r.chosen]["bytes"] <= c["bytes"] for c in r.candidates[1:3] if c["fits"])

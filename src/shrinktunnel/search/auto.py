@@ -270,6 +270,7 @@ def auto(
     backend: str = "process",
     probes: int = 4,
     max_verifications: int = 6,
+    uniform: bool = True,
 ) -> AutoResult:
     """Choose an action per layer so that the metric stays within `max_drop` of the original's and
     the `objective` (size | latency | macs) is least; `model` is not changed.
@@ -283,7 +284,9 @@ def auto(
     and centroid tuning after sharing, on `train_data` (default `data`); None: every action one shot.
     `max_evaluations`: real candidate evaluations after the analysis, in rounds of `probes`, run by
     `workers` local processes (backend "process") or Ray ("ray"); seeded from `seed`, so the result is
-    the same for any number of workers. `verify_runtime`: the chosen model is exported and scored in
+    the same for any number of workers. `uniform`: when the budget allows more than one round, the
+    first round tries single actions on every layer (the cheapest predicted `probes` of them), so the
+    joint result is never worse than a single method at a uniform setting. `verify_runtime`: the chosen model is exported and scored in
     ONNX Runtime too; latency is always measured there. Returns an AutoResult whose `fits` is False
     when no candidate met the budget.
     """
@@ -390,7 +393,7 @@ def auto(
     hull = lagrangian_plans(options)
     evaluate_round([({}, "original")])
     spent[0] = 0
-    _search(hull, options, objective, limit, probes, budget, spent, evaluate_round, candidates)
+    _search(hull, options, objective, limit, probes, budget, spent, evaluate_round, candidates, uniform)
     try:
         return _choose(job, candidates, analysis, objective, max_drop, limit, metric, held_out, baseline, inputs,
                        threads, verify_runtime, max_verifications, warnings, t0)
@@ -398,8 +401,26 @@ def auto(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _search(hull, options, objective, limit, probes, budget, spent, evaluate_round, candidates) -> None:
-    """Rounds of `probes` candidates: a k-ary search over the hull, then single-layer moves."""
+def _uniform_plans(options, objective) -> list[tuple[Plan, str]]:
+    """Each action on every layer that takes it, cheapest predicted first: the single-method plans
+    the joint search must beat, and a start for the moves when the hull's combinations fail."""
+    totals: dict[str, tuple[float, Plan]] = {}
+    for layer, opts in options.items():
+        keep = next(o[1] for o in opts if o[0] is None)
+        for action, cost, _ in opts:
+            if action is None or cost >= keep and objective != "size":
+                continue
+            saved, plan = totals.get(action, (0.0, {}))
+            totals[action] = (saved + keep - cost, {**plan, layer: action})
+    ranked = sorted(totals.items(), key=lambda kv: (-kv[1][0], kv[0]))
+    return [(plan, f"uniform {action}") for action, (_, plan) in ranked]
+
+
+def _search(hull, options, objective, limit, probes, budget, spent, evaluate_round, candidates, uniform=True) -> None:
+    """Rounds of `probes` candidates: the uniform single-action plans, a k-ary search over the hull,
+    then single-layer moves from the best fitting candidate."""
+    if uniform and budget > probes:
+        evaluate_round(_uniform_plans(options, objective)[: min(probes, budget - spent[0])])
     lo, hi = 0, len(hull)  # hull[lo] fits (keep everything); hull[hi:] is known (or assumed) not to
     guess = max([i for i, (_, _, d) in enumerate(hull) if d <= limit] or [0])
     first = True
