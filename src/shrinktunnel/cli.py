@@ -121,12 +121,18 @@ def auto_cmd(
     max_evaluations: int = typer.Option(12, "--max-evaluations", min=1, help="Real candidate evaluations after the analysis."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Evaluation cache (default: ~/.cache/shrinktunnel/analyze)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Batch size for .npz / .safetensors data."),
+    verify_data: Optional[str] = typer.Option(None, "--verify-data", help="Held-out DATA the chosen model must also meet the budget on (labelled when --eval-data is)."),
+    margin: float = typer.Option(0.0, "--margin", min=0.0, help="Safety margin: candidates must fit max_drop - margin on the search data."),
+    train_data: Optional[str] = typer.Option(None, "--train-data", help="DATA for recovery (distillation from the original after structural actions); none: one shot."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Candidate evaluations in this many local processes."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every candidate (same seed, same result, serial or parallel)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact at --out."),
 ) -> None:
     """Choose an action per layer under --max-drop for the --objective; write the model and its report."""
     from .cli_commands import run_auto
 
-    run_auto(model, data, max_drop, objective, out, eval_data, actions, max_evaluations, cache_dir, batch_size, force, console)
+    run_auto(model, data, max_drop, objective, out, eval_data, actions, max_evaluations, cache_dir, batch_size, force, console,
+             verify_ref=verify_data, margin=margin, train_ref=train_data, workers=workers, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> None:

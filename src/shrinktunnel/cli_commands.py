@@ -141,7 +141,7 @@ def parse_drop(text: str) -> float:
 
 
 def run_auto(model_ref, data_ref, max_drop, objective, out, eval_ref, actions, max_evaluations, cache_dir, batch_size,
-             force, console: Console) -> None:
+             force, console: Console, *, verify_ref=None, margin=0.0, train_ref=None, workers=1, seed=0) -> None:
     from .search import auto
 
     drop = parse_drop(max_drop)
@@ -151,8 +151,13 @@ def run_auto(model_ref, data_ref, max_drop, objective, out, eval_ref, actions, m
     eval_data = D.reiterable(load_data(eval_ref, batch_size)) if eval_ref else None
     eval_fn = (lambda m: accuracy(m, eval_data)) if eval_data is not None else None
     names = [x.strip() for x in actions.split(",") if x.strip()] if actions else None
+    verify = D.reiterable(load_data(verify_ref, batch_size)) if verify_ref else None
+    verify_fn = (lambda m: accuracy(m, verify)) if verify is not None and eval_fn is not None else None
+    train = load_data(train_ref, batch_size) if train_ref else None
     result = auto(model, data, max_drop=drop, objective=objective, eval_fn=eval_fn, actions=names,
-                  cache_dir=cache_dir or default_cache_dir(), max_evaluations=max_evaluations)
+                  cache_dir=cache_dir or default_cache_dir(), max_evaluations=max_evaluations,
+                  verify_fn=verify_fn, verify_data=verify if verify_fn is None else None, margin=margin,
+                  recovery={} if train is not None else None, train_data=train, workers=workers, seed=seed)
     with atomic_dir(out) as tmp:
         result.save(tmp)
     console.print(result.analysis.table().to_rich())

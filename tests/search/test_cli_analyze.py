@@ -64,3 +64,15 @@ def test_auto_writes_an_artifact_with_its_report(tmp_path):
     code, _, err = run_cli("auto", MLP, "--data", tmp_path / "d.npz", "--max-drop", "1%", "--objective", "speed",
                            "--out", tmp_path / "out2")
     assert code == 2 and "unknown objective 'speed'" in err
+
+
+def test_auto_checks_held_out_data_and_takes_workers_margin_and_seed(tmp_path):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((32, 6)).astype(np.float32))
+    np.savez(tmp_path / "v.npz", x=rng.standard_normal((32, 6)).astype(np.float32))
+    code, out, err = run_cli("auto", MLP, "--data", tmp_path / "d.npz", "--verify-data", tmp_path / "v.npz",
+                             "--max-drop", "1%", "--margin", "0.001", "--seed", 3, "--actions", "quant8",
+                             "--out", tmp_path / "out", "--cache-dir", tmp_path / "cache", "--max-evaluations", 3)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "out" / "auto.json").read_text())
+    assert saved["fits"] and not any("no held-out check" in w for w in saved["warnings"])
