@@ -124,7 +124,7 @@ class DecomposeConfig(Config):
     # costs one sensitivity pass over the calibration batches per layer; fewer make a large model affordable
     budget_scope: BudgetScope = BudgetScope.MODEL  # model: a budget of the whole model, as the issue states it
     method: Method = Method.AUTO  # auto: whitened_svd with data (on MiniLM at half the projections' weights
-    # the cosine to fp32 before recovery rose from 0.35 to 0.62; docs/decomposition.md), svd without. Applies
+    # the cosine to fp32 before recovery rose from 0.35 to 0.77; docs/decomposition.md), svd without. Applies
     # to Linears and to convolutions under the channel scheme; the other conv schemes factor the weight alone
     whitening_batches: int = Field(default=16, ge=1)  # batches whose inputs give each layer's X^T X: a
     # 1536-wide layer needs many more rows than columns for its second moment to be estimated
