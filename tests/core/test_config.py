@@ -103,7 +103,7 @@ def test_to_dict_is_plain_json_data():
     assert d["weights"] == {"bits": 8, "format": "int", "granularity": "per_channel", "symmetric": True,
                             "reduce_range": False, "group_size": None}
     assert d["activations"] == {"bits": 8, "format": "int", "symmetric": False, "calibrator": "minmax",
-                                "percentile": 99.99, "bins": 2048, "dynamic": False, "per_token": True}
+                                "percentile": 99.99, "bins": 2048, "outputs": True, "dynamic": False, "per_token": True}
     assert type(d["weights"]["granularity"]) is str  # the enum became its value
 
 
