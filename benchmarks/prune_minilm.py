@@ -76,20 +76,10 @@ def distill_config() -> Any:
 
 
 def train_batches(n: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """`n` tweets drawn at random (seeded) from the whole file except the held-out ones, tokenised like
-    assets.tweet_batches. The file is sorted by sentiment (negative, then neutral, then positive): its
-    first 4,096 tweets, which earlier runs trained on, are all negative, while the held-out tweets at
-    offset 30,000 are neutral."""
-    from shrinktunnel.assets_text import minilm_tokenizer
-
-    texts, _ = assets.tweets()
-    held = set(range(EVAL_OFFSET, EVAL_OFFSET + EVAL_TWEETS))
-    pool = [i for i in range(len(texts)) if i not in held]
-    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n].tolist()
-    picked = [texts[pool[i]] for i in order]
-    tok = minilm_tokenizer()
-    return [dict(tok(picked[i:i + BATCH], padding="max_length", truncation=True, max_length=MAX_LEN,
-                     return_tensors="pt")) for i in range(0, len(picked), BATCH)]
+    """`n` tweets drawn at random (seeded) from the whole file except the held-out ones (the file is
+    sorted by sentiment; see assets.sampled_tweet_batches)."""
+    return assets.sampled_tweet_batches(n, exclude=range(EVAL_OFFSET, EVAL_OFFSET + EVAL_TWEETS), seed=seed,
+                                        batch_size=BATCH, max_length=MAX_LEN)
 
 
 @torch.no_grad()

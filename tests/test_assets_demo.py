@@ -124,3 +124,17 @@ def test_shrink_demo_end_to_end(tmp_path):
     assert "99.06 %" in proc.stdout
     # The artifact the demo wrote reloads and scores what the report says.
     assert accuracy(st.load(out / "artifact"), assets.mnist_test()) == int8["accuracy_torch"]
+
+
+def test_sampled_tweets_are_seeded_and_never_drawn_from_the_excluded_range():
+    texts, _ = assets.tweets()
+    a = assets.sampled_tweet_batches(40, exclude=range(40, len(texts)), seed=1, batch_size=16)
+    b = assets.sampled_tweet_batches(40, exclude=range(40, len(texts)), seed=1, batch_size=16)
+    assert [x["input_ids"].shape[0] for x in a] == [16, 16, 8]
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b))
+    # Only the first 40 tweets are allowed: the sample is exactly them, shuffled.
+    rows = {tuple(r.tolist()) for x in a for r in x["input_ids"]}
+    prefix = {tuple(r.tolist()) for x in assets.tweet_batches(40, 0, batch_size=16) for r in x["input_ids"]}
+    assert rows == prefix
+    c = assets.sampled_tweet_batches(40, exclude=range(40, len(texts)), seed=2, batch_size=16)
+    assert not torch.equal(c[0]["input_ids"], a[0]["input_ids"])

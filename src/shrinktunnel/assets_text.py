@@ -91,3 +91,19 @@ def tweet_batches(limit: int = 256, offset: int = 0, batch_size: int = 32, max_l
             enc["labels"] = y[i : i + batch_size]
         out.append(enc)
     return out
+
+
+def sampled_tweet_batches(n: int, exclude: range = range(0), seed: int = 0, batch_size: int = 32, max_length: int = 32):
+    """`n` tweets drawn at random (seeded) from the whole file except the indices in `exclude` (a
+    held-out range), tokenized like `tweet_batches`. The file is sorted by sentiment (negative, then
+    neutral, then positive), so its first tweets are all negative: training or calibrating on a prefix
+    and testing elsewhere measures a distribution shift, not the method."""
+    texts, _ = tweets()
+    held = set(exclude)
+    pool = [i for i in range(len(texts)) if i not in held]
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    picked = [texts[pool[i]] for i in order]
+    tok = minilm_tokenizer()
+    return [dict(tok(picked[i:i + batch_size], padding="max_length", truncation=True, max_length=max_length,
+                     return_tensors="pt")) for i in range(0, len(picked), batch_size)]
+
