@@ -120,7 +120,7 @@ def plan_layers(model: nn.Module, cfg: DecomposeConfig, ctx: Context) -> list[La
         aliases = tuple(n for n in names_of[id(module)] if n != name)
         plans.append(LayerPlan(name, module, kind, scheme, rule, aliases))
     if not plans:
-        ctx.warn("decompose: no Linear/Conv1d/Conv2d/Embedding layer selected; the model is unchanged")
+        ctx.warn("decompose: no Linear/Conv1d/Conv2d layer selected; the model is unchanged")
     return plans
 
 

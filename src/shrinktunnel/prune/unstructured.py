@@ -104,7 +104,7 @@ def plan_targets(model: nn.Module, cfg: PruneConfig, ctx: Context) -> list[Targe
         aliases = tuple(n for n in names_of[id(module)] if n != name)
         targets.append(Target(name, module, sparsity, aliases, score))
     if not targets:
-        ctx.warn("prune: no Linear/Conv1d/Conv2d/Embedding layer selected with a sparsity above 0; the model is unchanged")
+        ctx.warn("prune: no Linear/Conv1d/Conv2d layer selected with a sparsity above 0; the model is unchanged")
     return targets
 
 

@@ -122,5 +122,5 @@ def cast_model(model: nn.Module, cfg: CastConfig, ctx: Context) -> tuple[nn.Modu
                 shared[alias] = name
         layers[name] = layer.spec()
     if not layers:
-        ctx.warn("cast: no Linear/Conv1d/Conv2d/Embedding layer selected; the model is unchanged")
+        ctx.warn("cast: no Linear/Conv1d/Conv2d layer selected; the model is unchanged")
     return model, {"layers": layers, "shared": shared}
