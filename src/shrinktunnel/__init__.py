@@ -12,7 +12,7 @@ from . import measure
 from ._version import __version__
 from .api import cast, compress, load, quantize, save
 from .fuse import FuseConfig, FuseOpsConfig
-from .distill import DistillConfig, Hint, KeepLayersConfig
+from .distill import DistillConfig, Hint, KeepLayersConfig, Relation
 from .decompose import ConvScheme, DecomposeConfig
 from .core.history import set_model_ref
 from .core.recipe import load_recipe
@@ -37,7 +37,7 @@ __all__ = [
     "qat", "prepare_qat", "convert_qat", "QATConfig",
     "analyze", "auto", "Action", "Analysis", "AutoResult", "RecoveryConfig",
     "prune", "ChannelPruneConfig", "PruneConfig", "LayerSparsity",
-    "distill", "DistillConfig", "Hint", "KeepLayersConfig", "fuse", "FuseConfig", "FuseOpsConfig",
+    "distill", "DistillConfig", "Hint", "KeepLayersConfig", "Relation", "fuse", "FuseConfig", "FuseOpsConfig",
     "decompose", "DecomposeConfig", "ConvScheme",
     "ShrinkError", "ConfigError", "DataError", "ModelError", "ArtifactError", "ExportError",
 ]

@@ -6,7 +6,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..core.config import Config, StrEnum
 
-__all__ = ["OutputLoss", "Pooling", "Schedule", "Hint", "DistillConfig", "KeepLayersConfig"]
+__all__ = ["OutputLoss", "Pooling", "Schedule", "HintLoss", "Hint", "Relation", "DistillConfig", "KeepLayersConfig"]
 
 
 class OutputLoss(StrEnum):
@@ -29,12 +29,42 @@ class Schedule(StrEnum):
     COSINE = "cosine"  # half a cosine from lr to 0 at the last step
 
 
+class HintLoss(StrEnum):
+    MSE = "mse"  # mean squared error (FitNets, TinyBERT): dominated by the feature's largest elements
+    SCALED_MSE = "scaled_mse"  # MSE divided by the teacher feature's mean square (per batch): the same
+    # size whatever the layer's scale, so hints on layers of very different magnitudes weigh alike
+    COSINE = "cosine"  # 1 - cosine per position (per token of a (B, T, D) feature, per pixel of a map)
+
+
 class Hint(Config):
     """A FitNets hint: the student's module `student` learns to reproduce the teacher's `teacher`."""
 
     student: str  # module name in the student, as in named_modules() (its output is matched)
     teacher: str  # module name in the teacher
     weight: float = Field(default=1.0, gt=0)  # 1: as much as the output term; hints of a deep net often need less
+    loss: HintLoss = HintLoss.MSE  # mse: FitNets' and TinyBERT's; the others are scale-free
+
+
+class Relation(Config):
+    """MiniLM's self-attention relations: the student's attention module learns the teacher's token-to-token
+    distributions softmax(a b^T / sqrt(d)) per head, compared by KL."""
+
+    student: str  # the student's attention module (children query/key/value, q_proj/..., or q/k/v)
+    teacher: str  # the teacher's attention module
+    kinds: list[str] = Field(default_factory=lambda: ["qk", "vv"])  # qk: the attention distribution, vv: the
+    # value relation (MiniLM); qq and kk add MiniLMv2's query and key relations
+    heads: int = Field(default=12, ge=1)  # relation heads, the same for both (12: BERT-base and MiniLM's);
+    # must divide both models' projection widths
+    weight: float = Field(default=1.0, gt=0)  # 1: MiniLM weighs its terms alike
+
+    @field_validator("kinds")
+    @classmethod
+    def _check_kinds(cls, value: list[str]) -> list[str]:
+        allowed = {"qk", "vv", "qq", "kk"}
+        bad = [k for k in value if k not in allowed]
+        if bad or not value:
+            raise ValueError(f"relation kinds {bad or value} are not known; use some of qk, vv, qq, kk")
+        return value
 
 
 def _positive(name: str):
@@ -56,6 +86,9 @@ class DistillConfig(Config):
     # cross-entropy on the batch's labels (dropped, with a warning, when batches have none). kl only
     pooling: Pooling = Pooling.AUTO  # how a (B, T, D) output becomes one vector per example
     hints: list[Hint] = Field(default_factory=list)  # FitNets hints; empty: outputs only
+    relations: list[Relation] = Field(default_factory=list)  # MiniLM attention relations; empty: none
+    dropout: bool = True  # False: the student trains in eval mode (dropout off, BatchNorm statistics
+    # frozen): the student then regresses exactly the function it is evaluated with. True: as usual
     steps: int | None = Field(default=None, ge=1)  # optimiser steps; None: `epochs` passes over the data
     epochs: float = Field(default=1.0, gt=0)  # passes over the data when steps is None
     lr: float = 1e-4  # Adam; low because the student usually starts from trained (compressed) weights.
@@ -94,8 +127,9 @@ class DistillConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> "DistillConfig":
-        if self.loss == OutputLoss.NONE and not self.hints:
-            raise ValueError("loss: none with no hints leaves nothing to learn; set loss (kl, mse, cosine) or add hints")
+        if self.loss == OutputLoss.NONE and not self.hints and not self.relations:
+            raise ValueError("loss: none with no hints or relations leaves nothing to learn; set loss (kl, mse, "
+                             "cosine) or add hints")
         if self.patience is not None and self.eval_every is None:
             raise ValueError("patience needs eval_every (the steps between evaluations); set eval_every, e.g. 50")
         if self.optimizer not in ("adam", "adamw", "sgd"):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError
-from .config import OutputLoss, Pooling
+from .config import HintLoss, OutputLoss, Pooling
 
 __all__ = ["soft_target_loss", "hinton_loss", "pool", "embedding_loss", "feature_loss", "make_adapter",
            "check_output_shapes"]
@@ -64,15 +64,35 @@ def embedding_loss(student: torch.Tensor, teacher: torch.Tensor, loss: OutputLos
     return F.mse_loss(student.float(), teacher.float())
 
 
-def feature_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE between two features; over the real tokens only when `mask` (B, T) matches a (B, T, D)
-    feature: a padding position's hidden state is never read (attention and pooling skip it), so
-    TinyBERT-style token distillation should not spend the student's capacity on it."""
-    if mask is None or student.dim() != 3 or tuple(mask.shape) != tuple(student.shape[:2]):
-        return F.mse_loss(student.float(), teacher.float())
-    m = mask.unsqueeze(-1).float()  # (B, T, 1)
-    squared = (student.float() - teacher.float()) ** 2 * m
-    return squared.sum() / (m.sum() * student.shape[-1]).clamp_min(1.0)
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None,
+                 loss: HintLoss | str = HintLoss.MSE) -> torch.Tensor:
+    """MSE (or a scale-free variant) between two features; over the real tokens only when `mask`
+    (B, T) matches a (B, T, D) feature: a padding position's hidden state is never read (attention
+    and pooling skip it), so TinyBERT-style token distillation should not spend the student's
+    capacity on it.
+
+    `scaled_mse`: the MSE divided by the teacher feature's mean square over the same positions, so a
+    layer's loss is a relative error whatever its magnitude. `cosine`: 1 - cosine per position, the
+    channel axis being dim 1 of a (B, C, H, W) map and the last axis otherwise."""
+    s, t = student.float(), teacher.float()
+    m = None
+    if mask is not None and s.dim() == 3 and tuple(mask.shape) == tuple(s.shape[:2]):
+        m = mask.unsqueeze(-1).float()  # (B, T, 1)
+    if loss == HintLoss.COSINE:
+        per = 1.0 - F.cosine_similarity(s, t, dim=1 if s.dim() == 4 else -1)  # one value per position
+        if m is None:
+            return per.mean()
+        return (per * m[..., 0]).sum() / m.sum().clamp_min(1.0)
+    if m is None:
+        mse = F.mse_loss(s, t)
+        scale = t.pow(2).mean()
+    else:
+        count = (m.sum() * s.shape[-1]).clamp_min(1.0)
+        mse = ((s - t) ** 2 * m).sum() / count
+        scale = (t.pow(2) * m).sum() / count
+    if loss == HintLoss.SCALED_MSE:
+        return mse / scale.clamp_min(1e-12)
+    return mse
 
 
 def check_output_shapes(student: torch.Tensor, teacher: torch.Tensor, loss: OutputLoss) -> None:

@@ -21,6 +21,7 @@ from ..errors import ConfigError, DataError, ModelError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DistillConfig, OutputLoss, Schedule
 from .losses import check_output_shapes, embedding_loss, feature_loss, hinton_loss, make_adapter, pool
+from .relations import projection_names, relation_logits, relation_loss
 
 __all__ = ["DistillLog", "distill_train", "lr_factor"]
 
@@ -91,7 +92,7 @@ def _output(model: nn.Module, inputs: D.Inputs) -> torch.Tensor:
 
 def _fingerprint(student: nn.Module, cfg: DistillConfig, total: int) -> dict[str, Any]:
     """What must be equal for a checkpoint to continue this run."""
-    keep = ("loss", "temperature", "alpha", "pooling", "hints", "lr", "optimizer", "schedule", "warmup", "weight_decay",
+    keep = ("loss", "temperature", "alpha", "pooling", "hints", "relations", "dropout", "lr", "optimizer", "schedule", "warmup", "weight_decay",
             "grad_clip", "freeze")
     config = {k: v for k, v in cfg.to_dict().items() if k in keep}
     shapes = {k: list(v.shape) for k, v in student.state_dict().items()}
@@ -110,33 +111,48 @@ def distill_train(
 ) -> DistillLog:
     """Distill `teacher` into `student` IN PLACE; the teacher is only run (eval mode, no grad)."""
     data = D.reiterable(data)
-    teacher_was_training = teacher.training
-    teacher.eval()  # for the run only: its mode is restored at the end
     warn = warn or (lambda m: None)
     hints = list(cfg.hints)
+    # Relations: the query / key / value projections of each named attention module, hooked like hints.
+    relations = list(cfg.relations)
+    s_proj = [projection_names(student, r.student, "the student") for r in relations]
+    t_proj = [projection_names(teacher, r.teacher, "the teacher") for r in relations]
     s_cap = _Capture(student, [h.student for h in hints], "the student")
-    t_cap = _Capture(teacher, [h.teacher for h in hints], "the teacher")
-    cache: dict[int, tuple[torch.Tensor | None, list[torch.Tensor]]] = {}
+    try:
+        t_cap = _Capture(teacher, [h.teacher for h in hints], "the teacher")
+    except ConfigError:
+        s_cap.close()  # no hook of a failed call stays behind on either model
+        raise
+    s_rel = _Capture(student, sorted({n for names in s_proj for n in names}), "the student")
+    t_rel = _Capture(teacher, sorted({n for names in t_proj for n in names}), "the teacher")
+    teacher_was_training = teacher.training
+    teacher.eval()  # for the run only: its mode is restored at the end
+    cache: dict[int, tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]] = {}
     warned_no_target = [False]
 
-    def teacher_side(batch: Any, inputs: D.Inputs) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    def relation_targets(cap: _Capture, proj: list[tuple[str, str, str]], mask) -> list[torch.Tensor]:
+        return [relation_logits(tuple(cap.outputs[n] for n in names), kind, r.heads, mask)
+                for r, names in zip(relations, proj) for kind in r.kinds]
+
+    def teacher_side(batch: Any, inputs: D.Inputs) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
         key = id(batch)
         if cfg.cache_teacher and key in cache:
             return cache[key]
+        mask = inputs[1].get("attention_mask")
         with torch.no_grad():
             out = _output(teacher, inputs)
-        mask = inputs[1].get("attention_mask")
+            rels = relation_targets(t_rel, t_proj, mask)
         t_out = None if cfg.loss == OutputLoss.NONE else pool(out, mask, cfg.pooling, cfg.loss).detach()
         feats = [t_cap.outputs[h.teacher].detach() for h in hints]
         if cfg.cache_teacher:
-            cache[key] = (t_out, feats)
-        return t_out, feats
+            cache[key] = (t_out, feats, rels)
+        return t_out, feats, rels
 
     try:
         # Probe one batch: shapes are checked and hint adapters built before any training.
         first = next(D.batches(data))
         inputs, _ = D.split(first)
-        t_out, t_feats = teacher_side(first, inputs)
+        t_out, t_feats, _ = teacher_side(first, inputs)
         was_training = student.training
         student.eval()
         with torch.no_grad():
@@ -154,7 +170,9 @@ def distill_train(
 
         def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
             inputs, target = D.split(batch)
-            t_out, t_feats = teacher_side(batch, inputs)
+            t_out, t_feats, t_rels = teacher_side(batch, inputs)
+            if not cfg.dropout:
+                model.eval()  # fit sets train mode once per run and evaluation restores it: set it per step
             out = _output(model, inputs)
             loss = out.new_zeros(())
             if t_out is not None:
@@ -170,13 +188,18 @@ def distill_train(
             mask = inputs[1].get("attention_mask")
             for h, adapter, t_feat in zip(hints, adapters, t_feats):
                 s_feat = adapter(s_cap.outputs[h.student])
-                loss = loss + h.weight * feature_loss(s_feat, t_feat, mask)
+                loss = loss + h.weight * feature_loss(s_feat, t_feat, mask, h.loss)
+            if relations:
+                s_rels = relation_targets(s_rel, s_proj, mask)
+                weights = [r.weight for r in relations for _ in r.kinds]
+                for w, s_r, t_r in zip(weights, s_rels, t_rels):
+                    loss = loss + w * relation_loss(s_r, t_r, mask)
             return loss
 
         return _run(student, adapters, data, cfg, loss_fn, eval_fn, progress)
     finally:
-        s_cap.close()
-        t_cap.close()
+        for cap in (s_cap, t_cap, s_rel, t_rel):
+            cap.close()
         teacher.train(teacher_was_training)
 
 
