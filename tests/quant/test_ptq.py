@@ -348,6 +348,14 @@ def test_embeddings_are_quantized_weight_only_per_row(weights, floor_db, tmp_pat
     with torch.no_grad():
         assert torch.equal(loaded(tokens), q(tokens))
     path = st.export_onnx(q, tmp_path / "m.onnx", example_inputs=tokens)
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    tables = {i.name: i for i in graph.initializer if list(i.dims) == [50, 32]}
+    # The integer table is looked up first and only the rows read are dequantized: no float copy of
+    # the table, and no DequantizeLinear over it on every call.
+    assert [t.data_type for t in tables.values()] == [onnx.TensorProto.INT8]
+    assert not any(n.op_type == "DequantizeLinear" and n.input[0] in tables for n in graph.node)
     from shrinktunnel.export import ort_session
     session = ort_session(path, threads=1)
     out = session.run(None, {session.get_inputs()[0].name: tokens.numpy()})[0]

@@ -22,7 +22,7 @@ from torch import nn
 from ..codec import pack, packed_nbytes, unpack
 from .dynamic import dynamic_linear
 from .nbits import exports_as_nbits, matmul_nbits, nbits_layout
-from .ops import dequantize_weight, fake_quant_activation
+from .ops import dequantize_weight, fake_quant_activation, lookup_dequantized
 
 __all__ = ["QuantizedLayer", "ActQuant", "SUPPORTED", "WEIGHT_ONLY"]
 
@@ -272,6 +272,8 @@ class QuantizedLayer(nn.Module):
         w = self._format
         if w["packed"]:
             self.integer_weight()
+        if self.kind == "embedding":
+            return None  # any width or granularity: integer rows gathered, then dequantized (forward)
         if exports_as_nbits(self.kind, w["bits"], w["granularity"], w["group_size"]) and self.input_dynamic is None:
             # Traced as ONNX Runtime's MatMulNBits (quant/nbits.py): these buffers become its initializers.
             b, scales, zero_points = nbits_layout(self.integer_weight(), self.weight_scale, self.weight_zero_point,
@@ -293,6 +295,8 @@ class QuantizedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._spec.get("input_smooth"):
             x = x * self.input_smooth
+        if self.kind == "embedding":  # weight-only: look the integer rows up, then dequantize them
+            return lookup_dequantized(x, self.integer_weight(), self.weight_scale, self.weight_zero_point)
         if self.input_dynamic is not None:
             y = dynamic_linear(x, self.integer_weight(), self.weight_scale, self.bias, self.input_dynamic["per_token"])
         else:

@@ -13,6 +13,7 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
 
 __all__ = [
+    "lookup_dequantized",
     "qrange",
     "weight_qrange",
     "symmetric_scale",
@@ -150,6 +151,20 @@ def dequantize_weight(
         diff = q.reshape(shape).to(torch.int32) - zero_point.unsqueeze(2)
         return (diff * scale.unsqueeze(2)).reshape(q.shape)
     return _QD.dequantize_per_channel(q, scale, zero_point, 0, qmin, qmax, q.dtype)
+
+
+def lookup_dequantized(
+    index: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+) -> torch.Tensor:
+    """The rows `index` of the dequantized table, i.e. `dequantize_weight(q, ...)[index]`, bit for bit,
+    but gathering the integer rows and their scales first: only the rows looked up are dequantized
+    (in ONNX: Gather on int8, then Sub and Mul), not the whole table on every call."""
+    rows = q[index].to(torch.int32)
+    if scale.dim() == 2:  # per group: (..., n_groups, group) rows, one scale per group
+        grouped = rows.reshape(*rows.shape[:-1], scale.shape[1], -1)
+        diff = grouped - zero_point[index].to(torch.int32).unsqueeze(-1)
+        return (diff * scale[index].unsqueeze(-1)).reshape(rows.shape)
+    return (rows - zero_point[index].to(torch.int32).unsqueeze(-1)) * scale[index].unsqueeze(-1)
 
 
 def fake_quant_activation(
