@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import onnx
-import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -30,7 +29,7 @@ from torch import nn
 
 import shrinktunnel as st
 from shrinktunnel import assets
-from shrinktunnel.export import OrtModel
+from shrinktunnel.export import OrtModel, ort_session
 from shrinktunnel.measure import accuracy, artifact_bytes, float_safetensors_bytes
 from shrinktunnel.measure.latency import LatencyStats, interleaved, onnx_latency, torch_latency
 from shrinktunnel.report import Table, fmt_bytes, fmt_ms, fmt_pct
@@ -111,14 +110,9 @@ def quantize_with_ort(fp32_onnx: Path, calib: list, workdir: Path) -> Path:
 def optimized_ops(path: Path, workdir: Path) -> list[str]:
     """Node types of the graph ONNX Runtime actually runs (after QDQ fusion): when the two int8 models
     differ in latency, this shows whether they differ in kernels."""
-    opts = ort.SessionOptions()
-    # As shrinktunnel.export.ort_session builds it, plus the file to write the optimized graph to.
-    opts.intra_op_num_threads, opts.inter_op_num_threads = THREADS, 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3  # silences the warning that the saved graph is specific to this CPU
-    opts.optimized_model_filepath = str(workdir / f"{path.stem}.optimized.onnx")
-    ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    return [node.op_type for node in onnx.load(opts.optimized_model_filepath).graph.node]
+    optimized = workdir / f"{path.stem}.optimized.onnx"
+    ort_session(path, threads=THREADS, optimized_model_path=optimized)
+    return [node.op_type for node in onnx.load(str(optimized)).graph.node]
 
 
 # -- measurement --------------------------------------------------------------------------------
