@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..core import data as D
+from ..core.capture import capture_inputs as _capture
 from ..core.progress import track
 from ..core.select import set_submodule
 from ..measure.macs import count_macs
@@ -87,34 +88,19 @@ def input_grams(model: nn.Module, modules: dict[str, nn.Module], batches: list) 
     or whose rows `patches` cannot form, is left out."""
     grams: dict[str, torch.Tensor] = {}
     skipped: set[str] = set()
-    mask: list[torch.Tensor | None] = [None]
-    hooks = []
-    for name, module in modules.items():
-        def hook(mod, args, name=name):
-            if name in skipped or not args or not isinstance(args[0], torch.Tensor):
-                return
-            x = args[0].detach()
-            m = mask[0]
-            if m is not None and isinstance(mod, nn.Linear) and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
-                x = x[m.bool()]
-            rows = patches(mod, x)
-            if rows is None:
-                skipped.add(name)
-                return
-            rows = rows.double()
-            g = rows.T @ rows
-            grams[name] = grams[name] + g if name in grams else g
-        hooks.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                inputs, _ = D.split(batch)
-                m = inputs[1].get("attention_mask") if isinstance(inputs[1], dict) else None
-                mask[0] = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
-                D.forward(model, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def reduce(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        if name in skipped:
+            return
+        rows = patches(module, x)
+        if rows is None:
+            skipped.add(name)
+            return
+        rows = rows.double()
+        g = rows.T @ rows
+        grams[name] = grams[name] + g if name in grams else g
+
+    _capture(model, modules, batches, reduce, label="whitening: measuring inputs")
     return {k: v for k, v in grams.items() if k not in skipped}
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import data as D
+from ..core.capture import capture_inputs
 from ..core.progress import track
 from ..errors import DataError
 from .config import Importance
@@ -104,38 +105,18 @@ def input_energies(model: nn.Module, data: Any, batches: int, progress: bool) ->
     tokens when a dict batch has an `attention_mask` (B, T) matching the input; a conv's over batch and space."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    mask: list[torch.Tensor | None] = [None]
-    hooks = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            continue
 
-        def hook(mod, args, name=name):
-            if not args or not isinstance(args[0], torch.Tensor):
-                return
-            x = args[0].detach().double()
-            if isinstance(mod, nn.Linear):
-                m = mask[0]
-                if m is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
-                    x = x[m.bool()]
-                rows = x.reshape(-1, x.shape[-1])
-            else:
-                rows = x.movedim(-mod.weight.dim() + 1, -1).reshape(-1, x.shape[-mod.weight.dim() + 1])
-            sums[name] = sums.get(name, 0) + rows.pow(2).sum(0)
-            counts[name] = counts.get(name, 0) + rows.shape[0]
-        hooks.append(module.register_forward_pre_hook(hook))
-    seen = 0
-    try:
-        with torch.no_grad():
-            for batch in track(list(D.take(data, batches)), "activation importance", enabled=progress):
-                inputs, _ = D.split(batch)
-                m = inputs[1].get("attention_mask")
-                mask[0] = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
-                D.forward(model, inputs)
-                seen += 1
-    finally:
-        for h in hooks:
-            h.remove()
+    def reduce(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        x = x.double()
+        if isinstance(module, nn.Linear):
+            rows = x.reshape(-1, x.shape[-1])
+        else:
+            rows = x.movedim(-module.weight.dim() + 1, -1).reshape(-1, x.shape[-module.weight.dim() + 1])
+        sums[name] = sums.get(name, 0) + rows.pow(2).sum(0)
+        counts[name] = counts.get(name, 0) + rows.shape[0]
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
+    seen = capture_inputs(model, layers, D.take(data, batches), reduce, label="activation importance", progress=progress)
     if not seen:
         raise DataError("prune_channels: importance 'activation' got no batch; pass data= (a few batches of real "
                         "inputs, no labels needed)")

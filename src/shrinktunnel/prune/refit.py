@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..core import data as D
-from ..core.progress import track
+from ..core.capture import capture_inputs
 
 __all__ = ["input_moments", "refit_layers"]
 
@@ -32,34 +32,16 @@ def input_moments(model: nn.Module, names: list[str], data: Any, batches: int,
     """(sum of x, sum of x x^T, rows) of the inputs of the named Linears, float64, padding tokens dropped
     when a dict batch has an `attention_mask` (B, T) matching a (B, T, D) input."""
     out: dict[str, list[Any]] = {}
-    mask: list[torch.Tensor | None] = [None]
-    hooks = []
-    for name in names:
-        module = model.get_submodule(name)
 
-        def hook(mod, args, name=name):
-            if not args or not isinstance(args[0], torch.Tensor):
-                return
-            x = args[0].detach().double()
-            m = mask[0]
-            if m is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(m.shape):
-                x = x[m.bool()]
-            rows = x.reshape(-1, x.shape[-1])
-            acc = out.setdefault(name, [0, 0, 0])
-            acc[0] = acc[0] + rows.sum(0)
-            acc[1] = acc[1] + rows.T @ rows
-            acc[2] += rows.shape[0]
-        hooks.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for batch in track(list(D.take(data, batches)), "refit: measuring inputs", enabled=progress):
-                inputs, _ = D.split(batch)
-                m = inputs[1].get("attention_mask")
-                mask[0] = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
-                D.forward(model, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    def reduce(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        rows = x.double().reshape(-1, x.shape[-1])
+        acc = out.setdefault(name, [0, 0, 0])
+        acc[0] = acc[0] + rows.sum(0)
+        acc[1] = acc[1] + rows.T @ rows
+        acc[2] += rows.shape[0]
+
+    layers = {name: model.get_submodule(name) for name in names}
+    capture_inputs(model, layers, D.take(data, batches), reduce, label="refit: measuring inputs", progress=progress)
     return {k: (v[0], v[1], v[2]) for k, v in out.items() if v[2] > 0}
 
 
