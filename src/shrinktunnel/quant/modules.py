@@ -296,7 +296,9 @@ class QuantizedLayer(nn.Module):
         if self._spec.get("input_smooth"):
             x = x * self.input_smooth
         if self.kind == "embedding":  # weight-only: look the integer rows up, then dequantize them
-            return lookup_dequantized(x, self.integer_weight(), self.weight_scale, self.weight_zero_point)
+            w = self._format  # symmetric signed weights have zero points of 0 by construction
+            zero_point = None if w["symmetric"] and w["dtype"] == "int8" else self.weight_zero_point
+            return lookup_dequantized(x, self.integer_weight(), self.weight_scale, zero_point)
         if self.input_dynamic is not None:
             y = dynamic_linear(x, self.integer_weight(), self.weight_scale, self.bias, self.input_dynamic["per_token"])
         else:

@@ -154,17 +154,19 @@ def dequantize_weight(
 
 
 def lookup_dequantized(
-    index: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
+    index: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None
 ) -> torch.Tensor:
     """The rows `index` of the dequantized table, i.e. `dequantize_weight(q, ...)[index]`, bit for bit,
     but gathering the integer rows and their scales first: only the rows looked up are dequantized
-    (in ONNX: Gather on int8, then Sub and Mul), not the whole table on every call."""
+    (in ONNX: Gather on int8, then Cast and Mul, and Sub when `zero_point` is given; None means all
+    zero, as for symmetric signed weights), not the whole table on every call."""
     rows = q[index].to(torch.int32)
     if scale.dim() == 2:  # per group: (..., n_groups, group) rows, one scale per group
         grouped = rows.reshape(*rows.shape[:-1], scale.shape[1], -1)
-        diff = grouped - zero_point[index].to(torch.int32).unsqueeze(-1)
+        diff = grouped if zero_point is None else grouped - zero_point[index].to(torch.int32).unsqueeze(-1)
         return (diff * scale[index].unsqueeze(-1)).reshape(rows.shape)
-    return (rows - zero_point[index].to(torch.int32).unsqueeze(-1)) * scale[index].unsqueeze(-1)
+    diff = rows if zero_point is None else rows - zero_point[index].to(torch.int32).unsqueeze(-1)
+    return diff * scale[index].unsqueeze(-1)
 
 
 def fake_quant_activation(
