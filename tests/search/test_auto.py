@@ -85,3 +85,53 @@ def test_bad_objective_or_budget(bad):
     kwargs = {"max_drop": 0.01, "objective": "size", **bad}
     with pytest.raises(ConfigError, match="objective|max_drop"):
         auto(wide_mlp(), wide_data(n=1), progress=False, **kwargs)
+
+
+def test_fitting_moves_of_a_round_are_taken_together_next():
+    from shrinktunnel.search.auto import _merge_moves, _plan_key, _search
+
+    options = {"a": [(None, 100.0, 0.0), ("s", 10.0, 0.001)], "b": [(None, 100.0, 0.0), ("s", 10.0, 0.001)],
+               "c": [(None, 100.0, 0.0), ("s", 10.0, 0.5)]}
+    best = {"plan": {}, "label": "original"}
+    results = [{"plan": {"a": "s"}, "fits": True}, {"plan": {"b": "s"}, "fits": True}, {"plan": {"c": "s"}, "fits": False}]
+    assert _merge_moves(best, results, options) == [({"a": "s", "b": "s"}, "original + a:s + b:s")]
+    assert _merge_moves(best, results[1:], options) == []  # one fitting move: nothing to merge
+    # the moves phase alone (a hull holding only "keep everything"), two candidates a round, drops adding
+    # exactly: round 1 moves a and b, both fit; round 2 takes them together first, then the best next move
+    candidates, spent = [], [0]
+
+    def evaluate_round(plans):
+        out = []
+        for plan, label in plans:
+            assert not any(c["key"] == _plan_key(plan) for c in candidates)  # never the same plan twice
+            spent[0] += 1
+            drop = sum(0.001 if layer != "c" else 0.5 for layer in plan)
+            c = {"plan": plan, "label": label, "key": _plan_key(plan), "status": "ok", "fits": drop <= 0.01,
+                 "bytes": sum(10.0 if layer in plan else 100.0 for layer in options)}
+            candidates.append(c)
+            out.append(c)
+        return out
+
+    evaluate_round([({}, "original")])
+    spent[0] = 0
+    _search([({}, 300.0, 0.0)], options, "size", 0.01, 2, 4, spent, evaluate_round, candidates, uniform=False)
+    assert [c["plan"] for c in candidates[1:3]] == [{"a": "s"}, {"b": "s"}]
+    assert candidates[3]["plan"] == {"a": "s", "b": "s"} and candidates[3]["label"] == "original + a:s + b:s"
+    assert candidates[3]["fits"] and len(candidates) == 5
+
+
+def test_objective_size_leaves_channel_actions_out_when_others_are_given():
+    from types import SimpleNamespace
+
+    from shrinktunnel.search import ACTIONS
+    from shrinktunnel.search.auto import _layer_options
+
+    layer = SimpleNamespace(name="conv", bytes=1000, macs=100, latency_ms=1.0)
+    entry = lambda b, m: {"status": "ok", "bytes_after": b, "macs_after": m, "drop": 0.0}  # noqa: E731
+    analysis = SimpleNamespace(totals={"bytes": 1000, "macs": 100}, layers=[layer],
+                               results={"conv": {"chan50": entry(-5000, 25), "share4": entry(150, 100)}})
+    usable = {k: ACTIONS[k] for k in ("chan50", "share4")}
+    assert [o[0] for o in _layer_options(analysis, "size", usable)["conv"]] == [None, "share4"]
+    assert [o[0] for o in _layer_options(analysis, "macs", usable)["conv"]] == [None, "chan50", "share4"]
+    only = {"chan50": ACTIONS["chan50"]}  # nothing else: channel pruning is the size action
+    assert [o[0] for o in _layer_options(analysis, "size", only)["conv"]] == [None, "chan50"]

@@ -144,6 +144,7 @@ DEFAULT_ACTIONS: tuple[Action, ...] = (
     chain("prune75+share4", prune_action(75), share_action(4)),
     chain("prune75+share2", prune_action(75), share_action(2)),
     chain("prune90+share2", prune_action(90), share_action(2)),
+    chain("prune95+share2", prune_action(95), share_action(2)),  # Deep Compression kept 8 % of LeNet-5's fc1
 )
 ACTIONS: dict[str, Action] = {a.name: a for a in DEFAULT_ACTIONS}
 
