@@ -103,18 +103,25 @@ def onnx_translations() -> dict:
     from onnxscript import values
 
     # onnx ships no schema for ONNX Runtime's contrib operators and the exporter needs one: the part
-    # of DynamicQuantizeMatMul's that we use (A float, B int8, per-column scales, bias; no zero point).
+    # of MatMulIntegerToFloat's that we use (A uint8 with its scale and zero point, B int8 with
+    # per-column scales and no zero point, bias).
     P = OpSchema.FormalParameter
     schema = OpSchema(
-        "DynamicQuantizeMatMul", "com.microsoft", 1,
-        inputs=[P("A", "T1"), P("B", "T2"), P("b_scale", "T1"), P("b_zero_point", "T2"), P("bias", "T1")],
-        outputs=[P("Y", "T1")],
-        type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(int8)"], "")],
+        "MatMulIntegerToFloat", "com.microsoft", 1,
+        inputs=[P("A", "T1"), P("B", "T2"), P("a_scale", "T3"), P("b_scale", "T3"), P("a_zero_point", "T1"),
+                P("b_zero_point", "T2"), P("bias", "T3")],
+        outputs=[P("Y", "T3")],
+        type_constraints=[("T1", ["tensor(uint8)"], ""), ("T2", ["tensor(int8)"], ""), ("T3", ["tensor(float)"], "")],
     )
-    dqmm = values.Op(values.Opset("com.microsoft", 1), "DynamicQuantizeMatMul", schema)
+    mmitf = values.Op(values.Opset("com.microsoft", 1), "MatMulIntegerToFloat", schema)
 
     def _dynamic_quantize_matmul(x, b, b_scale, bias):
-        return dqmm(x, b, b_scale, None, bias)
+        # The input is quantized by its own node, so Linears that read the same tensor (a transformer's
+        # q, k and v) share it: ONNX Runtime merges identical nodes (common subexpression elimination),
+        # and fuses a quantization read by one Linear alone into DynamicQuantizeMatMul. Its
+        # quantize_dynamic writes the same pattern.
+        q, scale, zero_point = op.DynamicQuantizeLinear(x)
+        return mmitf(q, b, scale, b_scale, zero_point, None, bias)
 
     return {torch.ops.shrinktunnel.matmul_integer.default: _matmul_integer,
             torch.ops.shrinktunnel.dynamic_quantize_matmul.default: _dynamic_quantize_matmul}
