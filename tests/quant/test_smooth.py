@@ -126,3 +126,42 @@ def test_bad_smooth_configs_name_the_fix(config, message):
 def test_smoothing_needs_data():
     with pytest.raises(DataError, match="smooth needs calibration data"):
         st.quantize(OutlierNet(), {"smooth": "auto", "activations": {"dynamic": True}}, progress=False)
+
+
+class SharedInput(nn.Module):
+    """q, k and v read one LayerNorm output with outlier channels; o reads the attention output."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(d)
+        with torch.no_grad():
+            self.norm.weight[:2] = 40.0
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        return self.o(torch.softmax(q @ k.transpose(-2, -1) / 8, dim=-1) @ v)
+
+
+def test_layers_reading_one_tensor_share_one_factor_and_one_quantization_in_onnx_runtime(tmp_path):
+    import onnx
+
+    model, data = SharedInput().eval(), [torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    cfg = {"activations": {"dynamic": True, "per_token": False}, "smooth": "auto"}
+    result = st.compress(model, [st.QuantConfig(**cfg)], data=data, progress=False)
+    q = result.model
+    report = q.__dict__["_shrinktunnel"]["stages"][-1]["replay"]["smoothing_report"]
+    assert report["q"]["shared_with"] == ["k", "v"] and "shared_with" not in report["o"]
+    assert report["q"]["alpha"] is not None  # the outlier channels make smoothing pay
+    assert torch.equal(q.q.input_smooth, q.k.input_smooth) and torch.equal(q.q.input_smooth, q.v.input_smooth)
+    x = data[0]
+    assert sqnr_db(_out(model, x), _out(q, x)) > 25
+    path = st.export_onnx(q, tmp_path / "m.onnx", example_inputs=x)
+    session = ort_session(path, threads=1, optimized_model_path=tmp_path / "ran.onnx")
+    ran = [n.op_type for n in onnx.load(str(tmp_path / "ran.onnx")).graph.node]
+    # One division of h by s and one quantization of it for q, k and v; one for o's input.
+    assert ran.count("DynamicQuantizeLinear") + ran.count("DynamicQuantizeMatMul") == 2
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], _out(q, x).numpy(),
+                               rtol=1e-4, atol=1e-4)

@@ -20,7 +20,7 @@ from .fallback import choose_fallback
 from .gptq import HessianObserver, gptq_quantize
 from .modules import SUPPORTED, WEIGHT_ONLY, QuantizedLayer
 from .observers import make_observer
-from .smooth import SmoothObserver, choose_smoothing
+from .smooth import InputIdentity, SmoothObserver, choose_smoothing
 from .ops import qrange, quantize_weight, weight_qparams, weight_qrange
 
 __all__ = ["quantize_model", "replay_quantize", "plan_layers", "LayerPlan"]
@@ -374,19 +374,37 @@ def _smooth(model: nn.Module, plans: list[LayerPlan], cfg: QuantConfig, ctx: Con
         return {}
     D.check_model_runs(model, ctx.data)
     observers = {p.name: SmoothObserver() for p in todo}
-    hooks = [p.module.register_forward_hook(lambda m, i, o, obs=observers[p.name]: obs.update(i[0])) for p in todo]
+    reads = InputIdentity()
+
+    def record(name: str, x: torch.Tensor) -> None:  # a forward hook must return None
+        observers[name].update(x)
+        reads.see(name, x)
+
+    hooks = [p.module.register_forward_hook(lambda m, i, o, name=p.name: record(name, i[0])) for p in todo]
     try:
         with torch.no_grad():
             for batch in track(list(D.take(ctx.data, cfg.calibration_batches)), "smoothing statistics",
                                enabled=ctx.progress):
+                reads.next_batch()
                 D.forward(model, D.split(batch)[0])
     finally:
         for h in hooks:
             h.remove()
+        reads.next_batch()
+    by_name = {p.name: p for p in todo}
     report = {}
-    for plan in track(todo, "smoothing factors", enabled=ctx.progress):
-        plan.smooth, report[plan.name] = choose_smoothing(observers[plan.name], plan.module.weight, plan.weights,
-                                                          plan.activations, cfg.smooth)
+    for names in track(reads.groups([p.name for p in todo]), "smoothing factors", enabled=ctx.progress):
+        group = [by_name[n] for n in names]
+        if len({(repr(p.weights), repr(p.activations)) for p in group}) > 1:  # formats differ: one s cannot fit all
+            group_list = [[p] for p in group]
+        else:
+            group_list = [group]
+        for members in group_list:
+            s, record = choose_smoothing(observers[members[0].name], [p.module.weight for p in members],
+                                         members[0].weights, members[0].activations, cfg.smooth)
+            for p in members:
+                p.smooth = s
+                report[p.name] = dict(record, shared_with=[q.name for q in members if q is not p]) if len(members) > 1 else record
     return report
 
 

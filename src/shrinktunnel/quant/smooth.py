@@ -26,7 +26,7 @@ import torch
 from .config import ActivationQuant, WeightQuant
 from .ops import dequantize_weight, qrange, quantize_weight, weight_qparams, weight_qrange
 
-__all__ = ["SmoothObserver", "ALPHAS", "choose_smoothing"]
+__all__ = ["SmoothObserver", "InputIdentity", "ALPHAS", "choose_smoothing"]
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # the grid `smooth: auto` searches
 SAMPLE_ROWS = 2048  # input rows kept per layer to score each alpha: 2048 x in_features floats
@@ -56,6 +56,34 @@ class SmoothObserver:
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.rows) if self.rows else torch.zeros(0)
+
+
+class InputIdentity:
+    """Which layers read the very same input tensor (a transformer's q, k and v read one hidden state):
+    they get one smoothing factor, so the exported graph divides that tensor once and quantizes it once.
+    Per batch, each layer's input is numbered by first appearance; the tensors are kept alive for the
+    batch, so no id is reused within it. Layers whose numbers agree on every batch share their input."""
+
+    def __init__(self) -> None:
+        self._alive: dict[int, tuple[int, torch.Tensor]] = {}
+        self._seen: dict[str, list[int]] = {}
+
+    def see(self, name: str, x: torch.Tensor) -> None:
+        number, _ = self._alive.setdefault(id(x), (len(self._alive), x))
+        self._seen.setdefault(name, []).append(number)
+
+    def next_batch(self) -> None:
+        self._alive = {}
+        for seen in self._seen.values():
+            seen.append(-1)  # a batch separator, so sequences of different lengths never agree
+
+    def groups(self, names: list[str]) -> list[list[str]]:
+        """`names` partitioned into groups that share their input, in order of first member."""
+        out: dict[tuple[int, ...], list[str]] = {}
+        for name in names:
+            seen = tuple(self._seen.get(name, ()))
+            out.setdefault(seen if seen and any(n >= 0 for n in seen) else (id(name),), []).append(name)
+        return list(out.values())
 
 
 def smoothing_factors(absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -91,29 +119,35 @@ def _fake_quant_weight(w: torch.Tensor, wq: WeightQuant) -> torch.Tensor:
     return dequantize_weight(q, scale, zp, qmin, qmax)
 
 
-def choose_smoothing(obs: SmoothObserver, weight: torch.Tensor, wq: WeightQuant, aq: ActivationQuant,
-                     alpha: float | str) -> tuple[torch.Tensor | None, dict]:
-    """(s or None for no smoothing, a record {alpha, error, error_unsmoothed}) for one Linear layer.
+def choose_smoothing(obs: SmoothObserver, weights: torch.Tensor | list[torch.Tensor], wq: WeightQuant,
+                     aq: ActivationQuant, alpha: float | str) -> tuple[torch.Tensor | None, dict]:
+    """(s or None for no smoothing, a record {alpha, error, error_unsmoothed}) for one Linear layer, or
+    for several that read the same input (`weights` a list: q, k and v), which then share s: the
+    paper's factor over their stacked weights, scored by the sum of their relative output errors.
     `alpha` is a number (that alpha, always applied) or "auto" (the grid, unsmoothed included)."""
     x = obs.sample()
-    w = weight.detach().float()
+    ws = [w.detach().float() for w in (weights if isinstance(weights, (list, tuple)) else [weights])]
     if obs.absmax is None or x.numel() == 0:
         return None, {"alpha": None, "reason": "never ran on the calibration data"}
-    reference = x @ w.t()
-    norm = reference.pow(2).mean().clamp(min=1e-30)
+    stacked = torch.cat(ws)
+    references = [x @ w.t() for w in ws]
+    norms = [r.pow(2).mean().clamp(min=1e-30) for r in references]
 
     def error(s: torch.Tensor | None) -> float:
-        xs, ws = (x, w) if s is None else (x / s, w * s)
-        got = _fake_quant_input(xs, aq) @ _fake_quant_weight(ws, wq).t()
-        return float((got - reference).pow(2).mean() / norm)
+        xq = _fake_quant_input(x if s is None else x / s, aq)
+        total = 0.0
+        for w, ref, norm in zip(ws, references, norms):
+            got = xq @ _fake_quant_weight(w if s is None else w * s, wq).t()
+            total += float((got - ref).pow(2).mean() / norm)
+        return total
 
     plain = error(None)
     if alpha != "auto":
-        s = smoothing_factors(obs.absmax, w, float(alpha))
+        s = smoothing_factors(obs.absmax, stacked, float(alpha))
         return s, {"alpha": float(alpha), "error": error(s), "error_unsmoothed": plain}
     best_s, best = None, {"alpha": None, "error": plain, "error_unsmoothed": plain}
     for a in ALPHAS:
-        s = smoothing_factors(obs.absmax, w, a)
+        s = smoothing_factors(obs.absmax, stacked, a)
         e = error(s)
         if e < best["error"]:
             best_s, best = s, {"alpha": a, "error": e, "error_unsmoothed": plain}
