@@ -54,7 +54,8 @@ class DistillLog:
         """JSON-ready figures (what a stage records)."""
         return {"steps": self.steps, "final_loss": self.losses[-1] if self.losses else None,
                 "best_step": self.best_step, "best_metric": self.best_metric,
-                "stopped_early": self.stopped_early, "resumed_from": self.resumed_from}
+                "stopped_early": self.stopped_early, "resumed_from": self.resumed_from,
+                "evals": [list(e) for e in self.evals]}
 
 
 class _Capture:
