@@ -165,3 +165,19 @@ def test_dropout_false_trains_the_function_that_is_evaluated():
         losses[dropout] = log.losses[0]
     assert losses[False] == pytest.approx(expected, rel=1e-6, abs=0)
     assert abs(losses[True] - expected) > 1e-3  # with dropout at 0.5 the training loss is another function's
+
+
+def test_the_new_options_work_as_a_recipe_stage_and_the_manifest_keeps_the_evaluations():
+    import shrinktunnel as st
+
+    teacher, data = bert(4), token_batches()
+    recipe = [{"keep_layers": {"keep": "alternate"}},
+              {"distill": {"loss": "none", "steps": 6, "lr": 3e-3, "dropout": False, "eval_every": 3, "restore_best": False,
+                           "relations": [{"student": "encoder.layer.1.attention.self",
+                                          "teacher": "encoder.layer.3.attention.self", "heads": 4}],
+                           "hints": [{"student": "encoder.layer.1", "teacher": "encoder.layer.3", "loss": "cosine"}]}}]
+    calls = []
+    result = st.compress(teacher, recipe, data=data, eval_fn=lambda m: calls.append(1) or float(len(calls)), progress=False)
+    log = result.manifest["stages"][-1]["replay"]["log"]
+    assert log["steps"] == 6 and [e[0] for e in log["evals"]] == [0, 3, 6]
+    assert len(result.model.encoder.layer) == 2
