@@ -217,3 +217,33 @@ def test_histogram_grid_of_a_quantized_layer_holds_its_weights():
     grid = torch.tensor(h["grid"], dtype=torch.float64)
     assert float((row.double()[:, None] - grid[None]).abs().min(dim=1).values.max()) < 1e-6  # every weight on the grid
     assert sum(h["counts"]) == row.numel() == 32
+
+
+class EmbedMLP(nn.Module):
+    """Embedding -> mean -> Linear, with a tied copy of the Linear (an alias in the artifact)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.fc = nn.Linear(32, 8)
+        self.again = self.fc
+
+    def forward(self, ids):
+        return self.again(self.emb(ids).mean(1))
+
+
+def test_artifact_size_in_memory_equals_the_saved_artifact_byte_for_byte(tmp_path):
+    import shrinktunnel as st
+    from shrinktunnel.core.artifact import save_artifact
+    from shrinktunnel.measure.size import artifact_bytes
+    from shrinktunnel.search.analysis import artifact_size
+
+    torch.manual_seed(0)
+    model = EmbedMLP().eval()
+    ids = [torch.randint(0, 50, (4, 6))]
+    quantized = st.quantize(model, {"weights": {"bits": 3}, "activations": None, "layers": ["emb"]}, progress=False)
+    mixed = st.quantize(quantized, {"weights": {"bits": 4, "granularity": "per_group", "group_size": 16},
+                                    "activations": None, "layers": ["fc"]}, data=ids, progress=False)
+    for i, m in enumerate((model, quantized, mixed, wide_mlp())):
+        assert artifact_size(m) == artifact_bytes(save_artifact(m, tmp_path / str(i)))
+    assert artifact_size(quantized) < artifact_size(model)  # 3-bit rows: it sees the storage shrink
