@@ -172,10 +172,14 @@ def test_unsupported_layers_are_skipped_with_the_methods_reason():
 
 def test_actions_resolution_and_bad_input():
     model, data = wide_mlp(), wide_data(n=1)
-    with pytest.raises(ConfigError, match="unknown action 'quant3'.*known actions: quant8"):
-        analyze(model, data, actions=["quant3"], **FAST)
+    with pytest.raises(ConfigError, match="unknown action 'quant5'.*known actions: quant8"):
+        analyze(model, data, actions=["quant5"], **FAST)
     with pytest.raises(ConfigError, match="given twice"):
         analyze(model, data, actions=["quant8", quantize_action(8)], **FAST)
+    by_name = analyze(model, data, actions=["quant4", "quant3"], **FAST)  # quant3: by name, not a default
+    r = by_name.results["fc1"]
+    assert 0 < by_name.drop("fc1", "quant4") < by_name.drop("fc1", "quant3")
+    assert r["quant4"]["bytes_after"] - r["quant3"]["bytes_after"] == 32 * 128 // 8  # one bit less per weight, packed
     never = Action("never", "no_such_method", lambda layer: {}, "x")
     bad = Action("bad", "quantize", lambda layer: {"weights": {"bits": 9}, "layers": [layer]}, "quantize")
     a = analyze(model, data, actions=["quant8", never, bad], **FAST)
