@@ -180,6 +180,11 @@ def test_actions_resolution_and_bad_input():
     r = by_name.results["fc1"]
     assert 0 < by_name.drop("fc1", "quant4") < by_name.drop("fc1", "quant3")
     assert r["quant4"]["bytes_after"] - r["quant3"]["bytes_after"] == 32 * 128 // 8  # one bit less per weight, packed
+    gptq = analyze(model, data, actions=["quant3", "gptq3"], **FAST)  # same bytes, GPTQ's rounding
+    for layer in ("fc1", "fc2"):
+        g = gptq.results[layer]
+        assert abs(g["gptq3"]["bytes_after"] - g["quant3"]["bytes_after"]) <= 3  # "gptq" vs "nearest" in the manifest
+        assert 0 < gptq.drop(layer, "gptq3") < gptq.drop(layer, "quant3")
     never = Action("never", "no_such_method", lambda layer: {}, "x")
     bad = Action("bad", "quantize", lambda layer: {"weights": {"bits": 9}, "layers": [layer]}, "quantize")
     a = analyze(model, data, actions=["quant8", never, bad], **FAST)
