@@ -395,16 +395,14 @@ def _smooth(model: nn.Module, plans: list[LayerPlan], cfg: QuantConfig, ctx: Con
     report = {}
     for names in track(reads.groups([p.name for p in todo]), "smoothing factors", enabled=ctx.progress):
         group = [by_name[n] for n in names]
-        if len({(repr(p.weights), repr(p.activations)) for p in group}) > 1:  # formats differ: one s cannot fit all
-            group_list = [[p] for p in group]
-        else:
-            group_list = [group]
-        for members in group_list:
-            s, record = choose_smoothing(observers[members[0].name], [p.module.weight for p in members],
+        same_format = len({(repr(p.weights), repr(p.activations)) for p in group}) == 1
+        for members in [group] if same_format else [[p] for p in group]:  # one s cannot fit two formats
+            s, chosen = choose_smoothing(observers[members[0].name], [p.module.weight for p in members],
                                          members[0].weights, members[0].activations, cfg.smooth)
             for p in members:
                 p.smooth = s
-                report[p.name] = dict(record, shared_with=[q.name for q in members if q is not p]) if len(members) > 1 else record
+                partners = [q.name for q in members if q is not p]
+                report[p.name] = dict(chosen, shared_with=partners) if partners else chosen
     return report
 
 
