@@ -235,3 +235,33 @@ def test_export_rejects_non_modules_and_missing_inputs(tmp_path):
     with pytest.raises(ExportError, match="example_inputs"):
         st.export_onnx(CASES["flatten"].model(), tmp_path / "b.onnx", None)
     assert list(tmp_path.iterdir()) == []
+
+
+class _Twins(torch.nn.Module):
+    """Two Linears holding equal weights and biases (separate tensors) and a third that differs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = (torch.nn.Linear(8, 8) for _ in range(3))
+        with torch.no_grad():
+            self.b.weight.copy_(self.a.weight)
+            self.b.bias.copy_(self.a.bias)
+
+    def forward(self, x):
+        return self.a(x) + 2 * self.b(x) + self.c(x)
+
+
+def test_equal_initializers_are_merged_and_outputs_unchanged(tmp_path):
+    # The exporter's optimizer stores equal constants once: what lets q, k and v, which share one
+    # smoothing factor, divide their input once in ONNX Runtime (tests/quant/test_smooth.py).
+    from shrinktunnel.export import ort_session
+
+    model, x = _Twins().eval(), torch.randn(3, 8)
+    path = st.export_onnx(model, tmp_path / "m.onnx", example_inputs=x)
+    shapes = sorted(tuple(i.dims) for i in onnx.load(str(path)).graph.initializer)
+    assert shapes.count((8, 8)) == 2 and shapes.count((8,)) == 2  # a's and b's merged; c's kept
+    session = ort_session(path, threads=1)
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], model(x).numpy(),
+                                   rtol=1e-5, atol=1e-5)

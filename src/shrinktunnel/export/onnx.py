@@ -61,7 +61,7 @@ def export_onnx(
                 opset_version=opset or _needed_opset(module), external_data=False, optimize=True, verbose=False,
                 custom_translation_table=_translations(),
             )
-        _tidy(tmp)
+        _strip_metadata(tmp)
         _check_runs(tmp)
         os.replace(tmp, target)
     except ExportError:
@@ -142,10 +142,9 @@ def _quiet():
             lg.setLevel(level)
 
 
-def _tidy(path: Path) -> None:
+def _strip_metadata(path: Path) -> None:
     """Drop the exporter's per-node metadata (Python stack traces with this machine's absolute
-    paths, FX node text: about 10 % of a small model's file, and nothing a runtime reads), and merge
-    initializers that hold the same values (`_merge_equal_initializers`)."""
+    paths, FX node text): about 10 % of a small model's file, and nothing a runtime reads."""
     import onnx
 
     proto = onnx.load(str(path))
@@ -154,56 +153,7 @@ def _tidy(path: Path) -> None:
         for node in graph.node:
             del node.metadata_props[:]
             node.doc_string = ""
-    _merge_equal_initializers(proto.graph)
     onnx.save(proto, str(path))
-
-
-def _merge_equal_initializers(graph) -> int:
-    """Point every reader of an initializer at the first one with the same type, shape and values, and
-    drop the copies; returns how many were dropped. Modules that store equal constants separately
-    (the one smoothing factor of q, k and v, equal zero points) then feed identical nodes, which ONNX
-    Runtime computes once (common subexpression elimination): q, k and v divide and quantize their
-    shared input once. Initializers that are also graph inputs or outputs are left alone."""
-    import hashlib
-
-    import onnx
-
-    fixed = {i.name for i in graph.input} | {o.name for o in graph.output}
-    first: dict[tuple, str] = {}
-    rename: dict[str, str] = {}
-    for init in graph.initializer:
-        if init.name in fixed or init.data_location == onnx.TensorProto.EXTERNAL:
-            continue
-        anonymous = onnx.TensorProto()
-        anonymous.CopyFrom(init)
-        anonymous.name = ""
-        key = (init.data_type, tuple(init.dims), hashlib.sha256(anonymous.SerializeToString(deterministic=True)).digest())
-        if key in first:
-            rename[init.name] = first[key]
-        else:
-            first[key] = init.name
-    if rename:
-        _rename_inputs(graph, rename)
-        kept = [init for init in graph.initializer if init.name not in rename]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-    return len(rename)
-
-
-def _rename_inputs(graph, rename: dict[str, str]) -> None:
-    """Rename node inputs in `graph` and in the subgraphs of its nodes (If / Loop bodies read outer names)."""
-    import onnx
-
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _rename_inputs(attr.g, rename)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    _rename_inputs(g, rename)
 
 
 def _check_runs(path: Path) -> None:
