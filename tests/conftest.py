@@ -173,6 +173,17 @@ def supported_case(request) -> Case:
     return CASES[request.param]
 
 
+@pytest.fixture
+def one_thread():
+    """Many tiny tensor operations on one thread: tiny models train fastest that way, and on a machine
+    whose 2 cores other runs share, thread hand-offs would turn microseconds of work into milliseconds.
+    Test files that want it say `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------

@@ -14,14 +14,7 @@ from shrinktunnel.measure import count_macs
 CONV_SCHEMES = ["channel", "spatial", "tucker2", "cp"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many tiny tensor operations: on one thread, a busy machine (other suites running beside) does not
-    turn microseconds of work into milliseconds of thread hand-offs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _conv(*args, seed=0, **kw) -> nn.Module:

@@ -17,14 +17,7 @@ from shrinktunnel.decompose import budget as B
 NO_TIMING = {"keep_if_slower": False}  # tiny layers time as noise; the timing rule has its own test
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many tiny tensor operations: on one thread, a busy machine (other suites running beside) does not
-    turn microseconds of work into milliseconds of thread hand-offs."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _decompose(model, config=None, data=None, **kw):

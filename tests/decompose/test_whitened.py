@@ -17,12 +17,7 @@ from shrinktunnel.decompose import layers as L
 from shrinktunnel.decompose.ranks import SVDCache, ranks_for_energy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _correlated(n: int, d: int, seed: int = 0) -> torch.Tensor:

@@ -15,12 +15,7 @@ from shrinktunnel.errors import ConfigError, ModelError
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def bert(layers: int, seed: int = 0, dropout: float = 0.0) -> nn.Module:

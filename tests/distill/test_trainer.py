@@ -15,13 +15,7 @@ from shrinktunnel.errors import ConfigError, ModelError
 from conftest import snapshot, state_dicts_equal
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models train fastest on one thread, and other test runs share the machine's 2 cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def mlp(hidden: int, seed: int, out: int = 5) -> nn.Module:

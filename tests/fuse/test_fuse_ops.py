@@ -13,12 +13,7 @@ from shrinktunnel.fuse.ops import fold_bn, merge_linears
 from conftest import snapshot, state_dicts_equal
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
