@@ -138,3 +138,13 @@ def test_sampled_tweets_are_seeded_and_never_drawn_from_the_excluded_range():
     assert rows == prefix
     c = assets.sampled_tweet_batches(40, exclude=range(40, len(texts)), seed=2, batch_size=16)
     assert not torch.equal(c[0]["input_ids"], a[0]["input_ids"])
+
+
+def test_minilm_with_eager_attention_is_the_same_function_and_reloads_as_itself():
+    batch = assets.tweet_batches(8, 0, 8, 16)[0]
+    sdpa, eager = assets.minilm(), assets.minilm_eager()
+    assert model_ref(eager) == "shrinktunnel.assets:minilm_eager" and model_ref(sdpa) == "shrinktunnel.assets:minilm"
+    assert eager.encoder.config._attn_implementation == "eager"
+    with torch.no_grad():
+        a, b = sdpa(**batch), eager(**batch)
+    assert torch.allclose(a, b, atol=1e-5)  # the same math, summed in another order

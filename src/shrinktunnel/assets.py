@@ -19,11 +19,11 @@ from .core.history import set_model_ref
 from .errors import DataError, ModelError
 
 from .assets_audio import silero_vad_16k  # noqa: E402  (re-exported: one place to find every asset)
-from .assets_text import minilm, sampled_tweet_batches, tweet_batches, tweets  # noqa: E402
+from .assets_text import minilm, minilm_eager, sampled_tweet_batches, tweet_batches, tweets  # noqa: E402
 
 __all__ = [
     "mnist_cnn", "mnist_test", "mnist_calibration", "mnist_split", "MNIST_MEAN", "MNIST_STD",
-    "silero_vad_16k", "minilm", "tweets", "tweet_batches", "sampled_tweet_batches",
+    "silero_vad_16k", "minilm", "minilm_eager", "tweets", "tweet_batches", "sampled_tweet_batches",
 ]
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the normalisation the digit-recognizer CNN was trained with

@@ -51,10 +51,21 @@ class SentenceEncoder(nn.Module):
 
 def minilm() -> nn.Module:
     """all-MiniLM-L6-v2 as a sentence encoder (22.7M parameters, 37 Linear layers)."""
+    return _minilm("sdpa", "minilm")
+
+
+def minilm_eager() -> nn.Module:
+    """The same model with transformers' eager attention (matmul, additive mask, softmax) instead of
+    scaled_dot_product_attention: the same function, but its ONNX export has no SDPA mask ops
+    (Where / IsNaN per layer), so ONNX Runtime runs it faster (docs/quantization.md)."""
+    return _minilm("eager", "minilm_eager")
+
+
+def _minilm(attention: str, factory: str) -> nn.Module:
     from transformers import AutoModel
 
-    encoder = AutoModel.from_pretrained(_model_path()).eval()
-    return set_model_ref(SentenceEncoder(encoder).eval(), "shrinktunnel.assets:minilm")
+    encoder = AutoModel.from_pretrained(_model_path(), attn_implementation=attention).eval()
+    return set_model_ref(SentenceEncoder(encoder).eval(), f"shrinktunnel.assets:{factory}")
 
 
 @lru_cache(maxsize=1)
