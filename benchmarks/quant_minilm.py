@@ -182,7 +182,7 @@ def main() -> int:
             rows[label]["onnx_bytes"] = onnx_paths[label].stat().st_size
         feed_batch = {k: v for k, v in calib[0].items()}
         stats = interleaved({label: (lambda s=s: onnx_latency(s.session, s.feed(**feed_batch), runs=20))
-                             for label, s in sessions.items()}, rounds=3)
+                             for label, s in sessions.items()}, rounds=5)
         for label, st_ in stats.items():
             rows[label]["onnx_latency_ms"] = st_.median_ms
     base_ms = rows["fp32"]["onnx_latency_ms"]
