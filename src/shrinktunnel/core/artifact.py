@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from .._version import __version__
 from ..errors import ArtifactError, ModelError
 from .atomic import atomic_dir
-from .jsonio import write_json
+from .jsonio import dumps, write_json
 from .history import get_record, set_model_ref
 from .registry import get_method
 
@@ -30,7 +30,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "model.safetensors"
 
-__all__ = ["save_artifact", "load_artifact", "read_manifest", "check_output_dir", "FORMAT_VERSION"]
+__all__ = ["save_artifact", "artifact_nbytes", "load_artifact", "read_manifest", "check_output_dir", "FORMAT_VERSION"]
 
 
 def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -79,14 +79,24 @@ def save_artifact(
         tensors, aliases = _tensors(model)
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
         manifest = build_manifest(model, metrics, warnings)
-        manifest["tensors"] = {
-            "file": TENSORS,
-            "sha256": _sha256(tmp / TENSORS),
-            "bytes": (tmp / TENSORS).stat().st_size,
-            "aliases": aliases,
-        }
+        manifest["tensors"] = _tensors_entry(_sha256(tmp / TENSORS), (tmp / TENSORS).stat().st_size, aliases)
         write_json(tmp / MANIFEST, manifest)
     return target
+
+
+def artifact_nbytes(model: nn.Module) -> int:
+    """The bytes `save_artifact(model, path)` writes (no metrics or warnings), counted in memory: the
+    same tensors file and manifest, with any 64 hex digits standing for the tensors' sha256 (their
+    length is what counts). No file is written, hashed or synced: cheap enough to call per candidate."""
+    tensors, aliases = _tensors(model)
+    nbytes = len(save(tensors, metadata={"format": FORMAT}))
+    manifest = build_manifest(model)
+    manifest["tensors"] = _tensors_entry("0" * 64, nbytes, aliases)
+    return nbytes + len(dumps(manifest).encode("utf-8"))
+
+
+def _tensors_entry(sha256: str, nbytes: int, aliases: Any) -> dict[str, Any]:
+    return {"file": TENSORS, "sha256": sha256, "bytes": nbytes, "aliases": aliases}
 
 
 def check_output_dir(path: str | os.PathLike, *, overwrite: bool, marker: str = MANIFEST) -> Path:

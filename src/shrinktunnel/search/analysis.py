@@ -23,6 +23,7 @@ from torch import nn
 
 from .._version import __version__
 from ..core import data as D
+from ..core.artifact import artifact_nbytes
 from ..core.progress import track
 from ..core.registry import Context
 from ..errors import ModelError, ShrinkError, one_line
@@ -133,20 +134,8 @@ def _same_state(a: nn.Module, b: nn.Module) -> bool:
 
 def artifact_size(model: nn.Module) -> int:
     """Bytes of the model's artifact on disk (manifest + tensors): what a method's storage really
-    costs, whatever it keeps in memory while the model runs. Counted in memory, as `save_artifact`
-    would write them (the same tensors, safetensors header and manifest, with a placeholder of the
-    same length for the tensors file's sha256): no file written, hashed or synced per evaluation
-    (tests/search check it against a real save byte for byte)."""
-    from safetensors.torch import save as safetensors_bytes
-
-    from ..core.artifact import FORMAT, TENSORS, _tensors, build_manifest
-    from ..core.jsonio import dumps
-
-    tensors, aliases = _tensors(model)
-    n_tensors = len(safetensors_bytes(tensors, metadata={"format": FORMAT}))
-    manifest = build_manifest(model)
-    manifest["tensors"] = {"file": TENSORS, "sha256": "0" * 64, "bytes": n_tensors, "aliases": aliases}
-    return n_tensors + len(dumps(manifest).encode("utf-8"))
+    costs, whatever it keeps in memory while the model runs; counted in memory (core.artifact)."""
+    return artifact_nbytes(model)
 
 
 def evaluate_candidate(model: nn.Module, stages: list[tuple[str, dict[str, Any]]], data: Any,
