@@ -29,7 +29,8 @@ import shrinktunnel as st
 from shrinktunnel import assets
 from shrinktunnel.core import data as D
 from shrinktunnel.export import OrtModel
-from shrinktunnel.measure.latency import interleaved, onnx_latency
+from shrinktunnel.measure.latency import interleaved, onnx_latency, paired_ratio
+from shrinktunnel.measure.ort_profile import op_profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, git_state, machine_info, today, write_results  # noqa: E402
@@ -50,6 +51,12 @@ FP32_DEFAULT = "fp32, ORT's default fusions"  # with SkipLayerNormalization, whi
 FP32_EAGER = "fp32, eager attention"  # assets.minilm_eager: no SDPA mask ops in the ONNX graph
 SMOOTH_EAGER = "ours W8A8 dynamic per tensor + smooth, eager attention"  # its ratio is against FP32_EAGER
 _PER_TENSOR = {"dynamic": True, "per_token": False}
+ORT_STATIC, ORT_DYNAMIC = "ORT quantize_static (QDQ, minmax)", "ORT quantize_dynamic"
+# Head to head (ours, theirs): latency as a paired ratio, blocks of runs alternated (measure.latency.
+# paired_ratio); the last pair, theirs against itself, shows what the method resolves.
+HEAD_TO_HEAD = ((DYNAMIC_TENSOR, ORT_DYNAMIC), (SMOOTH, ORT_DYNAMIC), (STATIC_SMOOTH, ORT_STATIC),
+                (ORT_DYNAMIC, ORT_DYNAMIC))
+PROFILED = (ORT_DYNAMIC, DYNAMIC_TENSOR, SMOOTH)  # kernel time per operator type, ONNX Runtime's profiler
 
 _G32 = {"bits": 4, "granularity": "per_group", "group_size": 32}
 _G64 = {"bits": 4, "granularity": "per_group", "group_size": 64}
@@ -112,11 +119,11 @@ def ort_variants(fp32_onnx: Path, calib: list[dict], work: Path) -> dict[str, Pa
         try:
             quantize_static(str(pre), str(work / "ort_static.onnx"), _Reader(calib, names), quant_format=QuantFormat.QDQ,
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-            out["ORT quantize_static (QDQ, minmax)"] = work / "ort_static.onnx"
+            out[ORT_STATIC] = work / "ort_static.onnx"
         except Exception as exc:  # recorded, not hidden: their quantizer may fail on this graph
-            out["ORT quantize_static (QDQ, minmax)"] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
+            out[ORT_STATIC] = f"failed: {type(exc).__name__}: {str(exc)[:120]}"
         quantize_dynamic(str(pre), str(work / "ort_dynamic.onnx"), weight_type=QuantType.QInt8)
-        out["ORT quantize_dynamic"] = work / "ort_dynamic.onnx"
+        out[ORT_DYNAMIC] = work / "ort_dynamic.onnx"
     return out
 
 
@@ -185,6 +192,15 @@ def main() -> int:
                              for label, s in sessions.items()}, rounds=5)
         for label, st_ in stats.items():
             rows[label]["onnx_latency_ms"] = st_.median_ms
+        feeds = {label: s.feed(**feed_batch) for label, s in sessions.items()}
+        paired = {}
+        for ours_label, theirs_label in HEAD_TO_HEAD:
+            if ours_label in sessions and theirs_label in sessions:
+                a, b = sessions[ours_label].session, sessions[theirs_label].session
+                paired[f"{ours_label} / {theirs_label}"] = paired_ratio(
+                    lambda: a.run(None, feeds[ours_label]), lambda: b.run(None, feeds[theirs_label]), pairs=30, block=5).to_dict()
+        profiles = {label: op_profile(onnx_paths[label], feeds[label], runs=30, threads=THREADS).to_dict()
+                    for label in PROFILED if label in sessions}
     base_ms = rows["fp32"]["onnx_latency_ms"]
     ours = rows[name]
     checks = {
@@ -207,25 +223,25 @@ def main() -> int:
         f"{INT4_EXPORTED}: mean cosine >= {TARGET_INT4} (ONNX Runtime, MatMulNBits)":
             rows[INT4_EXPORTED]["onnx"]["mean_cosine"] >= TARGET_INT4,
     }
-    theirs_dyn = rows.get("ORT quantize_dynamic", {})
-    if "onnx" in theirs_dyn:
-        ratio = rows[SMOOTH]["onnx_latency_ms"] / theirs_dyn["onnx_latency_ms"]
-        checks[f"{SMOOTH} vs ORT quantize_dynamic: fidelity at least theirs"] = (
-            rows[SMOOTH]["onnx"]["mean_cosine"] >= theirs_dyn["onnx"]["mean_cosine"])
-        checks[f"{SMOOTH} vs ORT quantize_dynamic: latency at most 1.05x theirs (measured {ratio:.2f}x)"] = ratio <= 1.05
-        plain = rows[DYNAMIC_TENSOR]["onnx_latency_ms"] / theirs_dyn["onnx_latency_ms"]  # their algorithm, our export
-        checks[f"{DYNAMIC_TENSOR} vs ORT quantize_dynamic: fidelity at least theirs"] = (
-            rows[DYNAMIC_TENSOR]["onnx"]["mean_cosine"] >= theirs_dyn["onnx"]["mean_cosine"])
-        checks[f"{DYNAMIC_TENSOR} vs ORT quantize_dynamic: latency at most 1.05x theirs (measured {plain:.2f}x)"] = plain <= 1.05
-    md = render(rows, base_ms, checks)
+    for ours_label, theirs_label in HEAD_TO_HEAD[:-1]:
+        key = f"{ours_label} / {theirs_label}"
+        if key not in paired:
+            continue
+        p = paired[key]
+        checks[f"{ours_label} vs {theirs_label}: fidelity at least theirs"] = (
+            rows[ours_label]["onnx"]["mean_cosine"] >= rows[theirs_label]["onnx"]["mean_cosine"])
+        checks[f"{ours_label} vs {theirs_label}: latency at most 1.05x theirs (paired ratio {p['ratio']:.3f}x, "
+               f"95 % interval {p['low']:.3f}-{p['high']:.3f})"] = p["ratio"] <= 1.05
+    md = render(rows, base_ms, checks, paired, profiles)
     results = {"name": NAME, "date": today(), "machine": machine_info(THREADS), "git": git_state(),
-               "rows": rows, "checks": checks, "fallback": fallback}
+               "rows": rows, "checks": checks, "fallback": fallback, "paired": paired, "op_profiles": profiles}
     write_results(RESULTS_DIR / f"{NAME}.json", results, md)
     print(md)
     return 0 if all(checks.values()) else 1
 
 
-def render(rows: dict[str, dict[str, Any]], base_ms: float, checks: dict[str, bool]) -> str:
+def render(rows: dict[str, dict[str, Any]], base_ms: float, checks: dict[str, bool], paired: dict[str, dict],
+           profiles: dict[str, dict]) -> str:
     lines = [f"Measured {today()}; {CALIB} tweets calibrate, {HELD_OUT} held out; batch {BATCH} x {TOKENS} tokens, "
              f"{THREADS} threads. Reproduce with `.venv/bin/python benchmarks/run_all.py`.", "",
              "| variant | layers in float | mean cos (PyTorch) | mean cos (ORT) | min cos (ORT) | top-10 NN recall (ORT) | ORT latency | vs fp32 |",
@@ -241,8 +257,30 @@ def render(rows: dict[str, dict[str, Any]], base_ms: float, checks: dict[str, bo
         base = rows[r["baseline"]]["onnx_latency_ms"] if "baseline" in r else base_ms
         lat_cells = [f"{lat:.1f} ms", f"{base / lat:.2f}x" + (" (vs its fp32)" if "baseline" in r else "")] if lat else ["-", "-"]
         lines.append(f"| {label} | {r.get('float_layers', '')} | {pt} | " + " | ".join(ort_cells + lat_cells) + " |")
+    lines += ["", "Head to head, ONNX Runtime latency as a paired ratio (30 pairs of 5-run blocks, alternated; "
+              "the last row, theirs against itself, shows what the measure resolves):", "",
+              "| ours / theirs | ratio | 95 % interval | ours | theirs |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {k} | {p['ratio']:.3f}x | {p['low']:.3f}-{p['high']:.3f} | {p['a_ms']:.1f} ms | {p['b_ms']:.1f} ms |"
+              for k, p in paired.items()]
+    lines += profile_table(profiles)
     lines += ["", "| target | result |", "|---|---|"] + [f"| {k} | {'pass' if v else 'FAIL'} |" for k, v in checks.items()]
     return "\n".join(lines) + "\n"
+
+
+def profile_table(profiles: dict[str, dict], top: int = 10) -> list[str]:
+    """Kernel milliseconds per run by operator type (nodes per run in brackets), largest first."""
+    if not profiles:
+        return []
+    labels = list(profiles)
+    first = profiles[labels[0]]["ms_per_run"]
+    ops = sorted({op for p in profiles.values() for op in p["ms_per_run"]}, key=lambda op: -first.get(op, 0.0))[:top]
+    lines = ["", "Where the time goes: ONNX Runtime's profiler, kernel time per operator type per run (nodes per run):", "",
+             "| operator | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for op in ops:
+        cells = [f"{p['ms_per_run'].get(op, 0.0):.2f} ms ({p['nodes_per_run'].get(op, 0)})" for p in profiles.values()]
+        lines.append(f"| {op} | " + " | ".join(cells) + " |")
+    lines.append("| all kernels | " + " | ".join(f"{p['total_ms']:.2f} ms" for p in profiles.values()) + " |")
+    return lines
 
 
 if __name__ == "__main__":

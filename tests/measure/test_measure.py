@@ -3,6 +3,7 @@ sizes on disk, latency bookkeeping."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,8 @@ from shrinktunnel.errors import DataError
 from shrinktunnel.measure import (
     LatencyStats, accuracy, artifact_bytes, count_macs, count_weights, fidelity, float_safetensors_bytes, torch_latency,
 )
-from shrinktunnel.measure.latency import interleaved
+from shrinktunnel.measure import latency as latency_mod
+from shrinktunnel.measure.latency import interleaved, paired_ratio
 from shrinktunnel.measure.size import bits_per_weight
 
 
@@ -218,3 +220,64 @@ def test_interleaved_keeps_each_contenders_best_median():
     best = interleaved({"a": make("a"), "b": make("b")}, rounds=3)
     assert best["a"].median_ms == 1.0 and best["b"].median_ms == 4.0
     assert calls == ["a", "b", "a", "b", "a", "b"]  # alternated, not one after the other
+
+
+class _FakeClock:
+    """perf_counter for latency_mod: a call costs `cost[name] * slowdown(t)` seconds of fake time."""
+
+    def __init__(self, monkeypatch, slowdown=lambda now: 1.0):
+        self.now, self.calls, self.slowdown = 0.0, [], slowdown
+        monkeypatch.setattr(latency_mod.time, "perf_counter", lambda: self.now)
+
+    def fn(self, name, seconds):
+        def run():
+            self.calls.append(name)
+            self.now += seconds * self.slowdown(self.now)
+
+        return run
+
+
+def test_paired_ratio_alternates_blocks_and_cancels_slow_spells(monkeypatch):
+    # The machine slows down 3x for a while, mid-measurement; each ratio compares blocks measured next
+    # to each other, so the median per-pair ratio is exactly a's cost over b's.
+    clock = _FakeClock(monkeypatch, slowdown=lambda now: 3.0 if 0.05 < now < 0.2 else 1.0)
+    r = paired_ratio(clock.fn("a", 0.002), clock.fn("b", 0.001), pairs=20, block=3, warmup=1)
+    assert r.ratio == pytest.approx(2.0) and r.low == pytest.approx(2.0) and r.high == pytest.approx(2.0)
+    assert (r.pairs, r.block) == (20, 3) and r.a_ms > r.b_ms
+    timed = clock.calls[2:]  # after the warm-up pair
+    # each block: one untimed switch-over run, then 3 timed; A B, then B A: neither side always second
+    assert timed[:16] == ["a"] * 4 + ["b"] * 4 + ["b"] * 4 + ["a"] * 4
+    assert timed.count("a") == timed.count("b") == 20 * 4
+
+
+def test_paired_ratio_leaves_the_switch_over_run_untimed(monkeypatch):
+    # The first run after switching contenders is slow (the other's thread pool still spins): untimed.
+    clock = _FakeClock(monkeypatch)
+    last = []
+
+    def contender(name, seconds):
+        def run():
+            cost = seconds * (10 if last[-1:] != [name] else 1)
+            last.append(name)
+            clock.calls.append(name)
+            clock.now += cost
+
+        return run
+
+    r = paired_ratio(contender("a", 0.001), contender("b", 0.001), pairs=10, block=2, warmup=0)
+    assert r.ratio == pytest.approx(1.0) and r.a_ms == pytest.approx(1.0) and r.b_ms == pytest.approx(1.0)
+
+
+def test_paired_ratio_reports_an_interval_around_a_noisy_ratio(monkeypatch):
+    noise = iter(np.random.default_rng(0).uniform(0.8, 1.2, size=1000))
+    clock = _FakeClock(monkeypatch, slowdown=lambda now: next(noise))
+    r = paired_ratio(clock.fn("a", 0.001), clock.fn("b", 0.001), pairs=200, block=1, warmup=0)
+    assert r.low <= r.ratio <= r.high
+    assert r.low < 1.0 < r.high and r.high - r.low < 0.1
+
+
+def test_paired_ratio_needs_two_pairs():
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        paired_ratio(lambda: None, lambda: None, pairs=1)
+    with pytest.raises(ValueError, match="at least 1 run"):
+        paired_ratio(lambda: None, lambda: None, block=0)

@@ -61,7 +61,7 @@ def export_onnx(
                 opset_version=opset or _needed_opset(module), external_data=False, optimize=True, verbose=False,
                 custom_translation_table=_translations(),
             )
-        _strip_metadata(tmp)
+        _postprocess(tmp)
         _check_runs(tmp)
         os.replace(tmp, target)
     except ExportError:
@@ -91,10 +91,11 @@ def _export_notes(module: nn.Module, shown: int = 4) -> list[str]:
 
 
 def _translations() -> dict:
-    # Our custom operators (the integer matmul of dynamic quantization) and the ONNX they become.
+    # Our custom operators (the integer matmul of dynamic quantization, fused attention) and the ONNX they become.
+    from ..fuse import attention
     from ..quant import dynamic, nbits
 
-    return {**dynamic.onnx_translations(), **nbits.onnx_translations()}
+    return {**dynamic.onnx_translations(), **nbits.onnx_translations(), **attention.onnx_translations()}
 
 
 _FP8 = {torch.float8_e4m3fn, torch.float8_e5m2}
@@ -142,12 +143,16 @@ def _quiet():
             lg.setLevel(level)
 
 
-def _strip_metadata(path: Path) -> None:
+def _postprocess(path: Path) -> None:
     """Drop the exporter's per-node metadata (Python stack traces with this machine's absolute
-    paths, FX node text): about 10 % of a small model's file, and nothing a runtime reads."""
+    paths, FX node text): about 10 % of a small model's file, and nothing a runtime reads; then
+    fold constant scales into earlier constant factors (graph_passes.fold_constant_scales)."""
     import onnx
 
+    from .graph_passes import fold_constant_scales
+
     proto = onnx.load(str(path))
+    fold_constant_scales(proto)
     graphs = [proto.graph] + [f for f in proto.functions]
     for graph in graphs:
         for node in graph.node:

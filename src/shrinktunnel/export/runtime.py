@@ -25,10 +25,12 @@ def ort_session(
     threads: int = 2,
     disabled_optimizers: tuple[str, ...] = SLOW_FUSIONS,
     optimized_model_path: str | os.PathLike | None = None,
+    profile_prefix: str | os.PathLike | None = None,
 ) -> ort.InferenceSession:
     """A CPU session with all graph optimisations (QDQ fusion into integer kernels) except the slow
     ones in `disabled_optimizers`, and a fixed number of intra-op threads. `optimized_model_path`
-    writes the graph ONNX Runtime actually runs (after its fusions), to inspect it."""
+    writes the graph ONNX Runtime actually runs (after its fusions), to inspect it; `profile_prefix`
+    turns on ONNX Runtime's profiler (`session.end_profiling()` writes its JSON, see op_profile)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -36,6 +38,9 @@ def ort_session(
     opts.log_severity_level = 3
     if optimized_model_path is not None:
         opts.optimized_model_filepath = str(optimized_model_path)
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile_prefix)
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=list(disabled_optimizers))
 

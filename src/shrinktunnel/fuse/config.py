@@ -21,6 +21,8 @@ class FuseOpsConfig(Config):
     bn: bool = True  # fold each BatchNorm into the Conv / Linear right before it (exact up to float rounding)
     linear: LinearMerge = LinearMerge.SMALLER  # merge two Linears with nothing between them
     skip: list[str] = Field(default_factory=list)  # glob patterns of module names never fused
+    attention: bool = False  # Hugging Face encoders: each attention core becomes ONE ONNX Runtime kernel
+    # (com.microsoft.MultiHeadAttention, fuse/attention.py); same function, a third fewer nodes in ONNX
 
 
 class FuseOutput(StrEnum):

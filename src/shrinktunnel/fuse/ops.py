@@ -24,6 +24,7 @@ from torch import nn
 from ..core import data as D
 from ..core.registry import Context, register_method
 from ..core.select import matches, names_by_module, set_submodule
+from .attention import fuse_attention
 from .config import FuseOpsConfig, LinearMerge
 
 __all__ = ["fuse_ops", "replay_fuse_ops", "fold_bn", "merge_linears"]
@@ -76,6 +77,8 @@ def replay_fuse_ops(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
     for entry in replay["bn"]:
         _add_bias(model.get_submodule(entry["layer"]))
         set_submodule(model, entry["bn"], nn.Identity())
+    for name in replay.get("attention", []):
+        fuse_attention(model.get_submodule(name) if name else model)
     for entry in replay["linear"]:
         first = model.get_submodule(entry["first"])
         set_submodule(model, entry["first"], nn.Linear(entry["in"], entry["out"], bias=entry["bias"], dtype=first.weight.dtype))
@@ -172,8 +175,13 @@ def fuse_ops(model: nn.Module, cfg: FuseOpsConfig, ctx: Context) -> tuple[nn.Mod
     model = copy.deepcopy(model).eval()
     shared = {n for names in names_by_module(model).values() if len(names) > 1 for n in names}
     ok = lambda *names: not any(n in shared or matches(n, cfg.skip) for n in names)  # noqa: E731
-    replay: dict[str, Any] = {"bn": [], "linear": []}
-    gm = _trace(model, ctx)
+    replay: dict[str, Any] = {"bn": [], "linear": [], "attention": []}
+    if cfg.attention:
+        replay["attention"] = fuse_attention(model)
+        if not replay["attention"]:
+            ctx.warn("fuse_ops: attention: no Hugging Face encoder in the model (transformers' PreTrainedModel "
+                     "with bidirectional attention); its attention is left as it is")
+    gm = _trace(model, ctx) if cfg.bn or cfg.linear != LinearMerge.NEVER else None
 
     if cfg.bn:
         kinds = (*CONVS, nn.Linear)
@@ -233,6 +241,6 @@ def fuse_ops(model: nn.Module, cfg: FuseOpsConfig, ctx: Context) -> tuple[nn.Mod
             set_submodule(model, b_name, nn.Identity())
             replay["linear"].append({"first": a_name, "second": b_name, "in": merged.in_features,
                                      "out": merged.out_features, "bias": merged.bias is not None})
-    if not replay["bn"] and not replay["linear"]:
+    if not replay["bn"] and not replay["linear"] and not replay["attention"]:
         ctx.warn("fuse_ops: nothing to fuse (no BatchNorm after a Conv/Linear, no pair of Linears); the model is unchanged")
     return model, replay

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core import data as D
 
-__all__ = ["LatencyStats", "time_fn", "torch_latency", "onnx_latency", "interleaved"]
+__all__ = ["LatencyStats", "PairedRatio", "time_fn", "torch_latency", "onnx_latency", "interleaved", "paired_ratio"]
 
 
 @dataclass
@@ -74,3 +74,61 @@ def interleaved(contenders: dict[str, Callable[[], LatencyStats]], rounds: int =
                 best[name] = stats
     return best
 
+
+
+@dataclass
+class PairedRatio:
+    """Latency of `a` over `b` from short blocks of runs alternated A B, B A, ...: each ratio compares
+    two blocks measured a fraction of a second apart, so the machine's slow spells (seconds long) hit
+    both sides of a pair alike."""
+
+    ratio: float  # median of the per-pair ratios (median of a's block / median of b's block)
+    low: float  # 95 % bootstrap interval of that median
+    high: float
+    a_ms: float  # medians of each side's timed runs
+    b_ms: float
+    pairs: int
+    block: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def paired_ratio(a: Callable[[], object], b: Callable[[], object], *, pairs: int = 30, block: int = 5,
+                 warmup: int = 5, seed: int = 0) -> PairedRatio:
+    """How much slower `a` is than `b` (ratio < 1: faster), measured in alternation; see PairedRatio.
+
+    Each block starts with one untimed run: an ONNX Runtime session's thread pool spins for a while
+    after its run, so the first run after switching sessions competes with the other pool's threads
+    (alternating single runs measured a 10 % gap between two graphs whose kernels take equal time)."""
+    if pairs < 2 or block < 1:
+        raise ValueError(f"paired_ratio needs at least 2 pairs of blocks of at least 1 run, got {pairs} x {block}")
+    for _ in range(warmup):
+        a()
+        b()
+
+    def timed_block(fn: Callable[[], object]) -> list[float]:
+        fn()  # untimed: the switch from the other contender
+        out = []
+        for _ in range(block):
+            t0 = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    ta, tb, ratios = [], [], []
+    for i in range(pairs):
+        if i % 2:  # A B, then B A: neither side always runs second
+            sb = timed_block(b)
+            sa = timed_block(a)
+        else:
+            sa = timed_block(a)
+            sb = timed_block(b)
+        ta += sa
+        tb += sb
+        ratios.append(statistics.median(sa) / statistics.median(sb))
+    r = np.asarray(ratios)
+    rng = np.random.default_rng(seed)
+    boot = np.median(r[rng.integers(0, pairs, size=(1000, pairs))], axis=1)
+    return PairedRatio(float(np.median(r)), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975)),
+                       float(np.median(ta)), float(np.median(tb)), pairs, block)

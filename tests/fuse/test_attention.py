@@ -1,0 +1,117 @@
+"""fuse.attention: the attention core as one ONNX Runtime MultiHeadAttention kernel, same function."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+
+import shrinktunnel as st
+from shrinktunnel.export import ort_session
+from shrinktunnel.fuse.attention import ATTENTION, fuse_attention, mha, unfuse_attention
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _bert(layers=2, decoder=False):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64, is_decoder=decoder)
+    return BertModel(config, add_pooling_layer=False).eval()
+
+
+class _Encoder(torch.nn.Module):
+    """last_hidden_state of a BertModel, as the toolkit's models return one tensor."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def _batch(b=3, t=10):
+    torch.manual_seed(1)
+    ids = torch.randint(1, 120, (b, t))
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1, 6:] = 0  # padded rows: the mask must reach the kernel
+    mask[2, 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_mha_is_scaled_dot_product_attention_over_heads():
+    torch.manual_seed(0)
+    b, s, h, d = 2, 5, 3, 4
+    q, k, v = (torch.randn(b, s, h * d) for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.int32)
+    split = lambda x: x.reshape(b, s, h, d).transpose(1, 2)  # noqa: E731
+    ref = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask.bool()[:, None, None, :], scale=0.3)
+    got = mha(q, k, v, mask, h, 0.3)
+    torch.testing.assert_close(got, ref.transpose(1, 2).reshape(b, s, h * d))
+
+
+def test_fused_bert_computes_the_same_function_with_padding():
+    model = _Encoder(_bert())
+    batch = _batch()
+    with torch.no_grad():
+        ref = model(**batch)
+        assert fuse_attention(model) == ["bert"]
+        assert model.bert.config._attn_implementation == ATTENTION
+        got = model(**batch)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    unfuse_attention(model)
+    assert model.bert.config._attn_implementation == "sdpa"
+
+
+def test_fused_export_runs_one_kernel_per_layer_in_onnx_runtime(tmp_path):
+    model = _Encoder(_bert(layers=3))
+    batch = _batch()
+    plain_path = st.export_onnx(model, tmp_path / "plain.onnx", batch)
+    fuse_attention(model)
+    path = st.export_onnx(model, tmp_path / "fused.onnx", batch)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MultiHeadAttention") == 3 and "Softmax" not in ops
+    ort_session(path, threads=1, optimized_model_path=tmp_path / "run.onnx")
+    ort_session(plain_path, threads=1, optimized_model_path=tmp_path / "plain_run.onnx")
+    run_ops = [n.op_type for n in onnx.load(str(tmp_path / "run.onnx")).graph.node]
+    plain_ops = [n.op_type for n in onnx.load(str(tmp_path / "plain_run.onnx")).graph.node]
+    assert run_ops.count("Transpose") == 0 < plain_ops.count("Transpose")  # the head split/merge transposes cancel
+    assert len(run_ops) < len(plain_ops)
+    session = ort_session(path, threads=1)
+    for b, t in ((3, 10), (5, 10)):  # the batch is dynamic in the export
+        x = _batch(b, t)
+        got = session.run(None, {k: v.numpy() for k, v in x.items()})[0]
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model(**x).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_decoders_and_other_models_are_left_alone():
+    assert fuse_attention(torch.nn.Linear(3, 3)) == []
+    decoder = _bert(decoder=True)
+    assert fuse_attention(decoder) == []
+    assert decoder.config._attn_implementation != ATTENTION
+
+
+def test_fuse_ops_attention_round_trips_through_the_artifact(tmp_path):
+    model = _Encoder(_bert())
+    batch = _batch()
+    fused = st.compress(model, [{"fuse_ops": {"bn": False, "linear": "never", "attention": True}}],
+                        example_inputs=batch, progress=False).model
+    assert fused.bert.config._attn_implementation == ATTENTION
+    assert model.bert.config._attn_implementation != ATTENTION  # a copy was fused, not the original
+    st.save(fused, tmp_path / "a")
+    loaded = st.load(tmp_path / "a", model=_Encoder(_bert()))
+    assert loaded.bert.config._attn_implementation == ATTENTION
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch), fused(**batch), atol=0, rtol=0)
+
+
+def test_fuse_ops_attention_on_a_model_without_an_encoder_warns():
+    with pytest.warns(UserWarning, match="no Hugging Face encoder"):
+        st.compress(torch.nn.Sequential(torch.nn.Linear(4, 4)), [{"fuse_ops": {"bn": False, "linear": "never",
+                                                                                "attention": True}}], progress=False)
