@@ -195,7 +195,11 @@ def load_artifact(path: str | os.PathLike, model: nn.Module | None = None) -> nn
     try:
         base.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        raise ArtifactError(f"the tensors do not fit the rebuilt model: {str(exc).splitlines()[0]} ...") from None
+        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise ArtifactError("the tensors do not fit the model rebuilt from the manifest"
+                            + (f": {details[0]}" if details else f": {str(exc).splitlines()[0]}")
+                            + (f" (and {len(details) - 1} more)" if len(details) > 1 else "")
+                            + "; the artifact is corrupted or its manifest was edited") from None
     record = get_record(base)
     record["stages"] = manifest["stages"]
     record["inputs"] = manifest.get("inputs")

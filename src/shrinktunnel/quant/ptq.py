@@ -201,6 +201,8 @@ def _weight_qparams(weight: torch.Tensor, wq: WeightQuant) -> tuple[dict[str, An
             # One zero point per group is a byte in the weight's own type (int32 would add 0.5 to 1 bit per
             # weight at groups of 64 to 32); per channel it stays int32, as artifacts have always stored it.
             "zero_point_dtype": dtype if group_size else "int32"}
+    if wq.coding != "plain":
+        meta.update(coding=str(wq.coding), code_bytes=0)  # the stream's length is set with the weights
     return meta, scale, zero_point
 
 
