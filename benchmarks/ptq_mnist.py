@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import onnx
 import torch
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                      quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
@@ -61,7 +62,7 @@ ORT_QUANTIZE = {
     "calibrate_method": CalibrationMethod.MinMax,
 }
 
-LABELS = {"fp32": "fp32", "ours": "shrinktunnel W8A8", "ort": "ORT quantize_static"}
+LABELS = {"fp32": "fp32", "ours": "shrinktunnel W8A8", "ort": "ORT quantize_static", "ort_dynamic": "ORT quantize_dynamic"}
 
 
 def log(message: str) -> None:
@@ -104,6 +105,9 @@ def quantize_with_ort(fp32_onnx: Path, calib: list, workdir: Path) -> Path:
         quant_pre_process(str(fp32_onnx), str(preprocessed))
         quantize_static(str(preprocessed), str(quantized), _CalibrationImages(_input_name(preprocessed), calib),
                         **ORT_QUANTIZE)
+        # Its dynamic quantizer too, with its defaults (int8 weights; Conv as ConvInteger, Gemm/MatMul as
+        # MatMulInteger with activations quantized at run time): the same pre-processed graph.
+        quantize_dynamic(str(preprocessed), str(workdir / "ort_dynamic.onnx"), weight_type=QuantType.QInt8)
     return quantized
 
 
@@ -205,6 +209,10 @@ def evaluate(acc: dict[str, float], size: dict[str, Any], ratios: dict[str, Any]
                points(acc["ours_onnx"], acc["ort_onnx"]), ">=", 0.0, "pt"),
         target("latency_vs_ort", "ours / ORT quantize_static latency, ONNX Runtime (median of per-round ratios)",
                ratios["ours_vs_ort_onnx"]["median_of_rounds"], "<=", MAX_LATENCY_VS_ORT, "x"),
+        target("accuracy_vs_ort_dynamic", "ours - ORT quantize_dynamic accuracy, ONNX Runtime",
+               points(acc["ours_onnx"], acc["ort_dynamic_onnx"]), ">=", 0.0, "pt"),
+        target("latency_vs_ort_dynamic", "ours / ORT quantize_dynamic latency, ONNX Runtime (median of per-round ratios)",
+               ratios["ours_vs_ort_dynamic_onnx"]["median_of_rounds"], "<=", MAX_LATENCY_VS_ORT, "x"),
     ]
 
 
@@ -220,10 +228,11 @@ def run(workdir: Path, rounds: int, runs: int) -> dict[str, Any]:
     }
     log("quantizing with onnxruntime.quantization.quantize_static")
     onnx_paths["ort"] = quantize_with_ort(onnx_paths["fp32"], calib, workdir)
+    onnx_paths["ort_dynamic"] = workdir / "ort_dynamic.onnx"
 
     torch_models = {"fp32": model, "ours": ours}
     # Ours in the middle: it then runs next to both contenders it is compared with (see measure_latency).
-    runtimes = {name: OrtModel(onnx_paths[name], threads=THREADS) for name in ("fp32", "ours", "ort")}
+    runtimes = {name: OrtModel(onnx_paths[name], threads=THREADS) for name in ("fp32", "ours", "ort", "ort_dynamic")}
     log(f"accuracy on {sum(len(y) for _, y in test):,} test images")
     acc = measure_accuracy(torch_models, runtimes, test)
     log(f"latency: {rounds} alternated rounds of {runs} runs, batch {BATCH}, {THREADS} threads")
@@ -240,6 +249,8 @@ def run(workdir: Path, rounds: int, runs: int) -> dict[str, Any]:
         "ours_vs_ort_onnx": latency_ratio(per_round["ours/onnx"], per_round["ort/onnx"]),
         "ours_vs_fp32_onnx": latency_ratio(per_round["ours/onnx"], per_round["fp32/onnx"]),
         "ort_vs_fp32_onnx": latency_ratio(per_round["ort/onnx"], per_round["fp32/onnx"]),
+        "ours_vs_ort_dynamic_onnx": latency_ratio(per_round["ours/onnx"], per_round["ort_dynamic/onnx"]),
+        "ort_dynamic_vs_fp32_onnx": latency_ratio(per_round["ort_dynamic/onnx"], per_round["fp32/onnx"]),
         "ours_vs_fp32_torch": latency_ratio(per_round["ours/torch"], per_round["fp32/torch"]),
     }
     targets = evaluate(acc, size, ratios)
@@ -262,7 +273,7 @@ def run(workdir: Path, rounds: int, runs: int) -> dict[str, Any]:
         "size": size,
         "latency": {name: latency_summary(stats) for name, stats in per_round.items()},
         "latency_ratio": ratios,
-        "ort_optimized_ops": {name: optimized_ops(onnx_paths[name], workdir) for name in ("ours", "ort")},
+        "ort_optimized_ops": {name: optimized_ops(onnx_paths[name], workdir) for name in ("ours", "ort", "ort_dynamic")},
         "targets": targets,
         "checks": {t["name"]: t["passed"] for t in targets},
         "passed": all(t["passed"] for t in targets),
@@ -279,7 +290,7 @@ def figures_table(res: dict[str, Any]) -> Table:
     acc, size, lat, ratio = res["accuracy"], res["size"], res["latency"], res["latency_ratio"]
     setup = res["setup"]["latency"]
     table = Table(
-        f"MNIST CNN: fp32, shrinktunnel W8A8, ONNX Runtime quantize_static ({res['setup']['test_images']:,} test images)",
+        f"MNIST CNN: fp32, shrinktunnel W8A8, ONNX Runtime quantize_static and quantize_dynamic ({res['setup']['test_images']:,} test images)",
         ["", *LABELS.values()],
         note=f"Latency: batch {setup['batch']}, {setup['threads']} threads; {setup['rounds']} alternated rounds (ONNX Runtime "
              f"contenders together, PyTorch ones together) of {setup['runs_per_round']} runs after {setup['warmup']} "
@@ -287,16 +298,16 @@ def figures_table(res: dict[str, Any]) -> Table:
              f"per-round ratios. n/a: the contender has no such form.",
     )
     na = "n/a"
-    table.add("accuracy, PyTorch", fmt_pct(acc["fp32_torch"]), fmt_pct(acc["ours_torch"]), na)
+    table.add("accuracy, PyTorch", fmt_pct(acc["fp32_torch"]), fmt_pct(acc["ours_torch"]), na, na)
     table.add("accuracy, ONNX Runtime", *(fmt_pct(acc[f"{k}_onnx"]) for k in LABELS))
     table.add("size on disk", f"{fmt_bytes(size['fp32_safetensors_bytes'])} (safetensors)",
-              f"{fmt_bytes(size['artifact_bytes'])} ({100 * size['artifact_ratio']:.1f} %)", na)
+              f"{fmt_bytes(size['artifact_bytes'])} ({100 * size['artifact_ratio']:.1f} %)", na, na)
     table.add("ONNX file", *(fmt_bytes(size["onnx_bytes"][k]) for k in LABELS))
     table.add("latency, ONNX Runtime", *(fmt_ms(lat[f"{k}/onnx"]["best_median_ms"]) for k in LABELS))
     table.add("latency / ONNX Runtime fp32", "1.000x", f"{ratio['ours_vs_fp32_onnx']['median_of_rounds']:.3f}x",
-              f"{ratio['ort_vs_fp32_onnx']['median_of_rounds']:.3f}x")
+              f"{ratio['ort_vs_fp32_onnx']['median_of_rounds']:.3f}x", f"{ratio['ort_dynamic_vs_fp32_onnx']['median_of_rounds']:.3f}x")
     table.add("latency, PyTorch eager", fmt_ms(lat["fp32/torch"]["best_median_ms"]),
-              fmt_ms(lat["ours/torch"]["best_median_ms"]) + " (simulation)", na)
+              fmt_ms(lat["ours/torch"]["best_median_ms"]) + " (simulation)", na, na)
     return table
 
 
