@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+import shrinktunnel as st
 from shrinktunnel.export import SLOW_FUSIONS, OrtModel, ort_session
 
 
@@ -49,3 +51,43 @@ def test_ort_model_passes_session_options_through(tmp_path):
     _residual_layernorm(tmp_path / "m.onnx")
     OrtModel(tmp_path / "m.onnx", threads=1, disabled_optimizers=(), optimized_model_path=tmp_path / "o.onnx")
     assert "SkipLayerNormalization" in _ops(tmp_path / "o.onnx")
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8 * 6 * 6, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("config, folded", [({"activations": None}, True),
+                                            ({"activations": {"dynamic": True, "per_token": False}}, True),
+                                            ({}, False)], ids=["weight-only", "dynamic", "static"])
+def test_weight_only_conv_weights_are_folded_to_float_in_the_session(tmp_path, config, folded):
+    import warnings
+
+    import onnx
+
+    from shrinktunnel.export import ort_session
+    from shrinktunnel.export.runtime import weights_only_qdq
+
+    x = torch.randn(4, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dynamic: "activations apply to Linear layers only" for the conv
+        q = st.quantize(_ConvNet().eval(), config, data=[x], progress=False)
+    path = st.export_onnx(q, tmp_path / "m.onnx", x)
+    assert weights_only_qdq(path) is folded
+    ort_session(path, threads=1, optimized_model_path=tmp_path / "run.onnx")
+    run_ops = [n.op_type for n in onnx.load(str(tmp_path / "run.onnx")).graph.node]
+    if folded:  # a float weight for the conv: no DequantizeLinear runs (static keeps QDQ for integer kernels)
+        assert "DequantizeLinear" not in run_ops
+    else:
+        assert "QLinearConv" in run_ops
+    session = ort_session(path, threads=1)
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], q(x).numpy(),
+                                   rtol=1e-3, atol=1e-3)
+    assert not weights_only_qdq(st.export_onnx(_ConvNet().eval(), tmp_path / "fp32.onnx", x))

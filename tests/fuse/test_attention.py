@@ -115,3 +115,23 @@ def test_fuse_ops_attention_on_a_model_without_an_encoder_warns():
     with pytest.warns(UserWarning, match="no Hugging Face encoder"):
         st.compress(torch.nn.Sequential(torch.nn.Linear(4, 4)), [{"fuse_ops": {"bn": False, "linear": "never",
                                                                                 "attention": True}}], progress=False)
+
+
+def test_minilm_fused_and_int8_keeps_its_embeddings_and_runs_one_kernel_per_layer(tmp_path):
+    from shrinktunnel import assets
+
+    batch = assets.tweet_batches(8, 0, 8, 16)[0]
+    assert bool((batch["attention_mask"] == 0).any())  # padded rows: the mask reaches the kernel
+    model = assets.minilm()
+    fused = st.compress(model, [{"fuse_ops": {"bn": False, "linear": "never", "attention": True}}], progress=False).model
+    with torch.no_grad():
+        torch.testing.assert_close(fused(**batch), model(**batch), rtol=1e-5, atol=1e-5)
+    q = st.quantize(fused, {"activations": {"dynamic": True, "per_token": False}}, progress=False)
+    path = st.export_onnx(q, tmp_path / "q.onnx", batch)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MultiHeadAttention") == 6 and "Softmax" not in ops
+    session = ort_session(path, threads=1)
+    got = session.run(None, {k: v.numpy() for k, v in batch.items() if k in {i.name for i in session.get_inputs()}})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, q(**batch).numpy(), rtol=1e-3, atol=1e-3)
+        assert float(F.cosine_similarity(torch.from_numpy(got), model(**batch)).mean()) > 0.98

@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-__all__ = ["ort_session", "OrtModel", "SLOW_FUSIONS"]
+__all__ = ["ort_session", "OrtModel", "SLOW_FUSIONS", "weights_only_qdq"]
 
 
 # Graph fusions whose kernel is slower than the ops it replaces, measured on the CPUs we run on (ONNX
@@ -17,6 +17,29 @@ __all__ = ["ort_session", "OrtModel", "SLOW_FUSIONS"]
 # every BERT block, takes 0.91 ms on a 32 x 32 x 384 tensor where Add + LayerNormalization take 0.12 ms;
 # on all-MiniLM-L6-v2 it is 13 % of the fp32 model's time (82 -> 71 ms without it) and 15 % of int8's.
 SLOW_FUSIONS = ("SkipLayerNormFusion",)
+
+
+def weights_only_qdq(path: str | os.PathLike) -> bool:
+    """True when the ONNX model dequantizes constant convolution weights but quantizes no activation
+    (no QuantizeLinear): weight-only convs, maybe beside dynamic-activation Linears. ONNX Runtime keeps
+    every DequantizeLinear out of constant folding, for QDQ fusion into integer kernels; with no
+    quantized activation there is nothing to fuse, and a conv whose weight is not a constant has it
+    repacked on every run: the MNIST CNN's weight-only int8 convs ran 2.6x slower than fp32. Such
+    sessions fold those weights (`session.disable_quant_qdq`) and run at float speed. Models without
+    a conv are left as they are (their DequantizeLinear on a MatMul weight or an embedding costs
+    little, and folding an embedding table would hold it in float)."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception:  # noqa: BLE001 - unreadable here: ONNX Runtime reports it when it loads the file
+        return False
+    if any(node.op_type == "QuantizeLinear" for node in graph.node):
+        return False
+    constants = {i.name for i in graph.initializer}
+    dequantized = {node.output[0] for node in graph.node
+                   if node.op_type == "DequantizeLinear" and node.input and node.input[0] in constants}
+    return any(node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in dequantized for node in graph.node)
 
 
 def ort_session(
@@ -38,6 +61,8 @@ def ort_session(
     opts.log_severity_level = 3
     if optimized_model_path is not None:
         opts.optimized_model_filepath = str(optimized_model_path)
+    if weights_only_qdq(path):
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")  # fold the weights' DequantizeLinear
     if profile_prefix is not None:
         opts.enable_profiling = True
         opts.profile_file_prefix = str(profile_prefix)
