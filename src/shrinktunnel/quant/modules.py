@@ -320,7 +320,7 @@ class QuantizedLayer(nn.Module):
             return ("4-bit per-group weights export as ONNX Runtime's com.microsoft MatMulNBits (4-bit blocks "
                     "dequantized inside its GEMM); runtimes other than ONNX Runtime do not know this operator")
         if w["granularity"] == "per_group":
-            return (f"{w['bits']}-bit per-group weights export dequantized (opset 18 has no blocked "
+            return (f"{w['bits']}-bit per-group weights export dequantized (opset 20 has no blocked "
                     "DequantizeLinear): ONNX Runtime folds them into float weights and runs these layers in "
                     "float, with PyTorch's numerics and at float speed")
         if w["bits"] < 8:
