@@ -45,6 +45,11 @@ TARGET_DYNAMIC = 0.995  # dynamic int8 activations, every Linear
 TARGET_INT4 = 0.98  # weight-only int4 per group
 DYNAMIC, DYNAMIC_TENSOR = "ours W8A8 dynamic per token", "ours W8A8 dynamic per tensor"
 SMOOTH = "ours W8A8 dynamic per tensor + smooth"  # the fast int8: one fused ORT kernel per Linear
+# SmoothQuant on the Linears that read LayerNorm outputs and the attention output, not on the second FFN
+# Linear: its smoothing Mul runs on batch x tokens x 1536 after opset 20's Gelu (which it cannot fold
+# into), the costliest of the smoothing Muls (docs/quantization.md)
+SMOOTH_LIGHT = "ours W8A8 dynamic per tensor + smooth, FFN out unsmoothed"
+SMOOTH_LIGHT_LAYERS = ["*attention*", "*intermediate*"]
 STATIC_INPUTS = "ours W8A8 minmax, inputs only"  # static, every Linear, no output quantizers
 STATIC_SMOOTH = "ours W8A8 entropy + smooth, inputs only"  # the same with SmoothQuant
 FP32_DEFAULT = "fp32, ORT's default fusions"  # with SkipLayerNormalization, which our sessions leave out
@@ -54,9 +59,12 @@ _PER_TENSOR = {"dynamic": True, "per_token": False}
 ORT_STATIC, ORT_DYNAMIC = "ORT quantize_static (QDQ, minmax)", "ORT quantize_dynamic"
 # Head to head (ours, theirs): latency as a paired ratio, blocks of runs alternated (measure.latency.
 # paired_ratio); the last pair, theirs against itself, shows what the method resolves.
-HEAD_TO_HEAD = ((DYNAMIC_TENSOR, ORT_DYNAMIC), (SMOOTH, ORT_DYNAMIC), (STATIC_SMOOTH, ORT_STATIC),
-                (ORT_DYNAMIC, ORT_DYNAMIC))
-PROFILED = (ORT_DYNAMIC, DYNAMIC_TENSOR, SMOOTH)  # kernel time per operator type, ONNX Runtime's profiler
+HEAD_TO_HEAD = ((DYNAMIC_TENSOR, ORT_DYNAMIC), (SMOOTH_LIGHT, ORT_DYNAMIC), (SMOOTH, ORT_DYNAMIC),
+                (STATIC_SMOOTH, ORT_STATIC), (ORT_DYNAMIC, ORT_DYNAMIC))
+# Targets on the first two and the static pair: our fast forms. SMOOTH is reported beside them: the most
+# faithful dynamic form, whose smoothing Muls cost about 5 % of the int8 model's time.
+HEAD_TO_HEAD_TARGETS = ((DYNAMIC_TENSOR, ORT_DYNAMIC), (SMOOTH_LIGHT, ORT_DYNAMIC), (STATIC_SMOOTH, ORT_STATIC))
+PROFILED = (ORT_DYNAMIC, DYNAMIC_TENSOR, SMOOTH_LIGHT, SMOOTH)  # kernel time per operator type, ONNX Runtime's profiler
 
 _G32 = {"bits": 4, "granularity": "per_group", "group_size": 32}
 _G64 = {"bits": 4, "granularity": "per_group", "group_size": 64}
@@ -153,7 +161,8 @@ def main() -> int:
         onnx_paths[name] = st.export_onnx(result.model, work / "ours_fallback.onnx", calib[0])
         for label, cfg in ((STATIC_INPUTS, {"activations": {"outputs": False}}),
                            (STATIC_SMOOTH, {"activations": {"calibrator": "entropy", "outputs": False}, "smooth": "auto"}),
-                           (SMOOTH, {"activations": _PER_TENSOR, "smooth": "auto"})):
+                           (SMOOTH, {"activations": _PER_TENSOR, "smooth": "auto"}),
+                           (SMOOTH_LIGHT, {"activations": _PER_TENSOR, "smooth": "auto", "smooth_layers": SMOOTH_LIGHT_LAYERS})):
             q = st.quantize(model, cfg, data=calib, progress=False)
             rows[label] = {"pytorch": fidelity(reference, embed(q, held)), "float_layers": 0}
             onnx_paths[label] = st.export_onnx(q, work / f"{len(onnx_paths)}.onnx", calib[0])
@@ -216,6 +225,7 @@ def main() -> int:
             base_ms / rows[STATIC_INPUTS]["onnx_latency_ms"] >= 2.0,
         f"ours dynamic per token: mean cosine >= {TARGET_DYNAMIC} (ONNX Runtime)": rows[DYNAMIC]["onnx"]["mean_cosine"] >= TARGET_DYNAMIC,
         f"{SMOOTH}: mean cosine >= {TARGET_DYNAMIC} (ONNX Runtime)": rows[SMOOTH]["onnx"]["mean_cosine"] >= TARGET_DYNAMIC,
+        f"{SMOOTH_LIGHT}: mean cosine >= {TARGET_DYNAMIC} (ONNX Runtime)": rows[SMOOTH_LIGHT]["onnx"]["mean_cosine"] >= TARGET_DYNAMIC,
         f"{SMOOTH}: ONNX Runtime >= 2x faster than fp32 (measured {base_ms / rows[SMOOTH]['onnx_latency_ms']:.2f}x)":
             base_ms / rows[SMOOTH]["onnx_latency_ms"] >= 2.0,
         f"ours int4 weight-only (best group): mean cosine >= {TARGET_INT4}":
@@ -223,7 +233,7 @@ def main() -> int:
         f"{INT4_EXPORTED}: mean cosine >= {TARGET_INT4} (ONNX Runtime, MatMulNBits)":
             rows[INT4_EXPORTED]["onnx"]["mean_cosine"] >= TARGET_INT4,
     }
-    for ours_label, theirs_label in HEAD_TO_HEAD[:-1]:
+    for ours_label, theirs_label in HEAD_TO_HEAD_TARGETS:
         key = f"{ours_label} / {theirs_label}"
         if key not in paired:
             continue
@@ -258,7 +268,8 @@ def render(rows: dict[str, dict[str, Any]], base_ms: float, checks: dict[str, bo
         lat_cells = [f"{lat:.1f} ms", f"{base / lat:.2f}x" + (" (vs its fp32)" if "baseline" in r else "")] if lat else ["-", "-"]
         lines.append(f"| {label} | {r.get('float_layers', '')} | {pt} | " + " | ".join(ort_cells + lat_cells) + " |")
     lines += ["", "Head to head, ONNX Runtime latency as a paired ratio (30 pairs of 5-run blocks, alternated; "
-              "the last row, theirs against itself, shows what the measure resolves):", "",
+              "the last row, theirs against itself, shows what the measure resolves; targets on all rows but "
+              f"'{SMOOTH}', the most faithful form, reported):", "",
               "| ours / theirs | ratio | 95 % interval | ours | theirs |", "|---|---:|---:|---:|---:|"]
     lines += [f"| {k} | {p['ratio']:.3f}x | {p['low']:.3f}-{p['high']:.3f} | {p['a_ms']:.1f} ms | {p['b_ms']:.1f} ms |"
               for k, p in paired.items()]
