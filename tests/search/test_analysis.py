@@ -256,3 +256,20 @@ def test_artifact_size_in_memory_equals_the_saved_artifact_byte_for_byte(tmp_pat
     for i, m in enumerate((model, quantized, mixed, wide_mlp())):
         assert artifact_size(m) == artifact_bytes(save_artifact(m, tmp_path / str(i)))
     assert artifact_size(quantized) < artifact_size(model)  # 3-bit rows: it sees the storage shrink
+
+
+def test_huffman_actions_keep_the_drop_and_cost_fewer_bytes_and_dyn8_runs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
+    with torch.no_grad():  # bell-shaped, as trained weights are: the middle levels are the common ones
+        model[0].weight.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(16, 256, generator=g) for _ in range(3)]
+    a = analyze(model, data, actions=["quant4", "quant4h", "gptq4", "gptq4h", "dyn8"], **FAST)
+    r = a.results["0"]
+    for plain, coded in (("quant4", "quant4h"), ("gptq4", "gptq4h")):
+        assert a.drop("0", coded) == a.drop("0", plain)  # the same integers, coded otherwise
+        # rows of 256 Gaussian weights on an absmax 4-bit grid: about 3.2 bits each (a table and two
+        # manifest keys more per layer, which small layers do not earn back)
+        assert r[coded]["bytes_after"] < r[plain]["bytes_after"] - 256 * 128 * 0.5 / 8
+    assert r["dyn8"]["status"] == "ok" and 0 <= a.drop("0", "dyn8") < 1e-2
