@@ -44,7 +44,7 @@ def demo(
 
 @app.command()
 def compress(
-    model: str = typer.Argument(..., help="MODEL: 'package.module:factory' or 'file.py:factory'."),
+    model: str = typer.Argument(..., help="MODEL: 'package.module:factory', 'file.py:factory' or an artifact directory."),
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML file."),
     data: str = typer.Option(..., "--data", "-d", help="Calibration DATA: 'pkg.mod:factory', 'file.py:factory', .npz or .safetensors."),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
@@ -92,7 +92,7 @@ def eval_cmd(
 
 @app.command()
 def analyze(
-    model: str = typer.Argument(..., help="MODEL: 'package.module:factory' or 'file.py:factory'."),
+    model: str = typer.Argument(..., help="MODEL: 'package.module:factory', 'file.py:factory' or an artifact directory."),
     data: str = typer.Option(..., "--data", "-d", help="DATA the model runs on (profiling, and fidelity without --eval-data)."),
     out: Path = typer.Option(Path("shrink-out/analyze"), "--out", "-o", help="Folder for analysis.json and analysis.html."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled DATA: the metric becomes accuracy on it."),
@@ -111,7 +111,7 @@ def analyze(
 
 @app.command("auto")
 def auto_cmd(
-    model: str = typer.Argument(..., help="MODEL: 'package.module:factory' or 'file.py:factory'."),
+    model: str = typer.Argument(..., help="MODEL: 'package.module:factory', 'file.py:factory' or an artifact directory."),
     data: str = typer.Option(..., "--data", "-d", help="DATA the model runs on (calibration, fidelity without --eval-data)."),
     max_drop: str = typer.Option(..., "--max-drop", help="Largest metric drop allowed: a number in the metric's units, or '0.5%' / '0.5pt' (= 0.005)."),
     objective: str = typer.Option("size", "--objective", help="size | latency | macs"),

@@ -135,3 +135,13 @@ def test_objective_size_leaves_channel_actions_out_when_others_are_given():
     assert [o[0] for o in _layer_options(analysis, "macs", usable)["conv"]] == [None, "chan50", "share4"]
     only = {"chan50": ACTIONS["chan50"]}  # nothing else: channel pruning is the size action
     assert [o[0] for o in _layer_options(analysis, "size", only)["conv"]] == [None, "chan50"]
+
+
+def test_no_action_cheaper_than_a_layer_says_so_and_returns_the_original():
+    # A 6 -> 16 -> 3 MLP: any quantized layer's spec and scales cost more bytes than its float weights.
+    torch.manual_seed(0)
+    tiny = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+    r = auto(tiny, [torch.randn(8, 6)], max_drop=0.01, actions=["quant8h"], progress=False, max_evaluations=3)
+    assert r.fits
+    assert r.chosen == 0 and "no action makes any layer cheaper" in r.message
+    assert not any(c["plan"] for c in r.candidates)

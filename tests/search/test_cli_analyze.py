@@ -76,3 +76,25 @@ def test_auto_checks_held_out_data_and_takes_workers_margin_and_seed(tmp_path):
     assert code == 0, err
     saved = json.loads((tmp_path / "out" / "auto.json").read_text())
     assert saved["fits"] and not any("no held-out check" in w for w in saved["warnings"])
+
+
+def test_an_artifact_directory_is_a_model_too(tmp_path):
+    # One run's output is the next one's input (as MiniLM's attention is fused before `shrink auto`).
+    import warnings
+
+    import shrinktunnel as st
+    from shrinktunnel.core.refs import load_model
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((32, 6)).astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fuse_ops: nothing to fuse in this MLP; the stage is recorded all the same
+        fused = st.compress(load_model(MLP), [{"fuse_ops": {}}], progress=False)
+    artifact = fused.save(tmp_path / "fused")
+    code, out, err = run_cli("analyze", artifact, "--data", tmp_path / "d.npz", "--actions", "quant4h", "--no-cache",
+                             "--out", tmp_path / "out")
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert set(report["results"]) == {"body.0", "body.2"}
+    code, out, err = run_cli("analyze", tmp_path, "--data", tmp_path / "d.npz", "--no-cache", "--out", tmp_path / "o2")
+    assert code == 2 and "is a directory but not an artifact" in err and len(err.strip().splitlines()) == 1

@@ -62,6 +62,17 @@ def resolve_callable(ref: str, what: str = "model") -> Callable[[], Any]:
 
 
 def load_model(ref: str) -> nn.Module:
+    """The model a MODEL reference names: a zero-argument factory ('package.module:factory',
+    'file.py:factory'), or an artifact directory (st.load: the model as a recipe left it, so one run's
+    output is the next one's input, e.g. attention fused before `shrink auto`)."""
+    path = Path(ref)
+    if path.is_dir():
+        from .artifact import MANIFEST, load_artifact
+
+        if not (path / MANIFEST).is_file():
+            raise ModelError(f"{ref!r} is a directory but not an artifact (no {MANIFEST}); MODEL is "
+                             "'package.module:factory', 'path/to/file.py:factory' or an artifact directory")
+        return load_artifact(path).eval()
     fn = resolve_callable(ref, "model")
     try:
         model = fn()

@@ -594,7 +594,12 @@ def _choose(job: _Job, candidates, analysis, objective, max_drop, limit, metric,
         warnings.append("auto: " + message)
     else:
         chosen, fits = 0, True
-        message = "no compressed candidate could be evaluated (every one failed); the original model is returned"
+        if any(c["plan"] for c in candidates):
+            message = "no compressed candidate could be evaluated (every one failed); the original model is returned"
+        else:  # the hull held no plan but "keep everything": no action makes a layer cheaper
+            message = (f"no action makes any layer cheaper for objective {objective!r} (every action's measured cost is "
+                       f"at or above the layer's own), so no candidate was built; the original model is returned. Try "
+                       f"other actions (--actions), or another objective")
         warnings.append("auto: " + message)
     model = job.model(candidates[chosen]["plan"])
     hist = None
