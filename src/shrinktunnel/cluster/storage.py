@@ -34,9 +34,7 @@ def encode_stream(values: torch.Tensor, alphabet: int, coding: Coding) -> tuple[
     v = values.reshape(-1)
     if coding == Coding.PACKED:
         return pack(v, index_width(alphabet), signed=False), None
-    counts = np.bincount(v.numpy(), minlength=alphabet)
-    lengths = huffman.code_lengths(counts)
-    return huffman.encode(v, lengths), torch.from_numpy(lengths)
+    return huffman.encode_symbols(v, alphabet)
 
 
 def decode_stream(code: torch.Tensor, lengths: torch.Tensor | None, alphabet: int, count: int, what: str) -> torch.Tensor:

@@ -29,8 +29,8 @@ import torch
 
 from ..errors import ArtifactError
 
-__all__ = ["MAX_CODE_BITS", "MAX_ALPHABET", "code_lengths", "canonical_codes", "encode", "decode", "encoded_bits",
-           "check_lengths", "CHUNK", "header_nbytes"]
+__all__ = ["MAX_CODE_BITS", "MAX_ALPHABET", "code_lengths", "canonical_codes", "encode", "encode_symbols", "decode",
+           "encoded_bits", "check_lengths", "CHUNK", "header_nbytes"]
 
 MAX_CODE_BITS = 16  # the decoding table has 2^16 entries at most
 MAX_ALPHABET = 1 << 16
@@ -154,6 +154,14 @@ def encoded_bits(counts, lengths) -> int:
 def header_nbytes(count: int) -> int:
     """Bytes of the chunk table that heads the stream of `count` symbols: 2 per chunk of CHUNK."""
     return 2 * (-(-count // CHUNK))
+
+
+def encode_symbols(values, alphabet: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stream, code lengths as uint8, one per symbol of `alphabet`) of integer `values` in [0, alphabet),
+    the code built from their own counts: what a stored stream holds."""
+    counts = np.bincount(_as_numpy(values).reshape(-1).astype(np.int64), minlength=alphabet)
+    lengths = code_lengths(counts)
+    return encode(values, lengths), torch.from_numpy(np.ascontiguousarray(lengths, dtype=np.uint8))
 
 
 def encode(values, lengths) -> torch.Tensor:

@@ -113,7 +113,7 @@ def fuse_attention(model: nn.Module) -> list[str]:
         return []
     switched = []
     for name, m in _hf_models(model):
-        if any(name.startswith(f"{s}.") for s in switched if s) or (switched and switched[0] == ""):
+        if any(s == "" or name.startswith(f"{s}.") for s in switched):
             continue  # a sub-model of one already switched shares its config
         config = m.config
         if getattr(config, "is_decoder", False) or getattr(config, "is_encoder_decoder", False):

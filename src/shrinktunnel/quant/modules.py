@@ -248,11 +248,8 @@ class QuantizedLayer(nn.Module):
             self.qweight_packed.copy_(pack((q > 0).to(torch.uint8), 1, signed=False))
             self._unpacked_from = None
         elif w["coding"] == "huffman":
-            symbols = q.reshape(-1).to(torch.int64) + self._symbol_offset()
-            lengths = huffman.code_lengths(torch.bincount(symbols, minlength=1 << w["bits"]).numpy())
-            code = huffman.encode(symbols, lengths)
-            self.qweight_code = code
-            self.qweight_code_lengths = torch.from_numpy(lengths).to(torch.uint8)
+            code, lengths = huffman.encode_symbols(q.reshape(-1).to(torch.int64) + self._symbol_offset(), 1 << w["bits"])
+            self.qweight_code, self.qweight_code_lengths = code, lengths
             # The stream's length is part of the layer's format: replay allocates it before loading.
             self._format["code_bytes"] = int(code.numel())
             self._spec = {**self._spec, "weight": {**self._spec["weight"], "code_bytes": int(code.numel())}}
