@@ -1,6 +1,8 @@
 """Typed errors. Every message names the problem, the offending value and the fix.
 
 The CLI turns any `ShrinkError` into one line on stderr and exit code 2; anything else is a bug.
+Exit codes of `shrink` (docs/cli.md): 0 done, 2 an error below (or a usage error), 3 `shrink auto`
+found no candidate that meets the budget (its artifact and report are still written, marked so).
 """
 
 
@@ -22,6 +24,15 @@ class ModelError(ShrinkError, ValueError):
 
 class ArtifactError(ShrinkError, OSError):
     """An artifact directory is missing, incomplete, corrupted or of an unknown version."""
+
+
+class UntrustedCodeError(ArtifactError):
+    """Loading an artifact would run code its manifest names (`model.ref`), and the caller has not
+    consented (`model=` / `trust_code=True`; `--model REF` / `--trust-model-code`)."""
+
+    def __init__(self, ref: str, message: str) -> None:
+        super().__init__(message)
+        self.ref = ref
 
 
 class ExportError(ShrinkError, RuntimeError):

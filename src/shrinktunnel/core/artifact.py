@@ -6,9 +6,8 @@ place, so a crash leaves either the old artifact or the new one at the target, n
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
-import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,14 @@ from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from .._version import __version__
-from ..errors import ArtifactError, ModelError
+from ..errors import ArtifactError, ModelError, one_line
 from .atomic import atomic_dir
 from .jsonio import dumps, write_json
 from .history import get_record, set_model_ref
+from .manifest import (MAX_MANIFEST_BYTES, check_manifest, open_regular, parse_manifest, read_regular_file, read_safetensors_header,
+                       sha256_file, tensors_path)
+from .rebuild import (MAX_CHAIN, ST_DTYPES, build_transformers, is_builtin_ref, meta_copy, transformers_entry, untrusted,
+                      wrap_model_error)
 from .registry import get_method
 
 FORMAT = "shrinktunnel-artifact"
@@ -30,7 +33,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TENSORS = "model.safetensors"
 
-__all__ = ["save_artifact", "artifact_nbytes", "load_artifact", "read_manifest", "check_output_dir", "FORMAT_VERSION"]
+__all__ = ["save_artifact", "artifact_nbytes", "load_artifact", "read_manifest", "verify_tensors", "check_output_dir",
+           "FORMAT_VERSION", "MAX_MANIFEST_BYTES"]
 
 
 def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -50,6 +54,27 @@ def _tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return tensors, aliases
 
 
+def _model_entry(model: nn.Module, record: dict[str, Any]) -> dict[str, Any]:
+    """`model` of the manifest: the reference (a file reference resolved to an absolute path, with the
+    sha256 of the file's content so a reader can tell it changed), the class, and a Hugging Face
+    model's config (what rebuilds it without running any code of the artifact's)."""
+    from .refs import file_ref_digest
+
+    ref = record["model_ref"]
+    entry: dict[str, Any] = {"ref": ref, "class": type(model).__name__}
+    resolved = file_ref_digest(ref) if ref else None
+    if resolved is not None:
+        entry["ref"], entry["ref_sha256"] = resolved
+    elif record.get("ref_sha256") and ref:
+        entry["ref_sha256"] = record["ref_sha256"]
+    hf = record.get("transformers")
+    if hf is None and not record["stages"]:
+        hf = transformers_entry(model)  # no stage yet: the config still describes the original
+    if hf is not None:
+        entry["transformers"] = hf
+    return entry
+
+
 def build_manifest(model: nn.Module, metrics: dict[str, Any] | None = None, warnings: list[str] | None = None) -> dict[str, Any]:
     record = get_record(model)
     return {
@@ -57,7 +82,7 @@ def build_manifest(model: nn.Module, metrics: dict[str, Any] | None = None, warn
         "format_version": FORMAT_VERSION,
         "toolkit": {"name": "shrinktunnel", "version": __version__, "torch": torch.__version__.split("+")[0]},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "model": {"ref": record["model_ref"], "class": type(model).__name__},
+        "model": _model_entry(model, record),
         "inputs": record.get("inputs"),
         "stages": record["stages"],
         "metrics": metrics or {},
@@ -71,9 +96,11 @@ def save_artifact(
     *,
     metrics: dict[str, Any] | None = None,
     warnings: list[str] | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Write `model` as an artifact directory at `path`, atomically; return the path."""
+    """Write `model` as an artifact directory at `path`, atomically; return the path. An existing
+    artifact there is replaced only with `overwrite=True` (docs/artifact-format.md: a writer SHOULD
+    refuse); an empty directory is always replaceable, anything else never."""
     target = check_output_dir(path, overwrite=overwrite)
     with atomic_dir(target) as tmp:
         tensors, aliases = _tensors(model)
@@ -116,92 +143,204 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool, marker: str = 
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
+
+
+def open_regular_size(path: Path) -> tuple[Path, int]:
+    fd, size = open_regular(path, "tensors file")
+    os.close(fd)
+    return path, size
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The parsed, checked manifest of the artifact at `path`."""
+    """The parsed, checked manifest of the artifact at `path`: at most MAX_MANIFEST_BYTES, a regular
+    file (not a link), JSON nested at most 64 deep, every field a reader uses of the documented type.
+    Raises ArtifactError (one line) on anything else."""
     root = Path(path)
     if not root.is_dir():
+        if root.exists() or root.is_symlink():
+            raise ArtifactError(f"{str(root)!r} is a file, not an artifact directory; give the folder `save` wrote "
+                                "(the one holding manifest.json)")
         raise ArtifactError(f"artifact directory {str(root)!r} does not exist; give the folder `save` wrote")
     mpath = root / MANIFEST
-    if not mpath.is_file():
+    if not (mpath.exists() or mpath.is_symlink()):
         raise ArtifactError(f"{str(root)!r} has no {MANIFEST}: it is not a shrinktunnel artifact, or saving it did not finish")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{str(mpath)!r} is not valid JSON ({exc}); the artifact is corrupted, save it again") from None
+    manifest = parse_manifest(mpath, read_regular_file(mpath, "manifest", MAX_MANIFEST_BYTES))
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{str(mpath)!r} is not a {FORMAT} manifest (its 'format' field is missing or different)")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version > FORMAT_VERSION or version < 1:
         raise ArtifactError(
-            f"artifact format version {version!r} is not supported by shrinktunnel {__version__} "
+            f"artifact format version {version if isinstance(version, int) else repr(str(version)[:40])} is not supported by shrinktunnel {__version__} "
             f"(it reads versions 1 to {FORMAT_VERSION}); upgrade shrinktunnel"
         )
-    for key, kind in (("stages", list), ("tensors", dict), ("model", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise ArtifactError(f"{str(mpath)!r}: field {key!r} is missing or not a {kind.__name__}; the artifact is corrupted")
-    return manifest
+    return check_manifest(mpath, manifest)
 
 
-def load_artifact(path: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
-    """Rebuild the compressed module saved at `path`. `model`: the original architecture, needed only
-    when the manifest has no model reference; it is copied, not changed."""
+def verify_tensors(path: str | os.PathLike, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check the tensors file of the artifact at `path` without loading a tensor: a regular file directly
+    inside the directory, its size as recorded, a well-formed safetensors header whose ranges fit the
+    file, aliases naming stored tensors, and its sha256 as recorded. Returns {"file", "bytes",
+    "sha256_checked", "header"}."""
     root = Path(path)
-    manifest = read_manifest(root)
+    manifest = read_manifest(root) if manifest is None else manifest
     tinfo = manifest["tensors"]
-    tpath = root / str(tinfo.get("file", TENSORS))
-    if not tpath.is_file():
-        raise ArtifactError(f"{str(tpath)!r} is missing; the artifact is incomplete, save it again")
-    if tinfo.get("sha256") and _sha256(tpath) != tinfo["sha256"]:
+    tpath = tensors_path(root, tinfo, TENSORS)
+    _, size = open_regular_size(tpath)
+    if "bytes" in tinfo and tinfo["bytes"] != size:
+        raise ArtifactError(f"{str(tpath)!r} is {size:,} bytes, the manifest records {tinfo['bytes']:,}: the file is "
+                            "truncated or was changed")
+    checked = bool(tinfo.get("sha256"))
+    if checked and sha256_file(tpath) != tinfo["sha256"]:
         raise ArtifactError(f"{str(tpath)!r} does not match the checksum in the manifest: the file is corrupted or was changed")
-
-    ref = manifest["model"].get("ref")
-    if model is not None:
-        import copy
-
-        base = copy.deepcopy(model)
-    elif ref:
-        from .refs import load_model
-
-        try:
-            base = load_model(ref)
-        except ModelError as exc:
-            raise ArtifactError(f"cannot rebuild the original model from {ref!r}: {exc}; or pass model=...") from None
-    else:
-        raise ArtifactError(
-            "the manifest records no model reference, so the original architecture is unknown: "
-            "call st.load(path, model=<the original model>), or compress with model_ref='pkg.module:factory'"
-        )
-    base = base.eval()
-    for i, stage in enumerate(manifest["stages"]):
-        try:
-            method = get_method(stage["method"])
-            base = method.replay(base, stage["replay"])
-        except (KeyError, TypeError, AttributeError, ValueError) as exc:
-            raise ArtifactError(f"cannot replay stage {i} ({stage.get('method')!r}): {type(exc).__name__}: {exc}") from None
-    try:
-        tensors = load_file(str(tpath))
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"cannot read {str(tpath)!r}: {exc}; the file is corrupted") from None
+    header, size = read_safetensors_header(tpath)
     for alias, original in tinfo.get("aliases", {}).items():
-        if original in tensors:
-            tensors[alias] = tensors[original]
+        if original not in header or alias in header:
+            raise ArtifactError(f"tensors.aliases: {alias[:80]!r} -> {original[:80]!r} must name a stored tensor from a "
+                                "name that is not stored; the artifact is corrupted or was edited")
+    return {"file": tpath, "bytes": size, "sha256_checked": checked, "header": header}
+
+
+def load_artifact(path: str | os.PathLike, model: nn.Module | None = None, *, trust_code: bool = False,
+                  _chain: tuple[Path, ...] = ()) -> nn.Module:
+    """Rebuild the compressed module saved at `path`. `model`: the original architecture (copied, not
+    changed); without it the architecture comes from the project's own assets, a Hugging Face config or
+    another artifact, and code the manifest names (`model.ref`) runs only with `trust_code=True`.
+    Everything is checked against the bytes the files hold before anything sized by the manifest is
+    allocated: the replay runs first on the meta device, and its tensors must match the file's header."""
+    root = Path(path)
+    here = root.resolve()
+    if here in _chain:
+        raise ArtifactError(f"artifact {str(root)!r}: model.ref leads back to an artifact already being loaded "
+                            f"({' -> '.join(str(p) for p in (*_chain, here))}); a model reference must not refer to itself")
+    if len(_chain) >= MAX_CHAIN:
+        raise ArtifactError(f"artifact {str(root)!r}: more than {MAX_CHAIN} artifacts chained through model.ref")
+    manifest = read_manifest(root)
+    checked = verify_tensors(root, manifest)
+    ref = manifest["model"].get("ref")
+    base, how = _base_model(root, manifest, model, trust_code, (*_chain, here))
+    stages = manifest["stages"]
+    _dry_run(root, meta_copy(base), stages, checked["header"], manifest["tensors"].get("aliases", {}), checked["bytes"])
+    base = _replay(base.eval(), stages)
+    try:
+        tensors = load_file(str(checked["file"]))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"cannot read {str(checked['file'])!r}: {one_line(exc)}; the file is corrupted") from None
+    for alias, original in manifest["tensors"].get("aliases", {}).items():
+        tensors[alias] = tensors[original]
     try:
         base.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
-        details = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
-        raise ArtifactError("the tensors do not fit the model rebuilt from the manifest"
-                            + (f": {details[0]}" if details else f": {str(exc).splitlines()[0]}")
-                            + (f" (and {len(details) - 1} more)" if len(details) > 1 else "")
-                            + "; the artifact is corrupted or its manifest was edited") from None
+        raise _state_dict_error(exc) from None
     record = get_record(base)
-    record["stages"] = manifest["stages"]
+    record["stages"] = stages
     record["inputs"] = manifest.get("inputs")
     set_model_ref(base, ref)
+    if how == "transformers" and manifest["model"].get("transformers"):
+        record["transformers"] = manifest["model"]["transformers"]
+    if manifest["model"].get("ref_sha256"):
+        record["ref_sha256"] = manifest["model"]["ref_sha256"]
     return base
+
+
+def _mismatch(first: str, more: int = 0) -> ArtifactError:
+    return ArtifactError(f"the tensors do not fit the model rebuilt from the manifest: {first}"
+                         + (f" (and {more} more)" if more else "")
+                         + "; the artifact is corrupted or its manifest was edited")
+
+
+def _state_dict_error(exc: RuntimeError) -> ArtifactError:
+    text = str(exc)
+    details = [line.strip() for line in text.splitlines()[1:] if line.strip()]
+    return _mismatch(details[0] if details else (text.splitlines()[0] if text else "?"), max(len(details) - 1, 0))
+
+
+def _base_model(root: Path, manifest: dict[str, Any], model: nn.Module | None, trust_code: bool,
+                chain: tuple[Path, ...]) -> tuple[nn.Module, str]:
+    """The original architecture and where it came from (see core/rebuild.py for the consent rules)."""
+    from .refs import is_file_ref, load_model
+
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise ArtifactError(f"model= must be a torch.nn.Module (the original architecture), got {type(model).__name__}")
+        return copy.deepcopy(model), "model"
+    info = manifest["model"]
+    ref, hf = info.get("ref"), info.get("transformers")
+    if ref and is_builtin_ref(ref):
+        return _call(load_model, ref), "assets"
+    if ref and not is_file_ref(ref) and ":" not in ref:
+        target = Path(ref)
+        if target.is_dir() and (target / MANIFEST).exists():  # another artifact: data, same rules
+            return load_artifact(target, trust_code=trust_code, _chain=chain), "artifact"
+    if ref and trust_code:
+        return _call(load_model, ref, expect_sha256=info.get("ref_sha256")), "code"
+    if hf:
+        return build_transformers(hf, meta=False), "transformers"
+    if ref:
+        raise untrusted(ref, root)
+    raise ArtifactError(
+        "the manifest records no model reference, so the original architecture is unknown: "
+        "call st.load(path, model=<the original model>) (--model REF), or compress with model_ref='pkg.module:factory'"
+    )
+
+
+def _call(load_model, ref: str, **kw) -> nn.Module:
+    try:
+        return load_model(ref, **kw)
+    except ArtifactError:
+        raise
+    except ModelError as exc:
+        raise wrap_model_error(ref, exc) from None
+
+
+def _replay(base: nn.Module, stages: list[dict[str, Any]]) -> nn.Module:
+    for i, stage in enumerate(stages):
+        try:
+            method = get_method(stage["method"])
+        except Exception as exc:
+            raise ArtifactError(f"cannot replay stage {i}: {one_line(exc)}") from None
+        try:
+            base = method.replay(base, stage["replay"])
+        except ArtifactError:
+            raise
+        except Exception as exc:  # a malformed replay of any kind is a corrupt artifact, never a traceback
+            raise ArtifactError(f"cannot replay stage {i} ({stage['method'][:60]!r}): {one_line(exc)}; "
+                                "the artifact is corrupted or its manifest was edited") from None
+        if not isinstance(base, nn.Module):
+            raise ArtifactError(f"cannot replay stage {i} ({stage['method'][:60]!r}): it gave no module")
+    return base
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _dry_run(root: Path, meta: nn.Module, stages: list[dict[str, Any]], header: dict[str, tuple[str, tuple[int, ...]]],
+             aliases: dict[str, str], file_bytes: int) -> None:
+    """Replay on the meta device (no tensor data is allocated, whatever shapes the replay names), then
+    require the rebuilt state dict to be exactly the file's tensors: same names, shapes and dtypes. The
+    module's other tensors (non-persistent buffers) may not grow by more than the file's size + 64 MiB."""
+    before = sum(_nbytes(b) for b in meta.buffers())
+    with torch.device("meta"):
+        meta = _replay(meta, stages)
+    state = meta.state_dict()
+    stored = {k: v for k, v in state.items() if k not in aliases}
+    missing = [k for k in stored if k not in header]
+    unexpected = [k for k in header if k not in stored]
+    if missing or unexpected:
+        first = (f'Missing key(s) in state_dict: "{missing[0]}"' if missing else f'Unexpected key(s) in state_dict: "{unexpected[0]}"')
+        raise _mismatch(first, len(missing) + len(unexpected) - 1)
+    for name, t in stored.items():
+        dtype, shape = header[name]
+        if tuple(t.shape) != shape:
+            raise _mismatch(f"size mismatch for {name}: shape {list(shape)} in the file, "
+                            f"{list(t.shape)} in the rebuilt model")
+        if ST_DTYPES.get(t.dtype) != dtype:
+            raise _mismatch(f"dtype mismatch for {name}: {dtype} in the file, {str(t.dtype).removeprefix('torch.')} in the rebuilt model")
+    for alias, original in aliases.items():
+        if alias in state and tuple(state[alias].shape) != header[original][1]:
+            raise _mismatch(f"size mismatch for {alias} (an alias of {original})")
+    extra = sum(_nbytes(b) for b in meta.buffers()) - sum(_nbytes(t) for k, t in state.items() if k not in aliases) - before
+    if extra > file_bytes + (64 << 20):
+        raise ArtifactError(f"artifact {str(root)!r}: its replay builds {extra:,} bytes of tensors that the file does not "
+                            "hold; the artifact is corrupted or its manifest was edited")
