@@ -27,6 +27,7 @@ class Result:
     def manifest(self) -> dict[str, Any]:
         return build_manifest(self.model, self.metrics, self.warnings)
 
-    def save(self, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-        """Write the artifact directory atomically (see docs/artifact-format.md)."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the artifact directory atomically (see docs/artifact-format.md); an existing artifact
+        at `path` is replaced only with `overwrite=True`."""
         return save_artifact(self.model, path, metrics=self.metrics, warnings=self.warnings, overwrite=overwrite)
