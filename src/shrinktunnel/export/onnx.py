@@ -122,10 +122,25 @@ def _batch_at_least_two(args, kwargs):
 
 def _dynamic_shapes(module: nn.Module, args, kwargs):
     """Dimension 0 of every tensor input is the dynamic batch; keyed by the forward's parameter
-    names, which is what torch.export expects whether inputs come positionally or by keyword."""
+    names, which is what torch.export expects whether inputs come positionally or by keyword (a
+    `*args` parameter takes a tuple of specs, a `**kwargs` one a dict)."""
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-    return {name: ({0: batch} if isinstance(v, torch.Tensor) and v.dim() > 0 else None) for name, v in bound.items()}
+
+    def spec(v):
+        return {0: batch} if isinstance(v, torch.Tensor) and v.dim() > 0 else None
+
+    signature = inspect.signature(module.forward)
+    bound = signature.bind(*args, **kwargs).arguments
+    out = {}
+    for name, v in bound.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            out[name] = tuple(spec(a) for a in v)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            out[name] = {k: spec(a) for k, a in v.items()}
+        else:
+            out[name] = spec(v)
+    return out
 
 
 @contextlib.contextmanager

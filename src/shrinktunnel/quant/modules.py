@@ -133,6 +133,20 @@ def apply_layer(spec: dict[str, Any], x: torch.Tensor, w: torch.Tensor, bias: to
     return conv(x, w, bias, spec["stride"], padding, spec["dilation"], spec["groups"])
 
 
+def _layer_attributes(spec: dict[str, Any]) -> dict[str, Any]:
+    """The constructor attributes of the torch layer that `spec` describes (nn.Linear's in_features, ...)."""
+    shape, kind = spec["weight_shape"], spec["kind"]
+    if kind == "linear":
+        return {"in_features": shape[1], "out_features": shape[0]}
+    if kind == "embedding":
+        return {"num_embeddings": shape[0], "embedding_dim": shape[1], "padding_idx": spec.get("padding_idx")}
+    pad = spec["padding"]
+    return {"in_channels": shape[1] * spec["groups"], "out_channels": shape[0], "kernel_size": tuple(shape[2:]),
+            "stride": tuple(spec["stride"]), "padding": pad if isinstance(pad, str) else tuple(pad),
+            "dilation": tuple(spec["dilation"]), "groups": spec["groups"],
+            "padding_mode": spec.get("padding_mode", "zeros")}
+
+
 class QuantizedLayer(nn.Module):
     """Linear or convolution with integer weights. Buffers: `qweight` (weight shape, int8 or uint8)
     or, below 8 bits, `qweight_packed` (uint8, ceil(numel * bits / 8) bytes), or, Huffman-coded,
@@ -179,6 +193,23 @@ class QuantizedLayer(nn.Module):
             if spec["kind"] != "linear":
                 raise ValueError("input smoothing applies to Linear layers only")
             self.register_buffer("input_smooth", torch.ones(shape[1], dtype=torch.float32))
+
+    def __getattr__(self, name: str) -> Any:
+        """The replaced layer's attributes that model code reads outside its forward, answered from the
+        spec: transformers' ViT and T5 read `layer.weight.dtype`, MobileNetV2's TF padding and Whisper's
+        encoder read `conv.stride` / `kernel_size` / `dilation`. Without them the quantized model's own
+        forward (and so its export) fails with an AttributeError. `weight` is the dequantized float weight."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            spec = self.__dict__.get("_spec")
+            if spec is not None:
+                if name == "weight":
+                    return self.dequantized_weight()
+                attrs = _layer_attributes(spec)
+                if name in attrs:
+                    return attrs[name]
+            raise
 
     # -- construction -------------------------------------------------------------------------
     @staticmethod
