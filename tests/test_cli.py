@@ -109,7 +109,7 @@ def test_inspect(artifact):
 
 def test_export(artifact, tmp_path, files):
     onnx_path = tmp_path / "deep" / "mlp.onnx"
-    code, out, err = run_cli("export", artifact, "--onnx", onnx_path)
+    code, out, err = run_cli("export", artifact, "--onnx", onnx_path, "--model", MLP)  # consent: the original model
     assert code == 0, err
     graph = onnx.load(str(onnx_path))
     ops = {n.op_type for n in graph.graph.node}
@@ -122,7 +122,7 @@ def test_export(artifact, tmp_path, files):
 
 
 def test_eval(artifact, files):
-    code, out, err = run_cli("eval", artifact, "--data", files / "good.npz", "--threads", "1")
+    code, out, err = run_cli("eval", artifact, "--data", files / "good.npz", "--threads", "1", "--trust-model-code")
     assert code == 0, err
     expected = accuracy(st.load(artifact, trust_code=True), load_data(str(files / "good.npz")))
     row = next(line for line in out.splitlines() if "accuracy, PyTorch" in line)
@@ -199,7 +199,7 @@ def test_directory_that_is_not_an_artifact(verb, tmp_path, files):
 
 def test_export_of_an_artifact_without_input_signature(tmp_path):
     path = st.save(load_model(MLP), tmp_path / "float")  # saved directly: no inputs recorded
-    code, _, err = run_cli("export", path, "--onnx", tmp_path / "m.onnx")
+    code, _, err = run_cli("export", path, "--onnx", tmp_path / "m.onnx", "--model", MLP)
     assert_one_line_error(code, err, "records no input signature")
     assert not (tmp_path / "m.onnx").exists()
 
@@ -233,5 +233,5 @@ def test_executable_debug_prints_the_traceback(files, tmp_path):
 
 
 def test_executable_eval_with_wrong_data_shape_prints_one_line(artifact, files, tmp_path):
-    proc = run_shrink("eval", artifact, "--data", files / "wrong.npz", cwd=tmp_path)
+    proc = run_shrink("eval", artifact, "--data", files / "wrong.npz", "--model", MLP, cwd=tmp_path)
     assert_one_line_error(proc.returncode, proc.stderr, "(40, 5)")

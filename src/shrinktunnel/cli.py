@@ -31,6 +31,22 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show the full tr
     _debug["on"] = debug
 
 
+# Consent to run code an artifact names (docs/artifact-format.md, "Rebuilding"): every verb that reads
+# an artifact takes both.
+_BASE_HELP = ("The original model, when the artifact's own reference is code ('pkg.mod:factory', 'file.py:factory'): "
+              "builds the architecture instead of the code the artifact names (it overrides model.ref).")
+_TRUST_HELP = ("Run the code the artifact's model.ref names to rebuild its architecture (like transformers' "
+               "trust_remote_code): only for artifacts from someone you trust.")
+
+
+def _base_opt():
+    return typer.Option(None, "--model", help=_BASE_HELP)
+
+
+def _trust_opt():
+    return typer.Option(False, "--trust-model-code", help=_TRUST_HELP)
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("shrink-out/demo"), "--out", help="Output folder (replaced if it holds an earlier run)."),
@@ -51,16 +67,19 @@ def compress(
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled DATA to measure accuracy before and after."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Batch size for .npz / .safetensors data."),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact at --out."),
+    base: Optional[str] = _base_opt(),
+    trust: bool = _trust_opt(),
 ) -> None:
     """Run a recipe on MODEL and write the artifact (plus report.json and report.md) to --out."""
     from .cli_commands import run_compress
 
-    run_compress(model, recipe, data, out, eval_data, batch_size, force, console)
+    run_compress(model, recipe, data, out, eval_data, batch_size, force, console, base_ref=base, trust=trust)
 
 
 @app.command()
 def inspect(path: Path = typer.Argument(..., help="Artifact directory.")) -> None:
-    """Show what an artifact holds: model, stages, layers, sizes and metrics."""
+    """Show what an artifact holds: model, stages, layers, sizes and metrics; verifies the tensors
+    file (size, header, sha256). Rebuilds nothing, so it runs no code."""
     from .cli_commands import run_inspect
 
     run_inspect(path, console)
@@ -70,11 +89,14 @@ def inspect(path: Path = typer.Argument(..., help="Artifact directory.")) -> Non
 def export_cmd(
     path: Path = typer.Argument(..., help="Artifact directory."),
     onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file at --onnx."),
+    base: Optional[str] = _base_opt(),
+    trust: bool = _trust_opt(),
 ) -> None:
     """Export an artifact to ONNX (QDQ where quantized), with a dynamic batch dimension."""
     from .cli_commands import run_export
 
-    run_export(path, onnx, console)
+    run_export(path, onnx, console, force=force, base_ref=base, trust=trust)
 
 
 @app.command("eval")
@@ -83,11 +105,13 @@ def eval_cmd(
     data: str = typer.Option(..., "--data", "-d", help="Labelled DATA to score on."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     threads: int = typer.Option(2, "--threads", min=1),
+    base: Optional[str] = _base_opt(),
+    trust: bool = _trust_opt(),
 ) -> None:
     """Accuracy and latency of an artifact, in PyTorch and in ONNX Runtime."""
     from .cli_commands import run_eval
 
-    run_eval(path, data, batch_size, threads, console)
+    run_eval(path, data, batch_size, threads, console, base_ref=base, trust=trust)
 
 
 @app.command()
@@ -102,11 +126,15 @@ def analyze(
     no_cache: bool = typer.Option(False, "--no-cache", help="Measure everything again and keep nothing."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Batch size for .npz / .safetensors data."),
     threads: int = typer.Option(2, "--threads", min=1, help="Intra-op threads for the latency measurement."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier analysis at --out."),
+    base: Optional[str] = _base_opt(),
+    trust: bool = _trust_opt(),
 ) -> None:
     """Per-layer size, MACs, latency share and sensitivity to each candidate action."""
     from .cli_commands import run_analyze
 
-    run_analyze(model, data, out, eval_data, actions, layers, cache_dir, no_cache, batch_size, threads, console)
+    run_analyze(model, data, out, eval_data, actions, layers, cache_dir, no_cache, batch_size, threads, console,
+                force=force, base_ref=base, trust=trust)
 
 
 @app.command("auto")
@@ -127,12 +155,20 @@ def auto_cmd(
     workers: int = typer.Option(1, "--workers", min=1, help="Candidate evaluations in this many local processes."),
     seed: int = typer.Option(0, "--seed", help="Seed of every candidate (same seed, same result, serial or parallel)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact at --out."),
+    base: Optional[str] = _base_opt(),
+    trust: bool = _trust_opt(),
 ) -> None:
-    """Choose an action per layer under --max-drop for the --objective; write the model and its report."""
-    from .cli_commands import run_auto
+    """Choose an action per layer under --max-drop for the --objective; write the model and its report.
+    Exit code 3 when no candidate meets the budget (the best one is still written, marked fits=false)."""
+    from .cli_commands import EXIT_NO_CANDIDATE, run_auto
 
-    run_auto(model, data, max_drop, objective, out, eval_data, actions, max_evaluations, cache_dir, batch_size, force, console,
-             verify_ref=verify_data, margin=margin, train_ref=train_data, workers=workers, seed=seed)
+    fits = run_auto(model, data, max_drop, objective, out, eval_data, actions, max_evaluations, cache_dir, batch_size, force,
+                    console, verify_ref=verify_data, margin=margin, train_ref=train_data, workers=workers, seed=seed,
+                    base_ref=base, trust=trust)
+    if not fits:
+        err_console.print(f"shrink auto: no candidate meets the budget --max-drop {max_drop}; the best one found is at "
+                          f"{out} (fits=false); exit code {EXIT_NO_CANDIDATE}", highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(EXIT_NO_CANDIDATE)
 
 
 def main(argv: list[str] | None = None) -> None:

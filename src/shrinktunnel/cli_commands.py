@@ -11,75 +11,202 @@ from rich.console import Console
 from .api import compress, load
 from .core import data as D
 from .compare import Variant, compare_variants, variants_table
-from .core.artifact import check_output_dir, read_manifest
+from .core.artifact import check_output_dir, read_manifest, verify_tensors
 from .core.atomic import atomic_dir
 from .core.history import example_inputs, get_record
 from .core.refs import load_data, load_model
-from .errors import ExportError
+from .errors import ArtifactError, DataError, ExportError, UntrustedCodeError, one_line
 from .export import export_onnx
 from .measure import accuracy, artifact_bytes
 from .report import Table, fmt_bytes, fmt_pct, write_reports
 
+EXIT_NO_CANDIDATE = 3  # `shrink auto`: nothing met the budget (docs/cli.md)
 
-def run_compress(model_ref, recipe, data_ref, out, eval_ref, batch_size, force, console: Console) -> None:
+
+# -- checks made before any work ------------------------------------------------------------------
+
+def check_writable(target: Path, what: str = "--out") -> None:
+    """Fail now, not after the work, when `target` cannot be written: its nearest existing ancestor
+    must be a directory in which a new directory can be made (tried, then removed)."""
+    import tempfile
+
+    parent = Path(target).absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ArtifactError(f"{what} {str(target)!r} cannot be written: {str(parent)!r} is not a directory")
+    try:
+        probe = tempfile.mkdtemp(prefix=".shrink-probe-", dir=parent)
+        Path(probe).rmdir()
+    except OSError as exc:
+        raise ArtifactError(f"{what} {str(target)!r} cannot be written ({exc.strerror} in {str(parent)!r}); "
+                            "choose a writable place") from None
+
+
+def open_model(ref: str, base_ref: str | None, trust: bool) -> object:
+    """MODEL (a factory or an artifact directory), with --model / --trust-model-code passed on to the
+    artifact's loading: no code an artifact names runs without them."""
+    base = load_model(base_ref) if base_ref else None
+    try:
+        return load_model(ref, base=base, trust_code=trust)
+    except UntrustedCodeError as exc:
+        raise _untrusted(exc) from None
+
+
+def open_artifact(path: Path, base_ref: str | None, trust: bool) -> object:
+    base = load_model(base_ref) if base_ref else None
+    try:
+        return load(path, base, trust_code=trust)
+    except UntrustedCodeError as exc:
+        raise _untrusted(exc) from None
+
+
+def _untrusted(exc: UntrustedCodeError) -> ArtifactError:
+    where = str(exc).split(" names code", 1)[0]
+    return ArtifactError(
+        f"{where} names code to rebuild its model ({exc.ref[:200]!r}), and shrink runs no code an artifact names "
+        f"without your consent: pass the original model with --model REF (e.g. --model {exc.ref[:200]}), or, if you "
+        "trust whoever made the artifact, --trust-model-code"
+    )
+
+
+def check_data(model, data, what: str, *, labelled: bool = False, console: Console | None = None) -> None:
+    """Run the model on the first batch of a data argument before any work starts (a wrong shape is one
+    line now, not a traceback after calibration). Labelled data: the targets must be class indices the
+    outputs can be compared with; labels outside the model's classes are warned about."""
+    try:
+        inputs = D.check_model_runs(model, data)
+    except DataError as exc:
+        raise DataError(f"{what}: {exc}") from None
+    if not labelled:
+        return
+    batch = next(D.batches(data))
+    _, target = D.split(batch)
+    if target is None:
+        raise DataError(f"{what} has no labels: accuracy needs (inputs, target) batches (an .npz with 'y')")
+    import torch
+
+    with torch.no_grad():
+        logits = D.first_tensor(D.forward(model, inputs))
+    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex():
+        raise DataError(f"{what}: labels must be integer class indices, got {getattr(target, 'dtype', type(target).__name__)}")
+    if tuple(logits.shape[:-1]) != tuple(target.shape):
+        raise DataError(f"{what}: labels of shape {tuple(target.shape)} do not match the model's outputs "
+                        f"{tuple(logits.shape)} (one label per output row expected)")
+    classes = logits.shape[-1]
+    lo = hi = None
+    for b in D.batches(data):
+        _, y = D.split(b)
+        if isinstance(y, torch.Tensor) and y.numel():
+            lo = int(y.min()) if lo is None else min(lo, int(y.min()))
+            hi = int(y.max()) if hi is None else max(hi, int(y.max()))
+    if console is not None and lo is not None and (lo < 0 or hi >= classes):
+        console.print(f"[yellow]warning:[/] {what}: labels span [{lo}, {hi}] but the model has {classes} classes "
+                      f"(0 to {classes - 1}); samples with other labels always count as wrong", highlight=False)
+
+
+def run_compress(model_ref, recipe, data_ref, out, eval_ref, batch_size, force, console: Console, *,
+                 base_ref=None, trust=False) -> None:
     from .core.recipe import load_recipe
 
+    check_writable(out)
     out = check_output_dir(out, overwrite=force)  # fail before any work, never after
     stages = load_recipe(Path(recipe) if not Path(recipe).suffix == "" else recipe)
-    model = load_model(model_ref)
-    data = load_data(data_ref, batch_size)
-    eval_data = load_data(eval_ref, batch_size) if eval_ref else None
+    model = open_model(model_ref, base_ref, trust)
+    data = D.reiterable(load_data(data_ref, batch_size))
+    check_data(model, data, "--data")
+    eval_data = D.reiterable(load_data(eval_ref, batch_size)) if eval_ref else None
+    if eval_data is not None:
+        check_data(model, eval_data, "--eval-data", labelled=True, console=console)
     eval_fn = (lambda m: accuracy(m, eval_data)) if eval_data is not None else None
     result = compress(model, [(s.method, s.config) for s in stages], data=data, eval_fn=eval_fn)
     with atomic_dir(out) as tmp:
         result.save(tmp)
         table = _before_after(result.metrics)
-        write_reports(tmp, f"shrink compress {model_ref}", {**result.manifest, "model_reference": model_ref, "recipe": recipe}, [table])
-    console.print(table.to_rich())
+        write_reports(tmp, f"shrink compress {model_ref}", {**result.manifest, "model_reference": model_ref, "recipe": recipe},
+                      [table] if table is not None else [])
+    if table is not None:
+        console.print(table.to_rich())
     for w in result.warnings:
         console.print(f"[yellow]warning:[/] {w}")
     console.print(f"artifact written to [bold]{out.resolve()}[/]")
 
 
-def _before_after(metrics: dict) -> Table:
-    b, a = metrics["before"], metrics["after"]
+def _before_after(metrics: dict) -> Table | None:
+    """The before / after table, or None when the metrics lack what it shows (an edited manifest)."""
+    b, a = metrics.get("before"), metrics.get("after")
+    num = lambda d, k: isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)  # noqa: E731
+    if not (isinstance(b, dict) and isinstance(a, dict)
+            and all(num(d, k) for d in (a, b) for k in ("bytes", "bits_per_weight", "weights"))):
+        return None
+    ratio = lambda x, y: f"{x / y:.3f}" if y else "-"  # noqa: E731
     table = Table("before / after", ["", "original", "compressed", "ratio"])
-    table.add("size on disk", fmt_bytes(b["bytes"]), fmt_bytes(a["bytes"]), f"{a['bytes'] / b['bytes']:.3f}")
+    table.add("size on disk", fmt_bytes(b["bytes"]), fmt_bytes(a["bytes"]), ratio(a["bytes"], b["bytes"]))
     table.add("bits per weight", f"{b['bits_per_weight']:.2f}", f"{a['bits_per_weight']:.2f}", "")
     table.add("weights", f"{b['weights']:,}", f"{a['weights']:,}", "")
-    if "macs" in b:
-        table.add("MACs per sample", f"{b['macs']:,}", f"{a['macs']:,}", f"{a['macs'] / max(b['macs'], 1):.3f}")
-    if "metric" in b:
+    if num(b, "macs") and num(a, "macs"):
+        table.add("MACs per sample", f"{b['macs']:,}", f"{a['macs']:,}", ratio(a["macs"], max(b["macs"], 1)))
+    if num(b, "metric") and num(a, "metric"):
         table.add("accuracy", fmt_pct(b["metric"]), fmt_pct(a["metric"]), f"{100 * (a['metric'] - b['metric']):+.2f} pt")
     return table
 
 
+def _layer_rows(i: int, layers: dict) -> Table:
+    def q(s):
+        if not s:
+            return "float"
+        if s.get("format") == "binary":
+            return f"binary {s['scale']:.4g}"
+        return f"{s['scale']:.4g}, {s['zero_point']} {s['dtype']}"
+
+    t = Table(f"stage {i}: quantized layers", ["layer", "kind", "weight", "input (scale, zp)", "output (scale, zp)"])
+    for name, spec in layers.items():
+        try:
+            relu = " +relu" if spec.get("activation") else ""
+            t.add(str(name), str(spec["kind"]) + relu, "x".join(map(str, spec["weight_shape"])) + " " + str(spec["weight"]["dtype"]),
+                  q(spec.get("input")), q(spec.get("output")))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(f"stage {i}: layer {str(name)[:80]!r} is not a valid quantized-layer spec "
+                                f"({one_line(exc, 80)}); the artifact is corrupted or its manifest was edited") from None
+    return t
+
+
 def run_inspect(path: Path, console: Console) -> None:
+    """Reads the manifest and checks the tensors file (size, header, sha256); rebuilds nothing and so
+    runs no code."""
     manifest = read_manifest(path)
+    checked = verify_tensors(path, manifest)
+    toolkit = manifest.get("toolkit", {})
     console.print(f"[bold]{path}[/]: shrinktunnel artifact v{manifest['format_version']}, "
-                  f"written by shrinktunnel {manifest['toolkit']['version']} on {manifest.get('created', '?')}")
-    console.print(f"model: {manifest['model'].get('class')} (rebuilt from {manifest['model'].get('ref') or 'a model you pass'})")
+                  f"written by shrinktunnel {toolkit.get('version', '?')} on {manifest.get('created', '?')}", highlight=False)
+    model = manifest["model"]
+    how = model.get("ref") or ("its Hugging Face config" if model.get("transformers") else "a model you pass")
+    console.print(f"model: {model.get('class', '?')} (rebuilt from {how})", highlight=False)
+    sha = "sha256 verified" if checked["sha256_checked"] else "[yellow]no sha256 recorded: not verified[/]"
+    console.print(f"tensors: {checked['file'].name}, {len(checked['header'])} tensors, {checked['bytes']:,} bytes, {sha}",
+                  highlight=False)
     total = artifact_bytes(path)
     console.print(f"size on disk: {fmt_bytes(total)} ({total:,} bytes)")
     for i, stage in enumerate(manifest["stages"]):
-        console.print(f"stage {i}: [bold]{stage['method']}[/] {json.dumps(stage['config'])}", highlight=False)
-        layers = stage.get("replay", {}).get("layers", {})
-        if layers:
-            t = Table(f"stage {i}: quantized layers", ["layer", "kind", "weight", "input (scale, zp)", "output (scale, zp)"])
-            for name, spec in layers.items():
-                q = lambda s: "float" if not s else f"{s['scale']:.4g}, {s['zero_point']} {s['dtype']}"  # noqa: E731
-                relu = " +relu" if spec.get("activation") else ""
-                t.add(name, spec["kind"] + relu, "x".join(map(str, spec["weight_shape"])) + " " + spec["weight"]["dtype"],
-                      q(spec.get("input")), q(spec.get("output")))
-            console.print(t.to_rich())
+        console.print(f"stage {i}: [bold]{stage['method']}[/] {json.dumps(stage['config'])}", highlight=False, markup=False)
+        layers = stage["replay"].get("layers", {})
+        if isinstance(layers, dict) and layers and stage["method"] in ("quantize", "qat"):
+            console.print(_layer_rows(i, layers).to_rich())
     for w in manifest.get("warnings", []):
-        console.print(f"[yellow]warning:[/] {w}")
-    if manifest.get("metrics"):
-        console.print(_before_after(manifest["metrics"]).to_rich())
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    table = _before_after(manifest.get("metrics", {}))
+    if table is not None:
+        console.print(table.to_rich())
 
 
-def run_export(path: Path, onnx: Path, console: Console) -> None:
-    model = load(path)
+def run_export(path: Path, onnx: Path, console: Console, *, force=False, base_ref=None, trust=False) -> None:
+    if onnx.exists() or onnx.is_symlink():
+        if onnx.is_dir():
+            raise ExportError(f"--onnx {str(onnx)!r} is a directory; give the path of the .onnx file to write")
+        if not force:
+            raise ExportError(f"--onnx {str(onnx)!r} already exists; pass --force to replace it")
+    check_writable(onnx, "--onnx")
+    model = open_artifact(path, base_ref, trust)
     example = example_inputs(get_record(model).get("inputs"))
     if example is None:
         raise ExportError(f"artifact {str(path)!r} records no input signature; export from Python with st.export_onnx(model, path, example_inputs=...)")
@@ -87,10 +214,10 @@ def run_export(path: Path, onnx: Path, console: Console) -> None:
     console.print(f"ONNX written to [bold]{onnx.resolve()}[/] ({fmt_bytes(onnx.stat().st_size)})")
 
 
-def run_eval(path: Path, data_ref: str, batch_size: int, threads: int, console: Console) -> None:
-    model = load(path)
+def run_eval(path: Path, data_ref: str, batch_size: int, threads: int, console: Console, *, base_ref=None, trust=False) -> None:
+    model = open_artifact(path, base_ref, trust)
     data = D.reiterable(load_data(data_ref, batch_size))
-    D.check_model_runs(model, data)  # a readable error before the exporter fails on the same shapes
+    check_data(model, data, "--data", labelled=True, console=console)  # a readable error before the exporter fails on the same shapes
     with tempfile.TemporaryDirectory() as d:
         v = Variant(path.name or "artifact", model, artifact_bytes(path))
         compare_variants([v], data, Path(d), threads=threads)
@@ -104,18 +231,28 @@ def default_cache_dir() -> Path:
     return Path(root) / "shrinktunnel" / "analyze"
 
 
+ANALYSIS_MARKER = "analysis.json"
+
+
 def run_analyze(model_ref, data_ref, out, eval_ref, actions, layers, cache_dir, no_cache, batch_size, threads,
-                console: Console) -> None:
+                console: Console, *, force=False, base_ref=None, trust=False) -> None:
     from .search import analyze
 
-    model = load_model(model_ref)
-    data = load_data(data_ref, batch_size)
+    check_writable(out)
+    out = check_output_dir(out, overwrite=force, marker=ANALYSIS_MARKER)  # like compress: never into someone's folder
+    model = open_model(model_ref, base_ref, trust)
+    data = D.reiterable(load_data(data_ref, batch_size))
+    check_data(model, data, "--data")
     eval_data = D.reiterable(load_data(eval_ref, batch_size)) if eval_ref else None
+    if eval_data is not None:
+        check_data(model, eval_data, "--eval-data", labelled=True, console=console)
     eval_fn = (lambda m: accuracy(m, eval_data)) if eval_data is not None else None
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     result = analyze(model, data, eval_fn=eval_fn, actions=split(actions), layers=split(layers) or ("*",),
                      cache_dir=None if no_cache else (cache_dir or default_cache_dir()), threads=threads)
-    jpath, hpath = result.save(out, title=f"shrink analyze {model_ref}")
+    with atomic_dir(out) as tmp:
+        result.save(tmp, title=f"shrink analyze {model_ref}")
+    jpath, hpath = out / ANALYSIS_MARKER, out / "analysis.html"
     console.print(result.table().to_rich())
     for note in result.skipped_actions + result.warnings:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
@@ -141,19 +278,29 @@ def parse_drop(text: str) -> float:
 
 
 def run_auto(model_ref, data_ref, max_drop, objective, out, eval_ref, actions, max_evaluations, cache_dir, batch_size,
-             force, console: Console, *, verify_ref=None, margin=0.0, train_ref=None, workers=1, seed=0) -> None:
+             force, console: Console, *, verify_ref=None, margin=0.0, train_ref=None, workers=1, seed=0,
+             base_ref=None, trust=False) -> bool:
+    """Returns whether the chosen model meets the budget (the CLI exits EXIT_NO_CANDIDATE when not)."""
     from .search import auto
 
     drop = parse_drop(max_drop)
+    check_writable(out)
     out = check_output_dir(out, overwrite=force)
-    model = load_model(model_ref)
-    data = load_data(data_ref, batch_size)
+    model = open_model(model_ref, base_ref, trust)
+    data = D.reiterable(load_data(data_ref, batch_size))
+    check_data(model, data, "--data")
     eval_data = D.reiterable(load_data(eval_ref, batch_size)) if eval_ref else None
+    if eval_data is not None:
+        check_data(model, eval_data, "--eval-data", labelled=True, console=console)
     eval_fn = (lambda m: accuracy(m, eval_data)) if eval_data is not None else None
     names = [x.strip() for x in actions.split(",") if x.strip()] if actions else None
     verify = D.reiterable(load_data(verify_ref, batch_size)) if verify_ref else None
+    if verify is not None:
+        check_data(model, verify, "--verify-data", labelled=eval_fn is not None, console=console)
     verify_fn = (lambda m: accuracy(m, verify)) if verify is not None and eval_fn is not None else None
-    train = load_data(train_ref, batch_size) if train_ref else None
+    train = D.reiterable(load_data(train_ref, batch_size)) if train_ref else None
+    if train is not None:
+        check_data(model, train, "--train-data")
     result = auto(model, data, max_drop=drop, objective=objective, eval_fn=eval_fn, actions=names,
                   cache_dir=cache_dir or default_cache_dir(), max_evaluations=max_evaluations,
                   verify_fn=verify_fn, verify_data=verify if verify_fn is None else None, margin=margin,
@@ -164,3 +311,4 @@ def run_auto(model_ref, data_ref, max_drop, objective, out, eval_ref, actions, m
     style = "green" if result.fits else "bold red"
     console.print(f"[{style}]{result.message}[/]", highlight=False)
     console.print(f"written: [bold]{out.resolve()}[/] (auto.json, auto.html beside the artifact)")
+    return bool(result.fits)
