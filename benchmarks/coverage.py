@@ -1,0 +1,348 @@
+"""The model-zoo conformance matrix: every zoo model x every method, written to docs/coverage.md.
+
+    .venv/bin/python benchmarks/coverage.py                    # the whole matrix (about 20-30 minutes)
+    .venv/bin/python benchmarks/coverage.py --models bert,gpt2 --methods prune,cluster   # a few cells
+
+The zoo (tests/zoo/models.py): Hugging Face architectures from tiny configs with random weights, timm
+models (pretrained=False) where timm is installed, a CNN whose convs are Conv2d subclasses that pad in
+their own forward, and the awkward nets of tests/conftest.py. Nothing is downloaded.
+
+Per cell (tests/zoo/conformance.py): does the method run, what share of the eligible weights it
+transformed (counted here and compared with the library's own coverage record), does `st.save` ->
+`st.load` give bit-identical outputs, does the ONNX export run in ONNX Runtime and match PyTorch, and the
+method's wall time. A cell is green when all hold (the share target of 95 % applies to quantize, cast,
+prune, cluster and qat); otherwise it carries what failed, in words.
+
+Writes docs/coverage.md (the whole matrix, generated), benchmarks/results/coverage.json (every cell) and
+benchmarks/results/coverage.md (the summary that run_all.py pastes into docs/benchmarks.md). Exits 1
+when a cell is not green.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from _common import REPO, RESULTS_DIR, git_state, machine_info, today, write_results, write_text_atomic  # noqa: E402
+
+DOC = REPO / "docs" / "coverage.md"
+COMMAND = ".venv/bin/python benchmarks/coverage.py"
+THREADS = 2
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    out = {"transformers": transformers.__version__}
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import timm
+            import torchvision
+        out["timm"] = timm.__version__
+        out["torchvision"] = torchvision.__version__
+    except ImportError:
+        out["timm"] = "not installed"
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------------
+def _pct(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:.1f} %" if x < 0.9995 or x == 1 else f"{100 * x:.2f} %"
+
+
+def _cell_text(c: dict[str, Any], note: int | None) -> str:
+    ref = f" [{note}]" if note is not None else ""
+    if not c["runs"]:
+        return f"❌ fails{ref}"
+    mark = "✅" if c["green"] else "❌"
+    share = "n/a" if c["share"] is None else f"{100 * c['share']:.0f} %"
+    return f"{mark} {share}{ref}"
+
+
+def _short(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _reasons(c: dict[str, Any], shown: int = 4) -> list[str]:
+    """Layers left alone, one line per reason: `N layers: reason (a, b, c, +k more)`."""
+    by: dict[str, list[str]] = {}
+    for layer, reason in c["left"].items():
+        by.setdefault(reason, []).append(layer)
+    out = []
+    for reason, layers in sorted(by.items(), key=lambda kv: -len(kv[1])):
+        names = ", ".join(f"`{n}`" for n in layers[:shown]) + (f", +{len(layers) - shown} more" if len(layers) > shown else "")
+        out.append(f"{len(layers)} left: {_short(reason, 240)} ({names})")
+    return out
+
+
+def markdown(cells: list[dict[str, Any]], zoo: dict[str, Any], methods: list[str], info: dict[str, Any],
+             seconds: float) -> tuple[str, str]:
+    """(docs/coverage.md, the summary for docs/benchmarks.md)."""
+    from zoo.conformance import METHOD_TITLES, SHARE_TARGET, TARGETED, TOLERANCE
+
+    models = list(dict.fromkeys(c["model"] for c in cells))
+    by = {(c["model"], c["method"]): c for c in cells}
+    green = sum(c["green"] for c in cells)
+    m = info["machine"]
+    head = (f"Generated {info['date']} by `{COMMAND}` on {m['arch']}, {m['cpu']}, {m['cores']} cores, "
+            f"{THREADS} threads; torch {m['torch']}, transformers {info['versions']['transformers']}, "
+            f"timm {info['versions']['timm']}, onnxruntime {m['onnxruntime']}; commit {str(info['git']['commit'])[:10]}"
+            f"{' (src/ modified)' if info['git'].get('src_modified') else ''}. {len(cells)} cells in {seconds / 60:.1f} min.")
+
+    notes: list[str] = []
+    note_of: dict[tuple[str, str], int] = {}
+    for c in cells:
+        if not c["green"]:
+            notes.append(f"{c['model']} / {c['method']}: " + "; ".join(_short(p, 500) for p in c["problems"]))
+            note_of[(c["model"], c["method"])] = len(notes)
+
+    lines = [
+        "# Model-zoo conformance matrix",
+        "",
+        "<!-- generated by benchmarks/coverage.py: do not edit by hand, rerun it -->",
+        head,
+        "",
+        "Every zoo model (tests/zoo/models.py: Hugging Face architectures from tiny configs with random weights, "
+        "timm models with `pretrained=False`, a CNN whose convolutions are Conv2d subclasses padding in their own "
+        "forward, the awkward nets of tests/conftest.py) through every method with default settings "
+        "(tests/zoo/conformance.py). A cell is ✅ when the method runs, the share of eligible weights it "
+        f"transformed is at least {100 * SHARE_TARGET:.0f} % (for {', '.join(TARGETED)}; the structural methods "
+        "report it), every layer left alone carries a reason, the library's coverage record agrees with the "
+        "independent count, `st.save` -> `st.load(dir, model=<fresh base>)` gives bit-identical outputs, and "
+        "the ONNX export runs in ONNX Runtime within the method's tolerance. Otherwise ❌ and a note says why.",
+        "",
+        "- **share**: weights of the layers transformed / weights of the eligible layers (`weight` of every "
+        "Linear, Conv1d/2d/3d, ConvTranspose, Embedding, Hugging Face `Conv1D`; `in_proj_weight` of "
+        "`nn.MultiheadAttention`), counted from the modules before and after. fuse_ops bn: BatchNorm "
+        "channels folded / BatchNorm channels (n/a: the model has none).",
+        "- **ONNX tolerance**: largest |ONNX Runtime - PyTorch| over the largest |output| (at least 1): "
+        + ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items()) + ".",
+        "- **settings**: quantize `QuantConfig()` (int8 per-channel weights, static uint8 activations, min-max, "
+        "4 calibration batches) and `activations: {dynamic: true}`; cast `float16`; prune `sparsity: 0.5`; "
+        "cluster `ClusterConfig()` (5 bits); decompose `DecomposeConfig(keep_if_slower=False)` (ratio 0.5; tiny "
+        "layers would otherwise all stay whole as slower, which says nothing about reach); prune_channels "
+        "`ratio: 0.3`; fuse_ops `{bn: true, linear: never}`; qat `steps: 2, loss: mse_to_float`.",
+        "",
+        f"**{green} of {len(cells)} cells green.**",
+        "",
+        "## Matrix",
+        "",
+        "| model | source | " + " | ".join(METHOD_TITLES.get(x, x) for x in methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for model in models:
+        row = [f"`{model}`", zoo[model]["source"]]
+        for method in methods:
+            c = by.get((model, method))
+            row.append(_cell_text(c, note_of.get((model, method))) if c else "")
+        lines.append("| " + " | ".join(row) + " |")
+
+    lines += ["", "## Why a cell is not green", ""]
+    lines += [f"{i}. {n}" for i, n in enumerate(notes, 1)] or ["Every cell is green."]
+
+    lines += ["", "## Per method", "",
+              "| method | green | runs | share >= target | round trip exact | ONNX Runtime matches | median time |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for method in methods:
+        cs = [c for c in cells if c["method"] == method]
+        times = sorted(c["seconds"] for c in cs if c["seconds"] is not None)
+        med = f"{times[len(times) // 2]:.2f} s" if times else "-"
+        share_ok = sum(1 for c in cs if c["runs"] and (c["share"] is None or c["share"] >= SHARE_TARGET))
+        lines.append(f"| {METHOD_TITLES.get(method, method)} | {sum(c['green'] for c in cs)} / {len(cs)} | "
+                     f"{sum(c['runs'] for c in cs)} | {share_ok} | {sum(bool(c['roundtrip']) for c in cs)} | "
+                     f"{sum(bool(c['onnx']) for c in cs)} | {med} |")
+
+    lines += ["", "## Every cell", "",
+              "Weights are counted here; `record` is the library's own coverage record of the stage "
+              "(`shrinktunnel.core.coverage.stage_coverage`), `-` where it keeps none.", ""]
+    for model in models:
+        z = zoo[model]
+        lines += [f"### `{model}`", "", f"{z['source']}, {z['family']}, {z['params']:,} parameters"
+                  + (f"; {z['note'].rstrip('.')}" if z["note"] else "") + ".", "",
+                  "| method | runs | share (weights) | record | round trip | ONNX max abs diff | time | layers left alone |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for method in methods:
+            c = by.get((model, method))
+            if c is None:
+                continue
+            if not c["runs"]:
+                lines.append(f"| {method} | ❌ {_short(c['error'], 300)} | | | | | | |")
+                continue
+            share = "n/a" if c["share"] is None else f"{_pct(c['share'])} ({c['done']:,} / {c['eligible']:,})"
+            rec = "-" if not c["library"] else _pct(c["library"]["share"])
+            rt = "✅ exact" if c["roundtrip"] else f"❌ {_short(c['roundtrip_error'] or '', 200)}"
+            if c["onnx"]:
+                ox = f"✅ {c['onnx_max_abs']:.2g}"
+            elif c["onnx"] is None:
+                ox = "-"
+            else:
+                ox = f"❌ {_short(c['onnx_error'] or '', 200)}"
+            left = "<br>".join(_reasons(c)) or "none"
+            lines.append(f"| {method} | ✅ | {share} | {rec} | {rt} | {ox} | {c['seconds']:.2f} s | {left} |")
+        lines.append("")
+
+    summary = [
+        f"Generated {info['date']}; {head.split(' on ', 1)[1]}",
+        "",
+        f"**{green} of {len(cells)} cells green** over {len(models)} models x {len(methods)} methods; the whole "
+        "matrix with the reason for every cell that is not green is in [docs/coverage.md](coverage.md).",
+        "",
+        "| method | green | runs | round trip exact | ONNX Runtime matches |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for method in methods:
+        cs = [c for c in cells if c["method"] == method]
+        summary.append(f"| {METHOD_TITLES.get(method, method)} | {sum(c['green'] for c in cs)} / {len(cs)} | "
+                       f"{sum(c['runs'] for c in cs)} | {sum(bool(c['roundtrip']) for c in cs)} | "
+                       f"{sum(bool(c['onnx']) for c in cs)} |")
+    return "\n".join(lines) + "\n", "\n".join(summary) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", help="comma-separated zoo names (default: every model)")
+    ap.add_argument("--methods", help="comma-separated methods (default: every method)")
+    ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export check (faster)")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
+    ap.add_argument("--doc", default=str(DOC), help="where the matrix goes (default docs/coverage.md)")
+    ap.add_argument("--json", default=str(RESULTS_DIR / "coverage.json"), help="where every cell goes")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes, each with its share of the models "
+                    "(default 2: the export step is single-threaded, so two workers halve the time on 2 cores)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: write this worker's cells to this JSON file
+    args = ap.parse_args(argv)
+
+    import warnings
+
+    import torch
+
+    from zoo.conformance import METHODS
+    from zoo.models import ZOO
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(THREADS)
+    models = args.models.split(",") if args.models else list(ZOO)
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    for n in models:
+        if n not in ZOO:
+            ap.error(f"unknown model {n!r}; the zoo has {', '.join(ZOO)}")
+    for n in methods:
+        if n not in METHODS:
+            ap.error(f"unknown method {n!r}; choose from {', '.join(METHODS)}")
+
+    started = time.perf_counter()
+    if args.worker is None and args.jobs > 1 and len(models) > 1:
+        cells, zoo = _in_workers(args, models, methods)
+    else:
+        cells, zoo = _run(args, models, methods)
+    if args.worker is not None:
+        write_text_atomic(Path(args.worker), json.dumps(_finite({"cells": cells, "zoo": zoo}), allow_nan=False))
+        return 0
+
+    seconds = time.perf_counter() - started
+    info = {"date": today(), "machine": machine_info(THREADS), "versions": _versions(), "git": git_state(),
+            "command": COMMAND, "seconds": seconds}
+    doc, summary = markdown(cells, zoo, methods, info, seconds)
+    whole = not args.models and not args.methods and not args.no_onnx
+    json_path = Path(args.json)
+    if whole or args.doc != str(DOC):
+        write_text_atomic(Path(args.doc), doc)
+    else:
+        partial = Path(os.environ.get("TMPDIR", "/tmp")) / "coverage_partial.md"
+        write_text_atomic(partial, doc)
+        print(f"a partial run: {args.doc} left as it is; this run's matrix is in {partial} (--doc PATH writes it there)")
+    if whole or args.json != str(RESULTS_DIR / "coverage.json"):
+        counts = Counter("green" if c["green"] else "not green" for c in cells)
+        write_results(json_path, _finite({**info, "zoo": zoo, "cells": cells, "counts": dict(counts),
+                                  "checks": {"every_cell_green": counts.get("not green", 0) == 0}}), summary)
+    green = sum(c["green"] for c in cells)
+    print(f"{green} of {len(cells)} cells green in {seconds / 60:.1f} min")
+    return 0 if green == len(cells) else 1
+
+
+
+def _finite(obj: Any) -> Any:
+    """JSON without NaN / inf: a difference that is not finite is written as null (the cell says why)."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _in_workers(args: argparse.Namespace, models: list[str], methods: list[str]) -> tuple[list, dict]:
+    """Split the models over `args.jobs` processes of this script (round robin, so that the large timm
+    models spread), then gather their cells in the zoo's order."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for i in range(args.jobs):
+            share = models[i:: args.jobs]
+            if not share:
+                continue
+            out = Path(tmp) / f"worker{i}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--models", ",".join(share), "--methods",
+                   ",".join(methods), "--timeout", str(args.timeout), "--worker", str(out)]
+            if args.no_onnx:
+                cmd.append("--no-onnx")
+            procs.append((subprocess.Popen(cmd, cwd=REPO), out, share))
+        cells, zoo = [], {}
+        for proc, out, share in procs:
+            code = proc.wait()
+            if code != 0 or not out.is_file():
+                raise SystemExit(f"a worker ({', '.join(share)}) ended with exit code {code}")
+            got = json.loads(out.read_text())
+            cells += got["cells"]
+            zoo.update(got["zoo"])
+    order = {n: i for i, n in enumerate(models)}
+    cells.sort(key=lambda c: (order[c["model"]], methods.index(c["method"])))
+    return cells, {n: zoo[n] for n in models}
+
+
+def _run(args: argparse.Namespace, models: list[str], methods: list[str]) -> tuple[list, dict]:
+    from zoo.conformance import run_cell
+    from zoo.models import ZOO, build
+
+    cells: list[dict[str, Any]] = []
+    zoo: dict[str, Any] = {}
+    for name in models:
+        base = build(name)
+        z = ZOO[name]
+        zoo[name] = {"source": z.source, "family": z.family, "note": z.note,
+                     "params": sum(p.numel() for p in base.parameters())}
+        for method in methods:
+            t0 = time.perf_counter()
+            cell = run_cell(name, method, onnx=not args.no_onnx, timeout=args.timeout, base=base).to_dict()
+            cells.append(cell)
+            status = "green" if cell["green"] else "; ".join(cell["problems"])[:160]
+            print(f"{name:24s} {method:17s} {time.perf_counter() - t0:6.1f} s  {status}", flush=True)
+    return cells, zoo
+
+
+if __name__ == "__main__":
+    sys.exit(main())
