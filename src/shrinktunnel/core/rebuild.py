@@ -87,6 +87,16 @@ def transformers_entry(model: nn.Module) -> dict[str, Any] | None:
     entry = {"architecture": cls.__name__, "config": config}
     if attn in ("eager", "sdpa"):
         entry["attn_implementation"] = attn
+    # Only a description that rebuilds this very structure (constructor arguments beyond the config,
+    # e.g. add_pooling_layer=False, are not in it): compared on the meta device, nothing allocated.
+    try:
+        rebuilt = build_transformers(entry, meta=True).state_dict()
+    except Exception:
+        return None
+    own = model.state_dict()
+    if list(rebuilt) != list(own) or any(tuple(rebuilt[k].shape) != tuple(own[k].shape) or rebuilt[k].dtype != own[k].dtype
+                                         for k in own):
+        return None
     return entry
 
 
