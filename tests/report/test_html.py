@@ -3,6 +3,7 @@ title, every plot as SVG with its marks, one table row per layer, the heat map's
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import struct
@@ -75,8 +76,13 @@ def test_svg_primitives_escape_text_and_mark_the_chosen_point():
 
 def _chromium() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:  # not a skip: CI must render the page; scripts/install.sh installs Debian's chromium
-        pytest.fail("chromium is not installed; run scripts/install.sh (apt-get install -y chromium)")
+    if exe is None:
+        # Under CI a failure, never a skip: CI must render the page (.ci/run installs Debian's chromium).
+        # A user's install puts no browser on their machine, so elsewhere the render is skipped, saying how.
+        msg = "chromium is not installed (apt-get install -y chromium; .ci/run installs it in CI)"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+            pytest.fail(msg)
+        pytest.skip(msg)
     return exe
 
 
