@@ -12,30 +12,16 @@ from torch import nn
 
 from .core import data as D
 from .core.artifact import load_artifact, save_artifact
-from .core.history import append_stage, get_record, record_inputs, set_model_ref
+from .core.history import set_model_ref
 from .core.recipe import load_recipe
-from .core.registry import Context, get_method
+from .core.registry import Context
+from .core.stage import run_stage
 from .core.result import Result
 from .errors import ConfigError, ModelError
 from .measure import artifact_bytes, bits_per_weight, count_macs, count_weights, float_safetensors_bytes
 from .quant.config import QuantConfig
 
 __all__ = ["quantize", "prune", "cast", "cluster", "distill", "fuse", "decompose", "compress", "load", "save", "run_stage"]
-
-
-def run_stage(model: nn.Module, method: str, config: Any, ctx: Context) -> nn.Module:
-    """Apply one registered method to a copy of `model` and record it for replay."""
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    m = get_method(method)
-    cfg = m.config_cls.parse(config)
-    new_model, replay = m.apply(model, cfg, ctx)
-    append_stage(new_model, method, cfg.to_dict(), replay)
-    example = ctx.example_inputs if ctx.example_inputs is not None else (
-        next(D.batches(ctx.data)) if ctx.data is not None else None)
-    if example is not None and get_record(new_model).get("inputs") is None:
-        record_inputs(new_model, example)
-    return new_model
 
 
 def quantize(model: nn.Module, config: QuantConfig | dict | None = None, *, data: Any = None, progress: bool = True) -> nn.Module:

@@ -61,11 +61,11 @@ def test_full_rank_keeps_outputs_and_lists_what_it_skips(name):
         for x in data:
             assert sqnr_db(model(x), out(x)) > 80
     if name == "grouped_conv":
-        assert any("dw (Conv2d) is a depthwise" in w for w in warned)
-        assert any("gc (Conv2d) is a grouped (groups=2)" in w for w in warned)
+        assert any(w.startswith("decompose: dw") and "a depthwise convolution" in w for w in warned)
+        assert any("gc" in w and "a grouped convolution" in w for w in warned)
     if name == "unsupported":
-        assert any("emb (Embedding) is not a layer kind" in w for w in warned)
-        assert any("lstm (LSTM) is not a layer kind" in w for w in warned)
+        assert any("emb" in w and "Embedding is not a layer kind" in w for w in warned)
+        assert any("lstm" in w and "LSTM" in w for w in warned)
 
 
 @pytest.mark.parametrize("name", ["residual", "conv1d", "flatten", "attention"])
@@ -104,7 +104,8 @@ def test_scheme_needing_2d_kernel_on_conv1d_is_listed():
     case = CASES["conv1d"]
     out, warned = _decompose(case.model(), {"conv_scheme": "spatial", "ratio": 0.5, **NO_TIMING})
     assert not _lowrank(out)
-    assert sum("scheme spatial needs a 2-d kernel" in w for w in warned) == 2
+    (w,) = [w for w in warned if "scheme spatial needs a 2-d kernel" in w]  # one warning for both layers
+    assert w.count(",") >= 1
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -156,7 +157,7 @@ def test_larger_form_is_left_whole_and_listed():
     model = CASES["functional_relu"].model()
     out, warned = _decompose(model, {"rank": 4, **NO_TIMING})  # fc2 at rank 4: 4 * (13 + 5) = 72 >= 65 weights
     assert isinstance(out.fc2, nn.Linear) and isinstance(out.fc1, LowRank)  # fc1: 4 * (7 + 13) = 80 < 91
-    assert any("fc2 left whole" in w and "72 weights, the layer 65" in w for w in warned)
+    assert any(w.startswith("decompose: fc2:") and "no fewer weights than the layer" in w for w in warned)
 
 
 def test_slower_form_is_left_whole_and_listed(monkeypatch):
@@ -171,7 +172,8 @@ def test_slower_form_is_left_whole_and_listed(monkeypatch):
     out, warned = _decompose(case.model(), {"rank": 2}, data=case.batches(1, 4))
     assert not _lowrank(out)
     assert calls and all(s == (4, 5, 16) for s in calls)  # timed on each layer's real input
-    assert sum("ran slower" in w for w in warned) == 4
+    (w,) = [w for w in warned if "ran slower" in w]  # one warning for the four layers
+    assert w.count(",") + w.count(" and ") >= 3
 
 
 def test_is_slower_times_real_modules():
@@ -229,7 +231,7 @@ def test_shared_layer_once_under_both_names_and_tied_weights_skipped(tmp_path):
     model = Shared().eval()
     out, warned = _decompose(model, {"rank": 4, **NO_TIMING})
     assert out.a is out.b and isinstance(out.a, LowRank)
-    assert isinstance(out.head, nn.Linear) and any("head (Linear) shares its weight with emb" in w for w in warned)
+    assert isinstance(out.head, nn.Linear) and any(w.startswith("decompose: head:") and "shares its weight with emb" in w for w in warned)
     torch.manual_seed(1)
     loaded = st.load(st.save(out, tmp_path / "s"), model=Shared())
     assert loaded.a is loaded.b

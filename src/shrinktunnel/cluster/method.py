@@ -19,6 +19,7 @@ from .config import ClusterConfig, Coding, SparseStorage, Trainable, TuneLoss
 from .kmeans import kmeans_1d
 from .layer import ClusteredLayer
 from .storage import choose_position_bits, index_width
+from ..core.layers import visible_modules
 
 __all__ = ["cluster_model", "replay_cluster", "storage_report", "SUPPORTED"]
 
@@ -79,25 +80,24 @@ def cluster_model(model: nn.Module, cfg: ClusterConfig, ctx: Context) -> tuple[n
     layers: dict[str, Any] = {}
     shared: dict[str, str] = {}
     done: set[int] = set()
-    for name, module in list(model.named_modules()):
+    for name, module in list(visible_modules(model)):
         if not name or id(module) in done or not matches(name, cfg.layers) or matches(name, cfg.skip):
             continue
         if isinstance(module, ClusteredLayer):
-            ctx.warn(f"cluster: {name} is already clustered; left as it is")
+            ctx.skip(name, "already clustered; left as it is")
             continue
         pruned = _is_pruned_layer(module)
         if not pruned and type(module) not in SUPPORTED:
             if isinstance(module, SUPPORTED):
-                ctx.warn(f"cluster: {name} ({type(module).__name__}) subclasses {type(module).__mro__[1].__name__}; kept in float")
+                ctx.skip(name, f"{type(module).__name__} subclasses {type(module).__mro__[1].__name__} and is read by its parent; kept in float")
             elif _has_own_weight(module):
-                ctx.warn(f"cluster: {name} ({type(module).__name__}) is not a supported layer kind; kept in float")
+                ctx.skip(name, f"{type(module).__name__} is not a supported layer kind; kept in float")
             continue
         if isinstance(module, nn.Embedding) and module.max_norm is not None:
-            ctx.warn(f"cluster: {name} (Embedding with max_norm) renormalises its weight in place; kept in float")
+            ctx.skip(name, "an Embedding with max_norm renormalises its weight in place; kept in float")
             continue
         if not pruned and len(owners.get(id(module.weight), ())) > 1:
-            ctx.warn(f"cluster: the weight of {name} is tied to another module's; kept in float (clustering one "
-                     "copy would untie them)")
+            ctx.skip(name, "its weight is tied to another module's; kept in float (clustering one copy would untie them)")
             continue
         layer = _cluster_layer(name, module, pruned, resolve(name, rules, cfg.bits), cfg, ctx)
         if layer is None:
@@ -134,12 +134,11 @@ def _cluster_layer(name: str, module: nn.Module, pruned: bool, bits: int, cfg: C
     positions = torch.nonzero(keep).reshape(-1) if sparse else None
     values = flat[positions] if sparse else flat
     if values.numel() == 0:
-        ctx.warn(f"cluster: {name} has no non-zero weight; kept as it is")
+        ctx.skip(name, "no non-zero weight; kept as it is")
         return None
     # Too small: the codebook (and indices) would cost at least as much as the float weights.
     if _float_bits_if_clustered(values.numel(), bits) >= 32 * values.numel():
-        ctx.warn(f"cluster: {name} has {values.numel()} weights, too few for a codebook of {1 << bits} float32 "
-                 f"centroids to save space; kept in float")
+        ctx.skip(name, f"too few weights for a codebook of {1 << bits} float32 centroids to save space; kept in float")
         return None
     codebook, indices = kmeans_1d(values, 1 << bits, init=cfg.init, iterations=cfg.iterations,
                                   optimal=cfg.optimal, seed=cfg.seed)
@@ -214,7 +213,7 @@ def storage_report(model: nn.Module) -> dict[str, Any]:
     (`ClusteredLayer.storage`). Empty when the model has no clustered layer."""
     layers: dict[str, Any] = {}
     seen: set[int] = set()
-    for name, m in model.named_modules():
+    for name, m in visible_modules(model):
         if isinstance(m, ClusteredLayer) and id(m) not in seen:
             seen.add(id(m))
             layers[name] = m.storage()

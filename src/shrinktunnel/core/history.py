@@ -39,13 +39,13 @@ def stages(model: nn.Module) -> list[dict[str, Any]]:
     return get_record(model)["stages"]
 
 
-def append_stage(model: nn.Module, method: str, config: dict, replay: dict) -> None:
+def append_stage(model: nn.Module, method: str, config: dict, replay: dict, coverage: dict | None = None) -> None:
     record = get_record(model)
+    stage = {"method": method, "config": config, "replay": replay}
+    if coverage is not None:
+        stage["coverage"] = coverage  # what the stage did to each layer (core/coverage.py); replay ignores it
     # Copy-on-write: a model deep-copied from another must not share the parent's stage list.
-    model.__dict__[_ATTR] = {
-        **record,
-        "stages": copy.deepcopy(record["stages"]) + [{"method": method, "config": config, "replay": replay}],
-    }
+    model.__dict__[_ATTR] = {**record, "stages": copy.deepcopy(record["stages"]) + [stage]}
 
 
 def record_inputs(model: nn.Module, batch: Any) -> None:

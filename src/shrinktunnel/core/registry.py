@@ -33,12 +33,28 @@ class Context:
     # run instead of the built-in loop by methods that fine-tune
     loss_fn: Callable[[nn.Module, Any], Any] | None = None  # the built-in loop's loss(model, batch) -> tensor
     warnings: list[str] = field(default_factory=list)  # things skipped, shown in the report
+    skipped: dict[str, str] = field(default_factory=dict)  # {layer: reason} of the running stage (core/coverage)
 
     def warn(self, message: str) -> None:
         import warnings
 
         self.warnings.append(message)
         warnings.warn(message, stacklevel=3)
+
+    def skip(self, layer: str, reason: str) -> None:
+        """A layer the running stage leaves as it is, and why. Recorded in the stage's coverage and
+        warned once per reason when the stage ends (`flush_skips`), not once per layer."""
+        self.skipped.setdefault(layer, reason)
+
+    def flush_skips(self, method: str, shown: int = 4) -> None:
+        """One warning per distinct reason of the stage that just ran; clears the record."""
+        by_reason: dict[str, list[str]] = {}
+        for layer, reason in self.skipped.items():
+            by_reason.setdefault(reason, []).append(layer)
+        for reason, layers in by_reason.items():
+            listed = ", ".join(layers[:shown]) + (f" and {len(layers) - shown} more" if len(layers) > shown else "")
+            self.warn(f"{method}: {listed}: {reason}")
+        self.skipped = {}
 
 
 @dataclass(frozen=True)
@@ -54,10 +70,18 @@ METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, config_cls: type[Config], *, replay: Callable, summary: str = ""):
-    """Decorator: `@register_method("quantize", QuantConfig, replay=replay_quantize)`."""
+    """Decorator: `@register_method("quantize", QuantConfig, replay=replay_quantize)`. The stored
+    replay first redoes the stage's canonical record (core/layers.py: the layers canonicalized before
+    the method ran), then calls the method's own."""
+
+    def replay_canonical(model: nn.Module, record: dict[str, Any]) -> nn.Module:
+        from .layers import restore
+
+        restore(model, record.get("canonical"))
+        return replay(model, record)
 
     def wrap(fn: Callable) -> Callable:
-        METHODS[name] = Method(name, config_cls, fn, replay, summary or (fn.__doc__ or "").split("\n")[0])
+        METHODS[name] = Method(name, config_cls, fn, replay_canonical, summary or (fn.__doc__ or "").split("\n")[0])
         return fn
 
     return wrap

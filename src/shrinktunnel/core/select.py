@@ -1,6 +1,6 @@
 """Layer selection by ordered glob patterns over module names (`fnmatch` syntax).
 
-Patterns are matched against the dotted names of `model.named_modules()`: `conv_layers.*`,
+Patterns are matched against the dotted names of `visible_modules(model)`: `conv_layers.*`,
 `*.attention.*`, `fc_layers.0`. Rules are ordered and the last matching rule wins, so a broad rule
 first and narrow exceptions after it reads naturally, and a search can later set anything per layer.
 """
@@ -11,6 +11,7 @@ from fnmatch import fnmatchcase
 from typing import Iterable, Sequence, TypeVar
 
 from torch import nn
+from .layers import visible_modules
 
 T = TypeVar("T")
 
@@ -18,14 +19,20 @@ __all__ = ["matches", "select_modules", "resolve"]
 
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatchcase(name, p) for p in patterns)
+    """A wrapped layer (core/layers.py: `<module>.compute`) also matches under its module's name."""
+    from .layers import logical_name
+
+    logical = logical_name(name)
+    return any(fnmatchcase(name, p) or fnmatchcase(logical, p) for p in patterns)
 
 
 def resolve(name: str, rules: Sequence[tuple[str, T]], default: T) -> T:
     """The value of the last rule whose pattern matches `name`, else `default`."""
-    value = default
+    from .layers import logical_name
+
+    value, logical = default, logical_name(name)
     for pattern, rule_value in rules:
-        if fnmatchcase(name, pattern):
+        if fnmatchcase(name, pattern) or fnmatchcase(logical, pattern):
             value = rule_value
     return value
 
@@ -39,15 +46,15 @@ def select_modules(
     """Modules of the given kinds whose names match an include pattern and no exclude pattern."""
     return [
         (name, module)
-        for name, module in model.named_modules()
+        for name, module in visible_modules(model)
         if name and isinstance(module, kinds) and matches(name, include) and not matches(name, exclude)
     ]
 
 
 def unmatched_patterns(model: nn.Module, patterns: Iterable[str]) -> list[str]:
     """Patterns that match no module at all: almost always a typo worth reporting."""
-    names = [n for n, _ in model.named_modules() if n]
-    return [p for p in patterns if p != "*" and not any(fnmatchcase(n, p) for n in names)]
+    names = [n for n, _ in visible_modules(model) if n]
+    return [p for p in patterns if p != "*" and not any(matches(n, [p]) for n in names)]
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any
 
 from torch import nn
@@ -19,6 +18,7 @@ from . import factorize as F
 from . import layers as L
 from .config import BudgetScope, DecomposeConfig, Method
 from .ranks import WHITENED_SCHEMES, SVDCache, check_rank, ranks_for_energy, ranks_for_ratio
+from ..core.layers import visible_modules
 
 __all__ = ["decompose_model", "replay_decompose", "LayerPlan", "plan_layers"]
 
@@ -60,7 +60,7 @@ def _rule(name: str, cfg: DecomposeConfig) -> tuple[tuple[str, Any] | None, str,
         rule = ("ratio", DEFAULT_RATIO)
     scheme, skip = cfg.conv_scheme.value, False
     for o in cfg.overrides:
-        if not fnmatchcase(name, o.pattern):
+        if not matches(name, [o.pattern]):
             continue
         for key in ("rank", "energy", "ratio"):
             if getattr(o, key) is not None:
@@ -79,42 +79,40 @@ def plan_layers(model: nn.Module, cfg: DecomposeConfig, ctx: Context) -> list[La
     names_of = names_by_module(model)
     inside = {id(m) for lr in model.modules() if isinstance(lr, L.LowRank) for m in lr.children()}
     owners: dict[int, list[str]] = {}  # parameter -> the modules holding it (tied weights)
-    for name, module in model.named_modules():
+    for name, module in visible_modules(model):
         for p in module.parameters(recurse=False):
             owners.setdefault(id(p), []).append(name)
     plans, done = [], set()
-    for name, module in model.named_modules():
+    for name, module in visible_modules(model):
         if not name or not matches(name, cfg.layers) or matches(name, cfg.skip) or id(module) in done:
             continue
         # A matrix (or larger) parameter of its own: a layer worth decomposing; norms' 1-d weights are not.
         if isinstance(module, L.LowRank) or not any(p.dim() >= 2 for p in module.parameters(recurse=False)):
             continue
-        what = f"{name} ({type(module).__name__})"
         kind = L.layer_kind(module)
         if id(module) in inside:
-            ctx.warn(f"decompose: {what} is already part of a decomposed layer; kept as it is")
+            ctx.skip(name, "already part of a decomposed layer; kept as it is")
             continue
         if kind is None:
             base = next((c for c in L.KINDS if isinstance(module, c)), None)
             why = (f"subclasses {base.__name__} (its forward or its parent may rely on the weight)" if base else
                    "is not a layer kind decompose handles (Linear, Conv1d, Conv2d)")
-            ctx.warn(f"decompose: {what} {why}; kept whole")
+            ctx.skip(name, f"{type(module).__name__} {why}; kept whole")
             continue
         rule, scheme, skip = _rule(name, cfg)
         if skip:
             continue
         if kind != "linear" and module.groups > 1:
             label = "depthwise" if module.groups == module.in_channels else f"grouped (groups={module.groups})"
-            ctx.warn(f"decompose: {what} is a {label} convolution, already a factorised form; kept whole")
+            ctx.skip(name, f"a {label.split(' ')[0]} convolution, already a factorised form; kept whole")
             continue
         scheme = "svd" if kind == "linear" else scheme
         if scheme not in L.schemes_for(kind):
-            ctx.warn(f"decompose: {what}: scheme {scheme} needs a 2-d kernel; kept whole "
-                     f"(use conv_scheme channel or tucker2 for {kind})")
+            ctx.skip(name, f"scheme {scheme} needs a 2-d kernel; kept whole (use conv_scheme channel or tucker2 for {kind})")
             continue
         tied = [n for n in owners.get(id(module.weight), []) if n not in names_of[id(module)]]
         if tied:
-            ctx.warn(f"decompose: {what} shares its weight with {tied[0]}; kept whole (decomposing would untie them)")
+            ctx.skip(name, f"shares its weight with {tied[0]}; kept whole (decomposing would untie them)")
             continue
         done.add(id(module))
         aliases = tuple(n for n in names_of[id(module)] if n != name)
@@ -171,14 +169,12 @@ def _pays(plan: LayerPlan, ranks: list[int], decomposed: nn.Module, x, cfg: Deco
     """False, with a warning, when the decomposed form is not smaller, or measured slower."""
     before, after = plan.module.weight.numel(), L.decomposed_weights(plan.module, plan.scheme, ranks)
     if after >= before:
-        ctx.warn(f"decompose: {plan.name} left whole: at ranks {ranks} the {plan.scheme} form has {after:,} "
-                 f"weights, the layer {before:,}")
+        ctx.skip(plan.name, f"left whole: its {plan.scheme} form at the chosen ranks has no fewer weights than the layer")
         return False
     if cfg.keep_if_slower and x is not None:
         slower, whole_ms, dec_ms = B.is_slower(plan.module, decomposed, x, threads)
         if slower:
-            ctx.warn(f"decompose: {plan.name} left whole: its {plan.scheme} form at ranks {ranks} ran slower "
-                     f"({dec_ms:.3f} ms vs {whole_ms:.3f} ms on input {tuple(x.shape)})")
+            ctx.skip(plan.name, f"left whole: its {plan.scheme} form ran slower than the whole layer (measured)")
             return False
     return True
 

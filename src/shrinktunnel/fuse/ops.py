@@ -23,11 +23,12 @@ from torch import nn
 
 from ..core import data as D
 from ..core.registry import Context, register_method
+from ..core.layers import WRAP_CHILD, Wrapped
 from ..core.select import matches, names_by_module, set_submodule
 from .attention import fuse_attention
 from .config import FuseOpsConfig, LinearMerge
 
-__all__ = ["fuse_ops", "replay_fuse_ops", "fold_bn", "merge_linears"]
+__all__ = ["fuse_ops", "replay_fuse_ops", "fold_bn", "fold_batchnorms", "merge_linears", "symbolic_trace"]
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BNS = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d, nn.Linear: nn.BatchNorm1d}
@@ -89,6 +90,26 @@ def replay_fuse_ops(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
 # ------------------------------------------------------------------------------------------------
 # Finding the patterns
 # ------------------------------------------------------------------------------------------------
+def _as_layer(modules: dict[str, nn.Module], name: str) -> tuple[str, nn.Module | None]:
+    """A wrapped module (core/layers.py) whose forward returns its weight call's output stands for
+    its `compute` layer: a BatchNorm after it folds into that layer."""
+    module = modules.get(name)
+    if isinstance(module, Wrapped) and module.call.get("returns"):
+        return f"{name}.{WRAP_CHILD}", module.compute
+    return name, module
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer with wrapped modules as leaves (their forward routes a call through a mode)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, Wrapped) or super().is_leaf_module(m, qualname)
+
+
+def symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    return fx.GraphModule(model, _Tracer().trace(model))
+
+
 def _pairs_fx(model: nn.Module, gm: fx.GraphModule, first_kinds, second_kinds, through_identity: bool):
     """(first name, second name) where the second module's only input is the first's output, read by
     nothing else (nn.Identity modules in between are looked through when `through_identity`)."""
@@ -107,7 +128,7 @@ def _pairs_fx(model: nn.Module, gm: fx.GraphModule, first_kinds, second_kinds, t
         while (through_identity and prev.op == "call_module" and type(modules.get(prev.target)) is nn.Identity
                and len(prev.users) == 1 and len(prev.args) == 1 and isinstance(prev.args[0], fx.Node)):
             prev = prev.args[0]
-        if prev.op != "call_module" or type(modules.get(prev.target)) not in first_kinds:
+        if prev.op != "call_module" or type(_as_layer(modules, prev.target)[1]) not in first_kinds:
             continue
         # the chain from prev to node must have no other reader
         chain_ok, n = True, prev
@@ -117,7 +138,7 @@ def _pairs_fx(model: nn.Module, gm: fx.GraphModule, first_kinds, second_kinds, t
                 break
             n = next(iter(n.users))
         if chain_ok and calls[prev.target] == 1 and calls[node.target] == 1:
-            out.append((prev.target, node.target))
+            out.append((_as_layer(modules, prev.target)[0], node.target))
     return out
 
 
@@ -128,20 +149,21 @@ def _pairs_sequential(model: nn.Module, first_kinds, second_kinds, through_ident
             continue
         children = list(parent.named_children())
         for i, (name, child) in enumerate(children):
-            if type(child) not in first_kinds:
+            layer_name, layer = _as_layer(dict(children), name)
+            if type(layer) not in first_kinds:
                 continue
             j = i + 1
             while through_identity and j < len(children) and type(children[j][1]) is nn.Identity:
                 j += 1
             if j < len(children) and type(children[j][1]) in second_kinds:
                 prefix = f"{pname}." if pname else ""
-                out.append((prefix + name, prefix + children[j][0]))
+                out.append((prefix + layer_name, prefix + children[j][0]))
     return out
 
 
-def _trace(model: nn.Module, ctx: Context) -> fx.GraphModule | None:
+def try_trace(model: nn.Module, ctx: Context) -> fx.GraphModule | None:
     try:
-        return fx.symbolic_trace(model)
+        return symbolic_trace(model)
     except Exception as exc:  # any tracing failure: fall back to module order
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         ctx.warn(f"fuse_ops: torch.fx cannot trace {type(model).__name__} ({first[:120]}); only layers that follow "
@@ -169,6 +191,48 @@ def _linear_output_dims(model: nn.Module, names: list[str], ctx: Context) -> dic
     return dims
 
 
+def fold_batchnorms(model: nn.Module, gm: fx.GraphModule | None, ctx: Context, ok=lambda *names: True,
+                    skip: list[str] = ()) -> list[dict[str, str]]:
+    """Fold every BatchNorm that directly follows a Conv / Linear into it, IN PLACE (the BN becomes
+    nn.Identity); returns the replay entries [{layer, bn}]. `gm`: the traced model, or None to look
+    inside nn.Sequential only. `ok(layer, bn)`: whether the pair may be fused."""
+    entries: list[dict[str, str]] = []
+    kinds = (*CONVS, nn.Linear)
+    bn_kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    pairs = _pairs_fx(model, gm, kinds, bn_kinds, False) if gm is not None else _pairs_sequential(model, kinds, bn_kinds, False)
+    linear_dims = _linear_output_dims(model, [a for a, _ in pairs if isinstance(model.get_submodule(a), nn.Linear)], ctx)
+    folded = set()
+    for layer_name, bn_name in pairs:
+        layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
+        why = None
+        if not ok(layer_name, bn_name):
+            why = "skipped by the config or shared by several names"
+        elif BNS[type(layer)] is not type(bn) or bn.num_features != layer.weight.shape[0]:
+            why = f"{type(bn).__name__}({bn.num_features}) does not normalise the output channels of {type(layer).__name__}"
+        elif not bn.track_running_stats or bn.running_mean is None:
+            why = "the BatchNorm keeps no running statistics (it normalises with batch statistics)"
+        elif isinstance(layer, nn.Linear) and linear_dims.get(layer_name) != 2:
+            why = ("a BatchNorm1d after a Linear folds only on (N, C) outputs; pass data or example_inputs so the "
+                   "shape can be checked" if layer_name not in linear_dims else "the Linear's output is not (N, C)")
+        if why:
+            if not matches(layer_name, skip) and not matches(bn_name, skip):
+                ctx.warn(f"fuse_ops: {bn_name} not folded into {layer_name}: {why}")
+            continue
+        entries.append({"layer": layer_name, "bn": bn_name})
+        fold_bn(layer, bn)
+        set_submodule(model, bn_name, nn.Identity())
+        folded.add(bn_name)
+    if gm is not None:
+        modules = dict(model.named_modules())
+        for node in gm.graph.nodes:
+            if (node.op == "call_module" and node.target not in folded and isinstance(modules.get(node.target), bn_kinds)
+                    and not any(node.target == b for _, b in pairs) and not matches(node.target, skip)):
+                ctx.warn(f"fuse_ops: {node.target} ({type(modules[node.target]).__name__}) does not directly follow "
+                         f"a Conv or Linear whose output only it reads; kept")
+
+    return entries
+
+
 @register_method("fuse_ops", FuseOpsConfig, replay=replay_fuse_ops)
 def fuse_ops(model: nn.Module, cfg: FuseOpsConfig, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     """Fold BatchNorms into the Conv/Linear before them and merge consecutive Linears, on a copy."""
@@ -181,47 +245,16 @@ def fuse_ops(model: nn.Module, cfg: FuseOpsConfig, ctx: Context) -> tuple[nn.Mod
         if not replay["attention"]:
             ctx.warn("fuse_ops: attention: no Hugging Face encoder in the model (transformers' PreTrainedModel "
                      "with bidirectional attention); its attention is left as it is")
-    gm = _trace(model, ctx) if cfg.bn or cfg.linear != LinearMerge.NEVER else None
+    gm = try_trace(model, ctx) if cfg.bn or cfg.linear != LinearMerge.NEVER else None
 
     if cfg.bn:
-        kinds = (*CONVS, nn.Linear)
-        bn_kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-        pairs = _pairs_fx(model, gm, kinds, bn_kinds, False) if gm is not None else _pairs_sequential(model, kinds, bn_kinds, False)
-        linear_dims = _linear_output_dims(model, [a for a, _ in pairs if isinstance(model.get_submodule(a), nn.Linear)], ctx)
-        folded = set()
-        for layer_name, bn_name in pairs:
-            layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
-            why = None
-            if not ok(layer_name, bn_name):
-                why = "skipped by the config or shared by several names"
-            elif BNS[type(layer)] is not type(bn) or bn.num_features != layer.weight.shape[0]:
-                why = f"{type(bn).__name__}({bn.num_features}) does not normalise the output channels of {type(layer).__name__}"
-            elif not bn.track_running_stats or bn.running_mean is None:
-                why = "the BatchNorm keeps no running statistics (it normalises with batch statistics)"
-            elif isinstance(layer, nn.Linear) and linear_dims.get(layer_name) != 2:
-                why = ("a BatchNorm1d after a Linear folds only on (N, C) outputs; pass data or example_inputs so the "
-                       "shape can be checked" if layer_name not in linear_dims else "the Linear's output is not (N, C)")
-            if why:
-                if not matches(layer_name, cfg.skip) and not matches(bn_name, cfg.skip):
-                    ctx.warn(f"fuse_ops: {bn_name} not folded into {layer_name}: {why}")
-                continue
-            replay["bn"].append({"layer": layer_name, "bn": bn_name})
-            fold_bn(layer, bn)
-            set_submodule(model, bn_name, nn.Identity())
-            folded.add(bn_name)
-        if gm is not None:
-            modules = dict(model.named_modules())
-            for node in gm.graph.nodes:
-                if (node.op == "call_module" and node.target not in folded and isinstance(modules.get(node.target), bn_kinds)
-                        and not any(node.target == b for _, b in pairs) and not matches(node.target, cfg.skip)):
-                    ctx.warn(f"fuse_ops: {node.target} ({type(modules[node.target]).__name__}) does not directly follow "
-                             f"a Conv or Linear whose output only it reads; kept")
+        replay["bn"] = fold_batchnorms(model, gm, ctx, ok, cfg.skip)
 
     if cfg.linear != LinearMerge.NEVER:
         traced = gm is not None
         refused: set[tuple[str, str]] = set()
         while True:  # a chain of Linears merges pair by pair until none is left
-            gm = fx.symbolic_trace(model) if traced else None  # folded BNs and merged Linears are Identity now
+            gm = symbolic_trace(model) if traced else None  # folded BNs and merged Linears are Identity now
             pairs = (_pairs_fx(model, gm, (nn.Linear,), (nn.Linear,), True) if traced
                      else _pairs_sequential(model, (nn.Linear,), (nn.Linear,), True))
             pairs = [p for p in pairs if p not in refused and ok(*p)]

@@ -29,6 +29,7 @@ from torch import nn
 from ..core import data as D
 from ..errors import ModelError
 from .surgery import is_depthwise, supported
+from ..core.layers import Wrapped, visible_modules
 
 __all__ = ["Member", "Group", "Heads", "build_groups", "OUTPUT_REASON"]
 
@@ -118,7 +119,7 @@ def build_groups(model: nn.Module, example: Any) -> list[Group]:
     """The dependency groups of `model` (changed in nothing), traced on one example batch."""
     tp = _tp()
     inputs, _ = D.split(example)
-    modules = {n: m for n, m in model.named_modules() if n}
+    modules = {n: m for n, m in visible_modules(model) if n}
     names = {id(m): n for n, m in modules.items()}
     # Autograd records the graph only for tensors that need gradients: frozen weights would hide it.
     frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -134,7 +135,10 @@ def build_groups(model: nn.Module, example: Any) -> list[Group]:
 
     try:
         with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, forward_fn=forward, verbose=False)
+            # A wrapped module's `inner` returns its `compute` layer's output: tracing must see the layer.
+            inners = [m.inner for m in model.modules() if isinstance(m, Wrapped)]
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, forward_fn=forward, verbose=False,
+                                                       ignored_layers=inners or None)
             raw_groups = list(dg.get_all_groups(root_module_types=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)))
     except ModelError:
         raise

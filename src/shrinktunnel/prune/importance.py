@@ -30,6 +30,7 @@ from ..errors import DataError
 from .config import Importance
 from .graph import Group
 from .surgery import along, is_depthwise
+from ..core.layers import visible_modules
 
 __all__ = ["group_scores", "accumulate_gradients", "input_energies"]
 
@@ -115,7 +116,7 @@ def input_energies(model: nn.Module, data: Any, batches: int, progress: bool) ->
         sums[name] = sums.get(name, 0) + rows.pow(2).sum(0)
         counts[name] = counts.get(name, 0) + rows.shape[0]
 
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
+    layers = {name: m for name, m in visible_modules(model) if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))}
     seen = capture_inputs(model, layers, D.take(data, batches), reduce, label="activation importance", progress=progress)
     if not seen:
         raise DataError("prune_channels: importance 'activation' got no batch; pass data= (a few batches of real "

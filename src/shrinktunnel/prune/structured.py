@@ -29,6 +29,7 @@ from .config import ChannelPruneConfig, Finetune, FinetuneLoss, Importance, Mode
 from .graph import OUTPUT_REASON, Group, build_groups
 from .importance import accumulate_gradients, group_scores, input_energies
 from .refit import input_moments, refit_layers
+from ..core.layers import visible_modules
 
 __all__ = ["prune_channels", "replay_prune_channels", "Selection"]
 
@@ -101,7 +102,7 @@ def _example(ctx: Context) -> Any:
 
 
 def _warn_patterns(model: nn.Module, cfg: ChannelPruneConfig, ctx: Context) -> None:
-    names = [n for n, _ in model.named_modules() if n]
+    names = [n for n, _ in visible_modules(model) if n]
     for pattern in unmatched_patterns(model, [*(r.pattern for r in cfg.rules), *cfg.protect]):
         close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
         hint = f"; closest layer names: {', '.join(close)}" if close else f"; layer names look like: {', '.join(names[:3])}"

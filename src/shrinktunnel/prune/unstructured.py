@@ -27,6 +27,7 @@ from ..errors import ConfigError, DataError
 from .schedule import MaskSet, Target, agp_sparsity, update_steps
 from .sparse_layer import SUPPORTED, SparseLayer
 from .unstructured_config import Criterion, PruneConfig, Schedule, Scope
+from ..core.layers import visible_modules
 
 __all__ = ["prune_model", "replay_prune", "plan_targets", "prune_context", "closest_names"]
 
@@ -58,8 +59,8 @@ def prune_context(
 
 def closest_names(model: nn.Module, pattern: str, n: int = 3) -> list[str]:
     """The module names most like `pattern` (its glob characters ignored), for a did-you-mean hint."""
-    names = [name for name, m in model.named_modules() if name and isinstance(m, SUPPORTED)] or \
-            [name for name, _ in model.named_modules() if name]
+    names = [name for name, m in visible_modules(model) if name and isinstance(m, SUPPORTED)] or \
+            [name for name, _ in visible_modules(model) if name]
     bare = pattern.replace("*", "").replace("?", "").strip(".")
     close = difflib.get_close_matches(bare, names, n=n, cutoff=0.3)
     return close or names[:n]
@@ -74,10 +75,10 @@ def plan_targets(model: nn.Module, cfg: PruneConfig, ctx: Context) -> list[Targe
     rules = [(o.pattern, o.sparsity) for o in cfg.overrides]
     for pattern in unmatched_patterns(model, [*cfg.layers, *cfg.skip, *(p for p, _ in rules)]):
         ctx.warn(f"prune: pattern {pattern!r} matches no module; closest names: {', '.join(closest_names(model, pattern))}")
-    for name, module in model.named_modules():
+    for name, module in visible_modules(model):
         if name and matches(name, cfg.layers) and not matches(name, cfg.skip):
             if _has_own_weight(module) and not isinstance(module, SUPPORTED):
-                ctx.warn(f"prune: {name} ({type(module).__name__}) is not a supported layer kind; not pruned")
+                ctx.skip(name, f"{type(module).__name__} is not a supported layer kind; not pruned")
     names_of = names_by_module(model)
     owners: dict[int, set[int]] = {}  # weight parameter -> modules holding it (tied weights)
     for m in model.modules():
@@ -89,10 +90,10 @@ def plan_targets(model: nn.Module, cfg: PruneConfig, ctx: Context) -> list[Targe
         if type(module) not in SUPPORTED:
             # A subclass may override forward, or its parent may read its weight directly
             # (nn.MultiheadAttention.out_proj): replacing it would change what the model computes.
-            ctx.warn(f"prune: {name} ({type(module).__name__}) subclasses {type(module).__mro__[1].__name__}; not pruned")
+            ctx.skip(name, f"{type(module).__name__} subclasses {type(module).__mro__[1].__name__} and is read by its parent; not pruned")
             continue
         if len(owners.get(id(module.weight), ())) > 1:
-            ctx.warn(f"prune: the weight of {name} is tied to another module's; not pruned (a sparse copy would untie them)")
+            ctx.skip(name, "its weight is tied to another module's; not pruned (a sparse copy would untie them)")
             continue
         if not bool(torch.isfinite(module.weight).all()):
             raise DataError(f"prune: the weight of {name} holds NaN or infinite values, which have no magnitude to "

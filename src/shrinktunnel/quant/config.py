@@ -199,6 +199,9 @@ class QuantConfig(Config):
     gptq_damp: float = Field(default=0.01, gt=0, lt=1)  # GPTQ's dampening, a fraction of the mean diagonal
     # of the Hessian added to it: 0.01 as in the paper; raise it if a layer's inputs are nearly collinear
     fuse_relu: bool = True  # a ReLU right after a layer joins its output quantizer, as runtimes fuse it
+    fold_bn: bool = True  # with static activations, each BatchNorm right after a Conv / Linear is folded
+    # into it first (exact in float), so the int8 layer runs as one QLinearConv in ONNX Runtime instead of
+    # an int8 conv, a dequantize and a float BatchNormalization; False keeps the BatchNorms as they are
     smooth: Literal["auto"] | float | None = None  # None: inputs quantized as they come. SmoothQuant: move
     # activation outliers into the weights (x / s, W * s) before quantizing, so one scale per tensor fits
     # transformer inputs. "auto": alpha chosen per Linear from a grid by its own quantized output error

@@ -113,7 +113,7 @@ def cast_model(model: nn.Module, cfg: CastConfig, ctx: Context) -> tuple[nn.Modu
     layers, shared = {}, {}
     for name, module in select_modules(model, SUPPORTED, cfg.layers, cfg.skip):
         if type(module) not in SUPPORTED:
-            ctx.warn(f"cast: {name} ({type(module).__name__}) subclasses {type(module).__mro__[1].__name__}; kept in float32")
+            ctx.skip(name, f"{type(module).__name__} subclasses {type(module).__mro__[1].__name__} and is read by its parent; kept in float32")
             continue
         layer = FloatWeightLayer.from_module(module, cfg.format)
         for alias in names_of[id(module)]:

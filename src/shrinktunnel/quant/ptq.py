@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import warnings
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from .modules import SUPPORTED, WEIGHT_ONLY, QuantizedLayer
 from .observers import make_observer
 from .smooth import InputIdentity, SmoothObserver, choose_smoothing
 from .ops import qrange, quantize_weight, weight_qparams, weight_qrange
+from ..core.layers import WRAP_CHILD, Wrapped, visible_modules
 
 __all__ = ["quantize_model", "replay_quantize", "plan_layers", "LayerPlan"]
 
@@ -51,6 +53,11 @@ class LayerPlan:
 
 def replay_quantize(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
     """Rebuild the quantized structure recorded by `quantize_model` (shapes only, no values)."""
+    for entry in replay.get("bn_folded", []):  # folded before quantizing: a bias where BN added one
+        layer = model.get_submodule(entry["layer"])
+        if getattr(layer, "bias", None) is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
+        set_submodule(model, entry["bn"], nn.Identity())
     for name, spec in replay["layers"].items():
         set_submodule(model, name, QuantizedLayer.from_spec(spec))
     for alias, name in replay.get("shared", {}).items():
@@ -65,10 +72,10 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
     override_patterns = [rule.pattern for rule in cfg.overrides]
     for pattern in unmatched_patterns(model, [*cfg.layers, *cfg.skip, *override_patterns]):
         ctx.warn(f"quantize: pattern {pattern!r} matches no module")
-    for name, module in model.named_modules():
+    for name, module in visible_modules(model):
         selected = name and matches(name, cfg.layers) and not matches(name, cfg.skip)
         if selected and _has_own_weight(module) and not isinstance(module, SUPPORTED + WEIGHT_ONLY):
-            ctx.warn(f"quantize: {name} ({type(module).__name__}) is not a supported layer kind; kept in float")
+            ctx.skip(name, f"{type(module).__name__} is not a supported layer kind; kept in float")
         elif selected and hasattr(module, "values") and hasattr(module, "index") and not isinstance(module, SUPPORTED):
             # A pruned layer (prune/sparse_layer.py) stores its weight as buffers, so it has no weight to quantize.
             ctx.warn(f"quantize: {name} is a pruned sparse layer; quantizing it is not supported, it stays float "
@@ -79,11 +86,11 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
         if type(module) not in SUPPORTED:
             # A subclass may override forward, or its parent may read its weight directly
             # (nn.MultiheadAttention.out_proj): replacing it would change what the model computes.
-            ctx.warn(f"quantize: {name} ({type(module).__name__}) subclasses {type(module).__mro__[1].__name__}; kept in float")
+            ctx.skip(name, f"{type(module).__name__} subclasses {type(module).__mro__[1].__name__} and is read by its parent; kept in float")
             continue
         weights, activations = cfg.weights, cfg.activations
         for rule in cfg.overrides:  # last match wins, field by field
-            if fnmatchcase(name, rule.pattern):
+            if matches(name, [rule.pattern]):
                 if "weights" in rule.model_fields_set and rule.weights is not None:
                     weights = rule.weights
                 if "activations" in rule.model_fields_set:
@@ -107,21 +114,21 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
 
 def _embedding_plans(model: nn.Module, cfg: QuantConfig, ctx: Context, names_of: dict) -> list[LayerPlan]:
     """Embeddings: weight-only, one scale per row (per_channel) or per group along the row."""
-    shared = {id(p): n for n, m in model.named_modules() if not isinstance(m, nn.Embedding)
+    shared = {id(p): n for n, m in visible_modules(model) if not isinstance(m, nn.Embedding)
               for p in m.parameters(recurse=False)}
     plans = []
     for name, module in select_modules(model, WEIGHT_ONLY, cfg.layers, cfg.skip):
         if type(module) is not nn.Embedding or module.max_norm is not None:
             why = "renormalises its rows in place (max_norm)" if type(module) is nn.Embedding else "is a subclass"
-            ctx.warn(f"quantize: {name} ({type(module).__name__}) {why}; kept in float")
+            ctx.skip(name, f"{type(module).__name__} {why}; kept in float")
             continue
         if id(module.weight) in shared:
-            ctx.warn(f"quantize: {name}'s weight is tied to {shared[id(module.weight)]}, which stays float; "
+            ctx.skip(name, f"its weight is tied to {shared[id(module.weight)]}, which stays float; "
                      "kept in float so the tie holds (quantizing it would store a second copy)")
             continue
         weights = cfg.weights
         for rule in cfg.overrides:
-            if fnmatchcase(name, rule.pattern) and "weights" in rule.model_fields_set and rule.weights is not None:
+            if matches(name, [rule.pattern]) and "weights" in rule.model_fields_set and rule.weights is not None:
                 weights = rule.weights
         _check_weight(name, module, weights)
         aliases = tuple(n for n in names_of[id(module)] if n != name)
@@ -130,15 +137,22 @@ def _embedding_plans(model: nn.Module, cfg: QuantConfig, ctx: Context, names_of:
 
 
 def _following_relu(model: nn.Module, name: str) -> str | None:
-    """Name of an nn.ReLU that directly follows `name` inside an nn.Sequential, if any."""
+    """Name of an nn.ReLU that directly follows `name` inside an nn.Sequential (folded BatchNorms, now
+    nn.Identity, in between are looked through; a wrapped layer counts at its module's place), if any."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, Wrapped) and child == WRAP_CHILD and parent.call.get("returns") and parent_name:
+        name = parent_name
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
     if not isinstance(parent, nn.Sequential):
         return None
     keys = list(parent._modules)
-    i = keys.index(child)
-    if i + 1 < len(keys) and type(parent._modules[keys[i + 1]]) is nn.ReLU:
-        return f"{parent_name}.{keys[i + 1]}" if parent_name else keys[i + 1]
+    i = keys.index(child) + 1
+    while i < len(keys) and type(parent._modules[keys[i]]) is nn.Identity:
+        i += 1
+    if i < len(keys) and type(parent._modules[keys[i]]) is nn.ReLU:
+        return f"{parent_name}.{keys[i]}" if parent_name else keys[i]
     return None
 
 
@@ -297,6 +311,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
     """Post-training quantization of a copy of `model`: 2- to 8-bit weights per tensor, channel or group,
     activations calibrated (or weight-only)."""
     model = copy.deepcopy(model).eval()
+    folded = _fold_batchnorms(model, cfg, ctx)
     plans = plan_layers(model, cfg, ctx)
     static = [p for p in plans if p.activations is not None and not p.activations.dynamic]
     observers, rounded, smoothing = {}, {}, None
@@ -321,7 +336,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
         rounded = _gptq_weights(plans, hessians, cfg, ctx)
         unused = [p.name for p in static if observers[p.name][0].count == 0]
         for name in unused:
-            ctx.warn(f"quantize: {name} never ran on the calibration data, so its activations have no range; kept in float")
+            ctx.skip(name, "never ran on the calibration data, so its activations have no range; kept in float")
         plans = [p for p in plans if p.name not in unused]
     report = None
     if cfg.max_drop is not None and plans:
@@ -332,6 +347,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
             ctx.warn(f"quantize: {step['layer']} kept in float to stay within max_drop={cfg.max_drop} "
                      f"(sensitivity {step['sensitivity']:.4g}, metric after {step['metric_after']:.4g})")
     quantized, replay = _build(model, plans, observers, rounded)
+    if folded:
+        replay["bn_folded"] = folded
     if report is not None:
         replay["fallback_report"] = report  # informational: replay ignores it
     if smoothing is not None:
@@ -406,6 +423,24 @@ def _smooth(model: nn.Module, plans: list[LayerPlan], cfg: QuantConfig, ctx: Con
                 partners = [q.name for q in members if q is not p]
                 report[p.name] = dict(chosen, shared_with=partners) if partners else chosen
     return report
+
+
+def _fold_batchnorms(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[dict[str, str]]:
+    """Static activations: BatchNorms folded into the Conv / Linear before them (fold_bn), IN PLACE."""
+    static = cfg.activations is not None and not cfg.activations.dynamic
+    if not (cfg.fold_bn and static) or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return []
+    from ..fuse.ops import fold_batchnorms, try_trace
+
+    quiet = dataclasses.replace(ctx, warnings=[])  # a BN that stays is no news here: it just stays
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        entries = fold_batchnorms(model, try_trace(model, quiet), quiet,
+                                  lambda *names: not any(matches(n, cfg.skip) for n in names), cfg.skip)
+    if entries:
+        ctx.warn(f"quantize: {len(entries)} BatchNorm{'s' if len(entries) > 1 else ''} folded into the layer before "
+                 f"{'them' if len(entries) > 1 else 'it'} first (fold_bn), so each int8 layer runs as one kernel")
+    return entries
 
 
 def _gptq_plans(plans: list[LayerPlan], cfg: QuantConfig, ctx: Context) -> list[LayerPlan]:

@@ -15,7 +15,6 @@ quantization, then conversion to exactly the quantized layers PTQ builds.
 from __future__ import annotations
 
 import copy
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from ..core import data as D
 from ..core.config import Config, StrEnum
 from ..core.history import append_stage, get_record, record_inputs
 from ..core.registry import Context, register_method
-from ..core.select import set_submodule
+from ..core.select import matches, set_submodule
 from ..core.train import FitConfig, fit
 from ..errors import ConfigError, DataError, ModelError
 from . import binary as B
@@ -36,6 +35,7 @@ from .fake_quant import fake_quant_act, fake_quant_weight, lsq_grad_scale
 from .modules import QuantizedLayer, apply_layer
 from .ops import quantize_weight, weight_qparams
 from .ptq import quantize_model, replay_quantize
+from ..core.layers import visible_modules
 
 __all__ = ["QATConfig", "ScaleMode", "QATLoss", "FakeQuantLayer", "prepare", "convert", "constrain", "qat_model"]
 
@@ -240,7 +240,7 @@ def _resolve(name: str, cfg: QATConfig) -> tuple[WeightQuant, ActivationQuant | 
     (the rule of QuantConfig.overrides)."""
     weights, activations = cfg.weights, cfg.activations
     for rule in cfg.overrides:
-        if fnmatchcase(name, rule.pattern):
+        if matches(name, [rule.pattern]):
             if "weights" in rule.model_fields_set and rule.weights is not None:
                 weights = rule.weights
             if "activations" in rule.model_fields_set:
@@ -366,7 +366,7 @@ def _convert(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     model = copy.deepcopy(model).eval()
     layers: dict[str, Any] = {}
     done: dict[int, QuantizedLayer] = {}
-    for name, module in list(model.named_modules()):
+    for name, module in list(visible_modules(model)):
         if isinstance(module, FakeQuantLayer) and id(module) not in done:
             done[id(module)] = module.to_quantized(name)
             layers[name] = done[id(module)].spec()

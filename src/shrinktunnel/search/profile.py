@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..core import data as D
 from ..core.select import matches
+from ..core.layers import visible_modules
 
 __all__ = ["LayerProfile", "candidate_layers", "profile_layers", "state_bytes", "module_state_bytes"]
 
@@ -42,7 +43,7 @@ def candidate_layers(model: nn.Module, layers: Sequence[str] = ("*",), skip: Seq
     """Modules that hold a weight of their own (a parameter of 2 or more dimensions: Linear, Conv,
     Embedding, LSTM...), matching `layers` and not `skip`; a module registered twice is listed once."""
     out, seen = [], set()
-    for name, module in model.named_modules():
+    for name, module in visible_modules(model):
         if not name or id(module) in seen or not matches(name, layers) or matches(name, skip):
             continue
         if any(p.dim() >= 2 for p in module.parameters(recurse=False)):
