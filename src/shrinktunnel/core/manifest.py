@@ -241,7 +241,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int,
             if not isinstance(entry, dict) or any(not isinstance(v, str) for v in entry.values()):
                 raise _fail(where, "__metadata__ must map strings to strings")
             continue
-        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPE_BYTES:
+        if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str) or entry["dtype"] not in DTYPE_BYTES:
             raise _fail(where, f"tensor {name[:80]!r}: dtype must be one of {sorted(DTYPE_BYTES)}")
         shape, offsets = entry.get("shape"), entry.get("data_offsets")
         if not isinstance(shape, list) or len(shape) > 16 or any(not _is_int(d) or d < 0 for d in shape):
