@@ -19,6 +19,7 @@ from .errors import ArtifactError, DataError, ExportError, UntrustedCodeError, o
 from .export import export_onnx
 from .measure import accuracy, artifact_bytes
 from .report import Table, fmt_bytes, fmt_pct, write_reports
+from .core.coverage import coverage_lines
 
 EXIT_NO_CANDIDATE = 3  # `shrink auto`: nothing met the budget (docs/cli.md)
 
@@ -127,6 +128,8 @@ def run_compress(model_ref, recipe, data_ref, out, eval_ref, batch_size, force, 
                       [table] if table is not None else [])
     if table is not None:
         console.print(table.to_rich())
+    for line in coverage_lines(result.model):
+        console.print(f"coverage: {line}", highlight=False, markup=False)
     for w in result.warnings:
         console.print(f"[yellow]warning:[/] {w}")
     console.print(f"artifact written to [bold]{out.resolve()}[/]")
@@ -189,6 +192,8 @@ def run_inspect(path: Path, console: Console) -> None:
     console.print(f"size on disk: {fmt_bytes(total)} ({total:,} bytes)")
     for i, stage in enumerate(manifest["stages"]):
         console.print(f"stage {i}: [bold]{stage['method']}[/] {json.dumps(stage['config'])}", highlight=False, markup=False)
+        for line in coverage_lines([stage]):
+            console.print(f"  coverage: {line}", highlight=False, markup=False)
         layers = stage["replay"].get("layers", {})
         if isinstance(layers, dict) and layers and stage["method"] in ("quantize", "qat"):
             console.print(_layer_rows(i, layers).to_rich())

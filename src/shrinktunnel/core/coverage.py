@@ -25,7 +25,7 @@ from torch import nn
 
 from .layers import eligible_layers
 
-__all__ = ["StageCoverage", "measure_coverage", "stage_coverage", "summary_line", "NOT_SELECTED"]
+__all__ = ["StageCoverage", "measure_coverage", "stage_coverage", "summary_line", "coverage_lines", "NOT_SELECTED"]
 
 NOT_SELECTED = "not selected (outside the stage's layers / skip patterns, or a layer kind the method leaves alone)"
 
@@ -98,14 +98,15 @@ def _logical(name: str) -> str:
     return logical_name(name)
 
 
-def stage_coverage(model: nn.Module) -> list[StageCoverage]:
-    """The coverage of every stage a model (or a loaded artifact) went through, in order."""
+def stage_coverage(model: nn.Module | list[dict[str, Any]]) -> list[StageCoverage]:
+    """The coverage of every stage a model (or a loaded artifact) went through, in order; also takes
+    a manifest's `stages` list. Stages written before coverage was recorded are left out."""
     from .history import stages
 
     out = []
-    for stage in stages(model):
-        cov = stage.get("coverage")
-        if not cov:
+    for stage in stages(model) if isinstance(model, nn.Module) else model:
+        cov = stage.get("coverage") if isinstance(stage, dict) else None
+        if not isinstance(cov, dict):
             continue
         reasons = cov.get("reasons", [])
         out.append(StageCoverage(
@@ -130,3 +131,11 @@ def summary_line(cov: StageCoverage, shown: int = 3) -> str:
     if cov.not_selected:
         parts.append(f"{cov.not_selected} not selected")
     return text + ("; left: " + "; ".join(parts) if parts else "")
+
+
+def coverage_lines(model: nn.Module | list[dict[str, Any]]) -> list[str]:
+    """One `summary_line` per recorded stage; a malformed record (an edited manifest) is said, not raised."""
+    try:
+        return [summary_line(c) for c in stage_coverage(model)]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return ["coverage: the manifest's coverage record is malformed"]

@@ -24,6 +24,13 @@ class Result:
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def coverage(self) -> list:
+        """What each stage did to the weight layers (core/coverage.StageCoverage, one per stage)."""
+        from .coverage import stage_coverage
+
+        return stage_coverage(self.model)
+
+    @property
     def manifest(self) -> dict[str, Any]:
         return build_manifest(self.model, self.metrics, self.warnings)
 

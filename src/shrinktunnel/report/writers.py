@@ -18,6 +18,10 @@ def write_reports(directory: Path, title: str, data: dict[str, Any], tables: lis
     parts = [f"# {title}", ""]
     for table in tables:
         parts += [table.to_markdown(), ""]
+    from ..core.coverage import coverage_lines
+
+    if isinstance(data.get("stages"), list) and (lines := coverage_lines(data["stages"])):
+        parts += ["### Coverage (what each stage did to the weight layers)", ""] + [f"- {line}" for line in lines] + [""]
     warnings = data.get("warnings") or []
     if warnings:
         parts += ["### Warnings (skipped or unchanged)", ""] + [f"- {w}" for w in warnings] + [""]
