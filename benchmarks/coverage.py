@@ -50,6 +50,9 @@ def _versions() -> dict[str, str]:
     try:
         import warnings
 
+        from zoo.models import _timm_path
+
+        _timm_path()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             import timm

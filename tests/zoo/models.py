@@ -301,20 +301,31 @@ HAND_MODELS: list[ZooModel] = [
 # --------------------------------------------------------------------------------------------------
 # timm (optional)
 # --------------------------------------------------------------------------------------------------
+# scripts/install.sh puts timm where only the zoo looks (docs/dependencies.md says why): it needs
+# torchvision, and the only torchvision that imports beside torch 2.13 here (0.16.2) would otherwise be
+# imported by every `import transformers` in the project, with a warning about its image extension.
+TIMM_EXTRA = TESTS.parent / ".venv" / "timm-extra"
+
+
+def _timm_path() -> None:
+    if TIMM_EXTRA.is_dir() and str(TIMM_EXTRA) not in sys.path:
+        sys.path.append(str(TIMM_EXTRA))  # appended: it never shadows a package of the environment
+
+
 def timm_available() -> bool:
-    try:
-        with warnings.catch_warnings():
-            # torchvision 0.16's image extension does not load beside this torch; timm never uses it
-            warnings.simplefilter("ignore")
-            import timm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether timm can be imported (from the environment, or from TIMM_EXTRA); decided without
+    importing it, so that listing the zoo never puts torchvision into the process."""
+    import importlib.util
+
+    return importlib.util.find_spec("timm") is not None or (TIMM_EXTRA / "timm" / "__init__.py").is_file()
 
 
 def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
     def make() -> nn.Module:
+        _timm_path()
         with warnings.catch_warnings():
+            # torchvision 0.16's compiled ops and image extension do not load beside torch 2.13; timm's
+            # model definitions use neither
             warnings.simplefilter("ignore")
             import timm
 
