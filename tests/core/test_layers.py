@@ -181,6 +181,38 @@ def test_custom_module_calling_f_linear_is_wrapped_and_quantized():
     assert _sqnr(model(data[0]), q(data[0])) > 25
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_becomes_four_linears_with_the_same_function(batch_first, tmp_path):
+    from shrinktunnel.core.mha import Attention
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    att = Attention.from_mha(mha)
+    x = torch.randn(3, 7, 32) if batch_first else torch.randn(7, 3, 32)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[:, -2:] = True
+    for kwargs in ({}, {"key_padding_mask": pad}, {"attn_mask": torch.randn(7, 7), "need_weights": False},
+                   {"attn_mask": torch.rand(7, 7) > 0.7, "key_padding_mask": pad, "average_attn_weights": False},
+                   {"attn_mask": torch.ones(7, 7, dtype=torch.bool).triu(1), "is_causal": True}):
+        (a, wa), (b, wb) = mha(x, x, x, **kwargs), att(x, x, x, **kwargs)
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+        if wa is not None:
+            torch.testing.assert_close(wb, wa, atol=1e-6, rtol=1e-5)
+    # a torch transformer: every projection reachable, quantized dynamically, saved and reloaded exactly
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=batch_first)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(32, 3)).eval()
+    canonical, record, skipped = canonicalize(model)
+    assert not skipped and {e["replace"] for e in record["layers"]} == {"mha"}
+    torch.testing.assert_close(canonical(x), model(x), atol=1e-5, rtol=1e-5)
+    data = [torch.randn(*x.shape) for _ in range(3)]
+    q = st.quantize(model, {"activations": {"dynamic": True}}, data=data, progress=False)
+    (cov,) = stage_coverage(q)
+    assert cov.share == 1.0 and cov.done_layers == 13
+    assert _sqnr(model(x), q(x)) > 25
+    st.save(q, tmp_path / "art")
+    assert torch.equal(st.load(tmp_path / "art", model=model)(x), q(x))
+
+
 def test_weight_transforming_forward_and_multihead_attention_are_refused_with_a_reason():
     torch.manual_seed(0)
 
@@ -188,7 +220,7 @@ def test_weight_transforming_forward_and_multihead_attention_are_refused_with_a_
         def __init__(self):
             super().__init__()
             self.conv = StdConv2d(3, 8, 3, padding=1)
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
             self.head = nn.Linear(8, 2)
 
         def forward(self, x):
@@ -199,8 +231,8 @@ def test_weight_transforming_forward_and_multihead_attention_are_refused_with_a_
     model = Net().eval()
     plan = classify(model)
     assert plan["conv"][0] == "skip" and "transforms the weight" in plan["conv"][1]
-    assert plan["attn"][0] == "skip" and "MultiheadAttention" in plan["attn"][1]
-    assert plan["attn.out_proj"][0] == "skip"
+    assert plan["attn"][0] == "skip" and "add_bias_kv" in plan["attn"][1]
+    assert plan["attn.out_proj"][0] == "skip"  # read by its parent's fused op, never called
     data = [torch.randn(2, 3, 6, 6) for _ in range(2)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

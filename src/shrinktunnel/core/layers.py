@@ -10,6 +10,8 @@ by every method:
 
 - replaced: the module computes exactly what a canonical layer does (its `forward` is the torch
   base class's, or it is GPT-2's `Conv1D`): an exact canonical copy takes its place, same name.
+  `nn.MultiheadAttention` becomes core/mha.py's `Attention`: the same function with q / k / v / out
+  as four nn.Linear (its fused op never calls a layer, so nothing could reach its weights).
 - wrapped: the module keeps its own `forward`; `Wrapped(inner, compute)` runs it while routing the
   one weight call inside it (`F.conv2d(x, self.weight, ...)`, `torch.addmm(b, x, self.weight)`, ...)
   to `compute`, a canonical layer built from that call's arguments (geometry as the call passes it:
@@ -303,14 +305,21 @@ def _weight_readers(model: nn.Module) -> set[int]:
 def classify(model: nn.Module) -> dict[str, tuple[str, Any]]:
     """{name: (how, detail)} for every module with a weight that is not already canonical:
     ("replace", kind), ("wrap", (Call, returns)), or ("skip", reason)."""
+    from .mha import unsupported_reason
+
     readers = _weight_readers(model)
     out: dict[str, tuple[str, Any]] = {}
+    rewritten: list[str] = []  # modules replaced whole: their children are rebuilt with them
     for name, module in visible_modules(model):
         if not name or isinstance(module, Wrapped) or type(module) in CANONICAL:
             continue
+        if any(name.startswith(r + ".") for r in rewritten):
+            continue
         if isinstance(module, nn.MultiheadAttention):
-            out[name] = ("skip", "nn.MultiheadAttention computes inside one fused op (its in_proj_weight and "
-                                 "out_proj are read by that op, not called as layers)")
+            why = unsupported_reason(module)
+            out[name] = ("skip", why) if why else ("replace", "mha")
+            if not why:
+                rewritten.append(name)
             continue
         weight = _own_weight(module)
         if weight is None:
@@ -341,6 +350,10 @@ def _plain_params(module: nn.Module) -> bool:
 
 def _replacement(module: nn.Module, kind: str) -> nn.Module:
     """An exact canonical copy of `module` (values included)."""
+    if kind == "mha":  # nn.MultiheadAttention -> q / k / v / out Linears (core/mha.py)
+        from .mha import Attention
+
+        return Attention.from_mha(module)
     w = module.weight.detach()
     b = module.bias.detach() if getattr(module, "bias", None) is not None else None
     if kind == "addmm":  # weight (in, out) -> Linear's (out, in)
@@ -403,8 +416,7 @@ def canonicalize(model: nn.Module) -> tuple[nn.Module, dict[str, Any], dict[str,
         module = model.get_submodule(name)
         if how == "replace":
             set_submodule(model, name, _replacement(module, detail))
-            entries.append({"name": name, "replace": detail, "shape": list(module.weight.shape),
-                            "bias": getattr(module, "bias", None) is not None})
+            entries.append({"name": name, "replace": detail})
         else:
             call, returns = detail
             set_submodule(model, name, _wrap(module, call, returns))
