@@ -35,7 +35,7 @@ from .fake_quant import fake_quant_act, fake_quant_weight, lsq_grad_scale
 from .modules import QuantizedLayer, apply_layer
 from .ops import quantize_weight, weight_qparams
 from .ptq import quantize_model, replay_quantize
-from ..core.layers import visible_modules
+from ..core.layers import canonicalize, visible_modules
 
 __all__ = ["QATConfig", "ScaleMode", "QATLoss", "FakeQuantLayer", "prepare", "convert", "constrain", "qat_model"]
 
@@ -266,7 +266,8 @@ def _ptq_config(cfg: QATConfig) -> QuantConfig:
             fields["activations"] = a(rule.activations)
         overrides.append(LayerOverride(**fields))
     return QuantConfig(weights=w(cfg.weights), activations=a(cfg.activations), layers=cfg.layers, skip=cfg.skip,
-                       calibration_batches=cfg.calibration_batches, fuse_relu=cfg.fuse_relu, overrides=overrides)
+                       calibration_batches=cfg.calibration_batches, fuse_relu=cfg.fuse_relu, overrides=overrides,
+                       fold_bn=False)  # QAT trains through the BatchNorms as they are
 
 
 def prepare(model: nn.Module, config: QATConfig | dict | None = None, *, data: Any = None, progress: bool = True,
@@ -278,6 +279,7 @@ def prepare(model: nn.Module, config: QATConfig | dict | None = None, *, data: A
         raise ModelError(f"qat expects a torch.nn.Module, got {type(model).__name__}")
     cfg = QATConfig.parse(config)
     ctx = ctx or Context(data=D.reiterable(data), progress=progress)
+    model, canonical, _ = canonicalize(model)  # the layers every method sees (core/layers.py); a no-op in a stage
     _, replay = quantize_model(model, _ptq_config(cfg), ctx)
     prepared = copy.deepcopy(model).eval()
     binary_inputs = []
@@ -301,7 +303,7 @@ def prepare(model: nn.Module, config: QATConfig | dict | None = None, *, data: A
     if binary_inputs:
         _init_binary_inputs(prepared, binary_inputs, ctx.data, cfg.calibration_batches)
     prepared.__dict__[_STATE] = {"config": cfg.to_dict(), "fused": list(replay.get("fused", [])),
-                                 "shared": dict(replay.get("shared", {}))}
+                                 "shared": dict(replay.get("shared", {})), "canonical": canonical}
     if ctx.data is not None and get_record(prepared).get("inputs") is None:
         record_inputs(prepared, next(D.batches(ctx.data)))
     return prepared
@@ -374,7 +376,10 @@ def _convert(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
         if id(module) in done:
             set_submodule(model, name, done[id(module)])
     del model.__dict__[_STATE]
-    return model, {"layers": layers, "fused": state["fused"], "shared": state["shared"]}
+    replay = {"layers": layers, "fused": state["fused"], "shared": state["shared"]}
+    if state.get("canonical"):
+        replay["canonical"] = state["canonical"]
+    return model, replay
 
 
 def convert(model: nn.Module) -> nn.Module:

@@ -317,7 +317,11 @@ def _first_samples(inputs: D.Inputs, n: int) -> D.Inputs:
 
 
 def _frozen_copy(model: nn.Module) -> nn.Module:
-    """A copy in eval mode: analysis must never update the caller's BatchNorm statistics."""
+    """A canonicalized copy in eval mode (core/layers.py: the layers every method sees, under the names
+    a recipe will select them by); analysis must never update the caller's BatchNorm statistics."""
     import copy
 
-    return copy.deepcopy(model).eval()
+    from ..core.layers import canonicalize
+
+    canonical, _, _ = canonicalize(model)
+    return (copy.deepcopy(model) if canonical is model else canonical).eval()
