@@ -56,10 +56,10 @@ def _image(batch=2, size=32, channels=3, seed=1):
 def _build(cls, config, reinit=False):
     torch.manual_seed(0)
     model = cls(config).eval()
-    if reinit:  # torch's default init: Hugging Face's std=0.02 shrinks a deep CNN's output to ~1e-30
+    if reinit:  # Hugging Face's std=0.02 init shrinks a deep CNN's output to ~1e-30
         for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.reset_parameters()
+            if isinstance(m, nn.Conv2d):  # He init keeps the activations' scale through ReLU stacks
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     return Main(model).eval()
 
 
@@ -91,7 +91,7 @@ def mpnet():
     from transformers import MPNetConfig, MPNetModel
 
     cfg = MPNetConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=48, max_position_embeddings=MAX_POSITIONS + 2, relative_attention_num_buckets=8)
+                      intermediate_size=48, max_position_embeddings=MAX_POSITIONS + 2, relative_attention_num_buckets=32)
     return _build(MPNetModel, cfg), _text_batch()
 
 

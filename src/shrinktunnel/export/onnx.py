@@ -15,7 +15,7 @@ import os
 import uuid
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -32,12 +32,19 @@ def export_onnx(
     example_inputs: Any,
     *,
     dynamic_batch: bool = True,
+    dynamic_dims: Mapping[str, Mapping[int, str] | Sequence[int]] | None = None,
     opset: int | None = None,
 ) -> Path:
     """Write `model` (an nn.Module or a Result) as ONNX at `path`, atomically; return the path.
 
     `example_inputs` is one batch in the data convention (tensor, (inputs, target) or dict). The batch
-    dimension (0) of every input is dynamic unless `dynamic_batch=False`.
+    dimension (0) of every input is dynamic unless `dynamic_batch=False`. Other dynamic dimensions:
+    `dynamic_dims` {input name: {dim: name}} (or {input name: [dims]}); dims given the same name are one
+    dimension (Hugging Face Optimum's `dynamic_axes`, e.g. `{"input_ids": {1: "sequence"},
+    "attention_mask": {1: "sequence"}}`). Left as None, they are inferred: the dims beyond the batch of
+    integer inputs of rank 2 (token ids, attention masks, token types, positions) are one dynamic
+    `sequence` dimension, so a text model exported from a 64-token example runs on any length; a model
+    that cannot export with them gets them fixed, with a warning. `{}`: only the batch is dynamic.
     """
     module: nn.Module = getattr(model, "model", model)
     if not isinstance(module, nn.Module):
@@ -49,18 +56,25 @@ def export_onnx(
     module = module.eval()
     for note in _export_notes(module):
         warnings.warn(note, UserWarning, stacklevel=2)
-    dynamic = _dynamic_shapes(module, args, kwargs) if dynamic_batch else None
+    inputs = _bound_inputs(module, args, kwargs)
+    extra = _inferred_dims(inputs) if dynamic_dims is None else _given_dims(inputs, dynamic_dims)
+    opset = opset or _needed_opset(module)
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        with _quiet():
-            torch.onnx.export(
-                module, args, str(tmp), kwargs=kwargs or None, dynamo=True, dynamic_shapes=dynamic,
-                opset_version=opset or _needed_opset(module), external_data=False, optimize=True, verbose=False,
-                custom_translation_table=_translations(),
-            )
+        try:
+            _export(module, args, kwargs, _dynamic_shapes(module, args, kwargs, dynamic_batch, extra), tmp, opset)
+        except Exception as exc:
+            if not extra or dynamic_dims is not None:
+                raise
+            # Inferred dims the model's code fixes (a length it checks, a reshape to a constant): export
+            # again with them static, and say so.
+            dims = ", ".join(f"{name}[{d}]" for name, ds in extra.items() for d in ds)
+            warnings.warn(f"export_onnx: {dims} kept at the example's length ({one_line(exc)[:200]}); pass "
+                          "dynamic_dims to choose the dynamic dimensions", UserWarning, stacklevel=2)
+            _export(module, args, kwargs, _dynamic_shapes(module, args, kwargs, dynamic_batch, {}), tmp, opset)
         _postprocess(tmp)
         _check_runs(tmp)
         os.replace(tmp, target)
@@ -71,6 +85,51 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
     return target
+
+
+def _export(module: nn.Module, args, kwargs, dynamic, tmp: Path, opset: int) -> None:
+    with _quiet():
+        program = _capture(module, args, kwargs, dynamic)
+        torch.onnx.export(
+            program if program is not None else module, args, str(tmp), kwargs=kwargs or None, dynamo=True,
+            dynamic_shapes=dynamic, opset_version=opset, external_data=False, optimize=True, verbose=False,
+            custom_translation_table=_translations(),
+        )
+
+
+def _capture(module: nn.Module, args, kwargs, dynamic) -> torch.export.ExportedProgram | None:
+    """torch.export as torch.onnx's first strategy runs it (non-strict, sizes 0/1 not specialised, a
+    dimension refined from the exporter's suggested fixes), then every `aten.contiguous` made an
+    explicit contiguous `clone`. Why: `contiguous()` is a no-op or a copy depending on the strides the
+    fake tensors have when the graph is decomposed, and ONNX's decomposition and its type-promotion
+    pass disagree about the strides of attention outputs (scaled_dot_product_attention's output
+    strides); the no-op leaves a `view` of a transposed tensor, which fails ("Cannot view a tensor
+    with shape [s, 12, 4, 8] and strides (384, 8, 96, 1)": T5 and Swin, fp32 and int8). A copy is
+    always right, and ONNX has no strides: it costs nothing in the graph. None when capture fails here:
+    torch.onnx.export then tries its own strategies on the module."""
+    def export(shapes):
+        return torch.export.export(module, args, kwargs=kwargs or None, dynamic_shapes=shapes, strict=False,
+                                   prefer_deferred_runtime_asserts_over_guards=True)
+
+    try:
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            try:
+                program = export(dynamic)
+            except torch._dynamo.exc.UserError as exc:
+                refined = torch.export.dynamic_shapes.refine_dynamic_shapes_from_suggested_fixes(exc.msg, dynamic)
+                program = export(refined)
+    except Exception:  # noqa: BLE001 - the exporter's own strategies report the failure
+        return None
+    contiguous, clone = torch.ops.aten.contiguous.default, torch.ops.aten.clone.default
+    changed = False
+    for node in program.graph_module.graph.nodes:
+        if node.op == "call_function" and node.target is contiguous:
+            fmt = node.kwargs.get("memory_format", node.args[1] if len(node.args) > 1 else torch.contiguous_format)
+            node.target, node.args, node.kwargs = clone, node.args[:1], {"memory_format": fmt}
+            changed = True
+    if changed:
+        program.graph_module.recompile()
+    return program
 
 
 def _export_notes(module: nn.Module, shown: int = 4) -> list[str]:
@@ -120,27 +179,88 @@ def _batch_at_least_two(args, kwargs):
     return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
 
 
-def _dynamic_shapes(module: nn.Module, args, kwargs):
-    """Dimension 0 of every tensor input is the dynamic batch; keyed by the forward's parameter
-    names, which is what torch.export expects whether inputs come positionally or by keyword (a
-    `*args` parameter takes a tuple of specs, a `**kwargs` one a dict)."""
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
-
-    def spec(v):
-        return {0: batch} if isinstance(v, torch.Tensor) and v.dim() > 0 else None
-
+def _bound_inputs(module: nn.Module, args, kwargs) -> dict[str, Any]:
+    """{input name: value} for the tensors passed, named as the forward names them (a `*args`
+    parameter's tensors as `args_0`, ...; a `**kwargs` parameter's by their keys)."""
     signature = inspect.signature(module.forward)
-    bound = signature.bind(*args, **kwargs).arguments
-    out = {}
-    for name, v in bound.items():
+    out: dict[str, Any] = {}
+    for name, v in signature.bind(*args, **kwargs).arguments.items():
         kind = signature.parameters[name].kind
         if kind is inspect.Parameter.VAR_POSITIONAL:
-            out[name] = tuple(spec(a) for a in v)
+            out.update({f"{name}_{i}": a for i, a in enumerate(v)})
         elif kind is inspect.Parameter.VAR_KEYWORD:
-            out[name] = {k: spec(a) for k, a in v.items()}
+            out.update(v)
         else:
-            out[name] = spec(v)
+            out[name] = v
     return out
+
+
+def _inferred_dims(inputs: dict[str, Any]) -> dict[str, dict[int, str]]:
+    """Token inputs: integer or bool tensors of rank 2, (batch, tokens). Their token dims are one
+    `sequence` dimension when they share a length (one per length otherwise); length 1 stays fixed
+    (torch.export specialises it)."""
+    lengths: dict[int, str] = {}
+    out: dict[str, dict[int, str]] = {}
+    for name, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.dim() == 2 and not v.dtype.is_floating_point \
+                and not v.dtype.is_complex and v.shape[1] > 1:
+            n = int(v.shape[1])
+            lengths.setdefault(n, "sequence" if not lengths else f"sequence_{len(lengths)}")
+            out[name] = {1: lengths[n]}
+    return out
+
+
+def _given_dims(inputs: dict[str, Any], given: Mapping) -> dict[str, dict[int, str]]:
+    out: dict[str, dict[int, str]] = {}
+    for name, dims in given.items():
+        value = inputs.get(name)
+        if not isinstance(value, torch.Tensor):
+            tensors = sorted(k for k, v in inputs.items() if isinstance(v, torch.Tensor))
+            raise ExportError(f"dynamic_dims names {name!r}, which is not a tensor input of this batch; "
+                              f"the inputs are {tensors}")
+        named = dict(dims) if isinstance(dims, Mapping) else {int(d): f"{name}_{int(d)}" for d in dims}
+        for d in named:
+            if not isinstance(d, int) or not 0 < d < value.dim():
+                raise ExportError(f"dynamic_dims[{name!r}]: dim {d!r} is not a dimension beyond the batch of "
+                                  f"its shape {tuple(value.shape)}; use 1..{value.dim() - 1}")
+        out[name] = {int(d): str(n) for d, n in named.items()}
+    return out
+
+
+def _dynamic_shapes(module: nn.Module, args, kwargs, batch_dynamic: bool = True,
+                    extra: dict[str, dict[int, str]] | None = None):
+    """torch.export's dynamic shapes, keyed by the forward's parameter names (what torch.export
+    expects whether inputs come positionally or by keyword; a `*args` parameter takes a tuple of specs,
+    a `**kwargs` one a dict): dimension 0 of every tensor input is the batch when `batch_dynamic`,
+    and `extra` {input: {dim: name}} adds more, one torch Dim per name. None when nothing is dynamic."""
+    extra = extra or {}
+    dims: dict[str, torch.export.Dim] = {}
+
+    def dim(name: str, size: int):
+        if name not in dims:
+            dims[name] = torch.export.Dim(name, min=1, max=1 << 16) if name == "batch" else torch.export.Dim(name, min=1)
+        return dims[name]
+
+    def spec(key: str, v):
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
+            return None
+        out = {0: dim("batch", v.shape[0])} if batch_dynamic else {}
+        out.update({d: dim(n, v.shape[d]) for d, n in extra.get(key, {}).items()})
+        return out or None
+
+    signature = inspect.signature(module.forward)
+    result = {}
+    for name, v in signature.bind(*args, **kwargs).arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            result[name] = tuple(spec(f"{name}_{i}", a) for i, a in enumerate(v))
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            result[name] = {k: spec(k, a) for k, a in v.items()}
+        else:
+            result[name] = spec(name, v)
+    if not dims:
+        return None
+    return result
 
 
 @contextlib.contextmanager
