@@ -20,6 +20,7 @@ from .kmeans import kmeans_1d
 from .layer import ClusteredLayer
 from .storage import choose_position_bits, index_width
 from ..core.layers import visible_modules
+from ..core.tied import tie, tie_plan, tie_record
 
 __all__ = ["cluster_model", "replay_cluster", "storage_report", "SUPPORTED"]
 
@@ -32,7 +33,7 @@ def replay_cluster(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
         set_submodule(model, name, ClusteredLayer.from_spec(spec))
     for alias, name in replay.get("shared", {}).items():
         set_submodule(model, alias, model.get_submodule(name))
-    return model
+    return tie(model, replay.get("tied", {}))
 
 
 def _geometry(module: nn.Module) -> dict[str, Any]:
@@ -77,8 +78,12 @@ def cluster_model(model: nn.Module, cfg: ClusterConfig, ctx: Context) -> tuple[n
         for p in m.parameters(recurse=False):
             owners.setdefault(id(p), set()).add(id(m))
     rules = [(o.pattern, o.bits) for o in cfg.overrides]
+    # An Embedding tied to a Linear (lm_head): the pair is clustered once, as the Linear (core/tied.py).
+    together, refused = tie_plan(model, cfg.layers, cfg.skip)
+    following = {e for embs in together.values() for e in embs}
     layers: dict[str, Any] = {}
     shared: dict[str, str] = {}
+    tied: dict[str, dict[str, Any]] = {}
     done: set[int] = set()
     for name, module in list(visible_modules(model)):
         if not name or id(module) in done or not matches(name, cfg.layers) or matches(name, cfg.skip):
@@ -96,11 +101,19 @@ def cluster_model(model: nn.Module, cfg: ClusterConfig, ctx: Context) -> tuple[n
         if isinstance(module, nn.Embedding) and module.max_norm is not None:
             ctx.skip(name, "an Embedding with max_norm renormalises its weight in place; kept in float")
             continue
-        if not pruned and len(owners.get(id(module.weight), ())) > 1:
+        if name in refused:
+            ctx.skip(name, refused[name])
+            continue
+        if name in following:
+            continue  # clustered with the Linear it is tied to
+        followers = together.get(name, []) if not pruned else []
+        if not pruned and len(owners.get(id(module.weight), ())) > 1 + len(followers):
             ctx.skip(name, "its weight is tied to another module's; kept in float (clustering one copy would untie them)")
             continue
         layer = _cluster_layer(name, module, pruned, resolve(name, rules, cfg.bits), cfg, ctx)
         if layer is None:
+            for e in followers:
+                ctx.skip(e, f"its weight is tied to {name}, which stays float; kept in float so the tie holds")
             continue
         done.add(id(module))
         for alias in names_of[id(module)]:
@@ -108,12 +121,17 @@ def cluster_model(model: nn.Module, cfg: ClusterConfig, ctx: Context) -> tuple[n
             if alias != name:
                 shared[alias] = name
         layers[name] = layer.spec()
+        tied.update({e: tie_record(model, e, name) for e in followers})
+    tie(model, tied)  # each tied Embedding reads the rows of its Linear's clustered layer
     if not layers:
         ctx.warn("cluster: no Linear/Conv1d/Conv2d/Embedding layer was clustered; the model is unchanged")
     elif cfg.tune is not None:
         _tune(model, original, cfg, ctx)
     # The per-layer figures (storage_report) are not replay data: st.compress puts them in the metrics.
-    return model, {"layers": layers, "shared": shared}
+    replay: dict[str, Any] = {"layers": layers, "shared": shared}
+    if tied:
+        replay["tied"] = tied
+    return model, replay
 
 
 def _cluster_layer(name: str, module: nn.Module, pruned: bool, bits: int, cfg: ClusterConfig, ctx: Context) -> ClusteredLayer | None:

@@ -1,11 +1,12 @@
-"""A pruned Linear / Conv1d / Conv2d stored sparse: its kept weights plus the index of their positions.
+"""A pruned Linear / Conv1d / Conv2d / Embedding stored sparse: its kept weights plus the index of their positions.
 
 State dict (what the artifact stores): `values` (1-D, the weight's dtype, the kept weights in
 row-major order), `index` (1-D uint8: a bitmask or a relative-index stream, codec/sparse) and the
 `bias` if any. The dense weight is a non-persistent buffer, decoded from the two when the layer is
 built and whenever a state dict is loaded into it; the forward pass and ONNX export use it, so the
 exported graph holds an ordinary dense weight and computes exactly what the pruned layer computes.
-`spec()` is the JSON-ready description replay rebuilds an empty layer from.
+`spec()` is the JSON-ready description replay rebuilds an empty layer from. An embedding (kind
+`embedding`, its `padding_idx` in the spec) looks its rows up in the dense weight (ONNX: Gather).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from ..quant.modules import QuantizedLayer, apply_layer
 
 __all__ = ["SparseLayer", "SUPPORTED"]
 
-SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
 class SparseLayer(nn.Module):
-    """Linear or convolution whose weight is stored as kept values plus an index. Buffers `values`,
+    """Linear, convolution or embedding whose weight is stored as kept values plus an index. Buffers `values`,
     `index` (persistent) and `weight` (dense, rebuilt from them; not stored); parameter `bias`."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
@@ -44,6 +45,8 @@ class SparseLayer(nn.Module):
         self.register_buffer("index", torch.zeros(expected_index_nbytes(sparse), dtype=torch.uint8))
         self.register_buffer("weight", torch.zeros(spec["weight_shape"], dtype=dtype), persistent=False)
         out = spec["weight_shape"][0]
+        if spec["kind"] == "embedding" and spec["bias"]:
+            raise ValueError("a sparse embedding has no bias")
         self.bias = nn.Parameter(torch.zeros(out, dtype=dtype), requires_grad=False) if spec["bias"] else None
 
     @classmethod
@@ -56,7 +59,7 @@ class SparseLayer(nn.Module):
         layer = cls(spec).to(weight.device)
         layer.values.copy_(values)
         layer.index.copy_(index)
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             layer.bias.data.copy_(module.bias.detach())
         layer.refresh()
         return layer
@@ -102,8 +105,12 @@ class SparseLayer(nn.Module):
         """Bytes of the weight's stored form: kept values plus index."""
         return self.values.numel() * self.values.element_size() + self.index.numel()
 
+    @property
+    def padding_idx(self) -> int | None:
+        return self._spec.get("padding_idx")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_layer(self._spec, x, self.weight, self.bias)
+        return apply_layer(self._spec, x, self.weight, self.bias)  # embedding: F.embedding(x, weight, padding_idx)
 
     def extra_repr(self) -> str:
         s = self._spec["sparse"]

@@ -28,6 +28,7 @@ from .schedule import MaskSet, Target, agp_sparsity, update_steps
 from .sparse_layer import SUPPORTED, SparseLayer
 from .unstructured_config import Criterion, PruneConfig, Schedule, Scope
 from ..core.layers import visible_modules
+from ..core.tied import tie, tie_plan, tie_record, tied_pairs
 
 __all__ = ["prune_model", "replay_prune", "plan_targets", "prune_context", "closest_names"]
 
@@ -84,6 +85,9 @@ def plan_targets(model: nn.Module, cfg: PruneConfig, ctx: Context) -> list[Targe
     for m in model.modules():
         if isinstance(getattr(m, "weight", None), nn.Parameter):
             owners.setdefault(id(m.weight), set()).add(id(m))
+    # An Embedding tied to a Linear (lm_head): the pair is pruned once, as the Linear (core/tied.py).
+    together, refused = tie_plan(model, cfg.layers, cfg.skip)
+    followers = {e for embs in together.values() for e in embs}
     generator = torch.Generator().manual_seed(cfg.seed)
     targets: list[Target] = []
     for name, module in select_modules(model, SUPPORTED, cfg.layers, cfg.skip):
@@ -92,7 +96,15 @@ def plan_targets(model: nn.Module, cfg: PruneConfig, ctx: Context) -> list[Targe
             # (nn.MultiheadAttention.out_proj): replacing it would change what the model computes.
             ctx.skip(name, f"{type(module).__name__} subclasses {type(module).__mro__[1].__name__} and is read by its parent; not pruned")
             continue
-        if len(owners.get(id(module.weight), ())) > 1:
+        if isinstance(module, nn.Embedding) and module.max_norm is not None:
+            ctx.skip(name, "an Embedding with max_norm renormalises its weight in place; not pruned")
+            continue
+        if name in refused:
+            ctx.skip(name, refused[name])
+            continue
+        if name in followers:
+            continue  # pruned with the Linear it is tied to
+        if len(owners.get(id(module.weight), ())) > 1 + len(together.get(name, ())):
             ctx.skip(name, "its weight is tied to another module's; not pruned (a sparse copy would untie them)")
             continue
         if not bool(torch.isfinite(module.weight).all()):
@@ -105,7 +117,7 @@ def plan_targets(model: nn.Module, cfg: PruneConfig, ctx: Context) -> list[Targe
         aliases = tuple(n for n in names_of[id(module)] if n != name)
         targets.append(Target(name, module, sparsity, aliases, score))
     if not targets:
-        ctx.warn("prune: no Linear/Conv1d/Conv2d layer selected with a sparsity above 0; the model is unchanged")
+        ctx.warn("prune: no Linear/Conv1d/Conv2d/Embedding layer selected with a sparsity above 0; the model is unchanged")
     return targets
 
 
@@ -184,7 +196,7 @@ def replay_prune(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
         set_submodule(model, name, SparseLayer.from_spec(spec))
     for alias, name in replay.get("shared", {}).items():
         set_submodule(model, alias, model.get_submodule(name))
-    return model
+    return tie(model, replay.get("tied", {}))
 
 
 @register_method("prune", PruneConfig, replay=replay_prune)
@@ -206,7 +218,8 @@ def prune_model(model: nn.Module, cfg: PruneConfig, ctx: Context) -> tuple[nn.Mo
 
 def _convert(model: nn.Module, masks: MaskSet, cfg: PruneConfig, ctx: Context) -> dict[str, Any]:
     """Replace each pruned layer by its SparseLayer, unless the sparse form would not be smaller."""
-    layers, shared, dense = {}, {}, []
+    layers, shared, dense, tied = {}, {}, [], {}
+    pairs = tied_pairs(model)  # plan_targets kept a tied Linear only where its Embedding goes with it
     for t in masks.targets:
         layer = SparseLayer.from_module(t.module, masks.masks[t.name], cfg.encoding.value, cfg.index_bits)
         if layer.stored_bytes() >= t.weight.numel() * t.weight.element_size():
@@ -217,6 +230,11 @@ def _convert(model: nn.Module, masks: MaskSet, cfg: PruneConfig, ctx: Context) -
             if alias != t.name:
                 shared[alias] = t.name
         layers[t.name] = layer.spec()
+        tied.update({emb: tie_record(model, emb, t.name) for emb, lin in pairs.items() if lin == t.name})
+    tie(model, tied)  # each tied Embedding reads the rows of its Linear's sparse layer
     if dense:
         ctx.warn(f"prune: {', '.join(dense)} stored dense: at this sparsity an index costs more than the zeros it saves")
-    return {"layers": layers, "shared": shared, "dense": dense, "sparsity": round(masks.sparsity(), 6)}
+    replay = {"layers": layers, "shared": shared, "dense": dense, "sparsity": round(masks.sparsity(), 6)}
+    if tied:
+        replay["tied"] = tied
+    return replay

@@ -58,13 +58,14 @@ class LayerSparsity(Config):
 
 
 class PruneConfig(Config):
-    """Unstructured pruning: zero individual weights of Linear / Conv1d / Conv2d layers, optionally
-    over a gradual schedule with fine-tuning, and store each pruned layer sparse."""
+    """Unstructured pruning: zero individual weights of Linear / Conv1d / Conv2d / Embedding layers,
+    optionally over a gradual schedule with fine-tuning, and store each pruned layer sparse. An
+    Embedding tied to a Linear (lm_head) is pruned once with it and stays tied (core/tied.py)."""
 
     sparsity: float = 0.5  # fraction of the selected weights set to zero, in [0, 1); Deep Compression keeps 8 % of LeNet-300-100 (0.92)
     criterion: Criterion = Criterion.MAGNITUDE  # magnitude: smallest |w| first; random: the baseline
     scope: Scope = Scope.LAYER  # layer: no layer can be emptied by a larger neighbour; global: one threshold, usually more accurate at high sparsity
-    layers: list[str] = ["*"]  # glob patterns over module names; Linear, Conv1d and Conv2d are pruned
+    layers: list[str] = ["*"]  # glob patterns over module names; Linear, Conv1d, Conv2d and Embedding are pruned
     skip: list[str] = []  # glob patterns left dense (a first conv or a classifier often deserves it)
     overrides: list[LayerSparsity] = []  # per-layer sparsity, ordered, last match wins; scope "layer" only
     schedule: Schedule = Schedule.AGP  # gradual pruning recovers better (Zhu & Gupta 2017); without fine-tuning it is one shot

@@ -24,6 +24,7 @@ from .observers import make_observer
 from .smooth import InputIdentity, SmoothObserver, choose_smoothing
 from .ops import qrange, quantize_weight, weight_qparams, weight_qrange
 from ..core.layers import WRAP_CHILD, Wrapped, visible_modules
+from ..core.tied import tie, tie_plan, tie_record, tied_pairs
 
 __all__ = ["quantize_model", "replay_quantize", "plan_layers", "LayerPlan"]
 
@@ -64,7 +65,7 @@ def replay_quantize(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
         set_submodule(model, alias, model.get_submodule(name))
     for name in replay.get("fused", []):
         set_submodule(model, name, nn.Identity())
-    return model
+    return tie(model, replay.get("tied", {}))
 
 
 def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerPlan]:
@@ -106,18 +107,28 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
         relu = _following_relu(model, name) if (cfg.fuse_relu and activations is not None) else None
         aliases = tuple(n for n in names_of[id(module)] if n != name)
         plans.append(LayerPlan(name, module, weights, activations, relu, aliases))
-    plans += _embedding_plans(model, cfg, ctx, names_of)
+    plans = _embedding_plans(model, cfg, ctx, names_of, plans)
     if not plans:
         ctx.warn("quantize: no Linear/Conv1d/Conv2d/Embedding layer selected; the model is unchanged")
     return plans
 
 
-def _embedding_plans(model: nn.Module, cfg: QuantConfig, ctx: Context, names_of: dict) -> list[LayerPlan]:
-    """Embeddings: weight-only, one scale per row (per_channel) or per group along the row."""
+def _embedding_plans(model: nn.Module, cfg: QuantConfig, ctx: Context, names_of: dict,
+                     plans: list[LayerPlan]) -> list[LayerPlan]:
+    """`plans` (the Linear / conv layers) and the embeddings': weight-only, one scale per row
+    (per_channel) or per group along the row. An embedding tied to a Linear (lm_head) gets no plan of its
+    own: it reads the Linear's quantized layer (`_build`, core/tied.py), whose scales per output channel
+    are per vocabulary row; a tied pair whose other half this stage leaves alone stays float, tied."""
+    together, refused = tie_plan(model, cfg.layers, cfg.skip)
+    following = {e for embs in together.values() for e in embs}
+    for name, reason in refused.items():
+        ctx.skip(name, reason)
+    plans = [p for p in plans if p.name not in refused]
     shared = {id(p): n for n, m in visible_modules(model) if not isinstance(m, nn.Embedding)
               for p in m.parameters(recurse=False)}
-    plans = []
     for name, module in select_modules(model, WEIGHT_ONLY, cfg.layers, cfg.skip):
+        if name in following or name in refused:
+            continue
         if type(module) is not nn.Embedding or module.max_norm is not None:
             why = "renormalises its rows in place (max_norm)" if type(module) is nn.Embedding else "is a subclass"
             ctx.skip(name, f"{type(module).__name__} {why}; kept in float")
@@ -360,6 +371,7 @@ def _build(model: nn.Module, plans: list[LayerPlan], observers: dict, rounded: d
            ) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of the float `model` with exactly `plans` quantized, and its replay record."""
     model = copy.deepcopy(model)
+    pairs = tied_pairs(model)  # before the Linears are replaced: their weights are what ties them
     layers: dict[str, Any] = {}
     shared: dict[str, str] = {}
     for plan in plans:
@@ -371,7 +383,13 @@ def _build(model: nn.Module, plans: list[LayerPlan], observers: dict, rounded: d
     fused = sorted(p.relu for p in plans if p.relu)
     for relu in fused:
         set_submodule(model, relu, nn.Identity())
-    return model, {"layers": layers, "fused": fused, "shared": shared}
+    # An Embedding tied to a quantized Linear reads its integer rows (core/tied.py): stored once, still tied.
+    tied = {emb: tie_record(model, emb, lin) for emb, lin in pairs.items() if lin in layers}
+    tie(model, tied)
+    replay = {"layers": layers, "fused": fused, "shared": shared}
+    if tied:
+        replay["tied"] = tied
+    return model, replay
 
 
 def _smooth(model: nn.Module, plans: list[LayerPlan], cfg: QuantConfig, ctx: Context) -> dict[str, Any]:
