@@ -25,4 +25,4 @@ def test_fuzzing_the_reader_finds_no_crash_and_runs_no_code(tmp_path):
     assert set(report["targets"]) == TARGETS
     for name, t in report["targets"].items():
         assert t["cases"] > 0 and t["refused"] > 0, (name, t)  # tried, and the forged inputs were refused
-    assert len(report["fixtures"]) == 7  # every method's replay is fuzzed
+    assert len(report["fixtures"]) == 8  # every method's replay is fuzzed

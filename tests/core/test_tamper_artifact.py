@@ -384,3 +384,26 @@ def test_file_reference_is_stored_resolved_and_checked(tmp_path, monkeypatch):
     one_line_exit_2(code, err, "changed since", "--model")
     code, _, err = run_cli("export", path, "--onnx", elsewhere / "m.onnx", "--model", f"{src / 'mymodel.py'}:mlp")
     assert code == 0, err
+
+
+def test_replay_that_cannot_run_on_meta_is_bounded_by_the_file(tmp_path):
+    """prune_channels' replay computes with index tensors, so it cannot be dry-run on the meta device:
+    its numbers are bounded by what the file and the original model hold, and the rebuilt module is
+    checked against the file before any tensor is loaded."""
+    from torch import nn
+
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(8 * 4 * 4, 5)).eval()
+
+    x = torch.randn(4, 1, 4, 4)
+    r = st.compress(net(), [("prune_channels", {"ratio": 0.5})], data=[x], example_inputs=x, progress=False)
+    path = r.save(tmp_path / "art")
+    assert state_dicts_equal(st.load(path, model=net()), r.model)
+    edit(path, lambda m: m["stages"][0]["replay"]["layers"]["0"].update(out=[2, 3, 4, 10**15]))
+    with pytest.raises(ArtifactError, match="beyond anything"):
+        st.load(path, model=net())
+    edit(path, lambda m: m["stages"][0]["replay"]["layers"]["0"].update(out=[2, 3, 4]))  # fewer channels than stored
+    with pytest.raises(ArtifactError, match="do not fit|replay"):
+        st.load(path, model=net())

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import itertools
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -220,8 +222,23 @@ def load_artifact(path: str | os.PathLike, model: nn.Module | None = None, *, tr
     ref = manifest["model"].get("ref")
     base, how = _base_model(root, manifest, model, trust_code, (*_chain, here))
     stages = manifest["stages"]
-    _dry_run(root, meta_copy(base), stages, checked["header"], manifest["tensors"].get("aliases", {}), checked["bytes"])
+    aliases = manifest["tensors"].get("aliases", {})
+    before = _nonpersistent_bytes(base)
+    try:  # the dry run: structure only, on the meta device
+        with torch.device("meta"):
+            rebuilt = _replay(meta_copy(base), stages)
+    except Exception:
+        rebuilt = None
+    if rebuilt is not None:
+        _fits_the_file(root, rebuilt, checked["header"], aliases, checked["bytes"], before)
+    else:
+        # A replay that needs tensor values (prune_channels' index arithmetic) cannot run on meta, or
+        # the replay is malformed: bound every integer it holds by what the file and the original model
+        # hold, replay for real, and check the result against the file before loading any tensor.
+        _bound_replay_numbers(stages, base, checked["bytes"])
     base = _replay(base.eval(), stages)
+    if rebuilt is None:
+        _fits_the_file(root, base, checked["header"], aliases, checked["bytes"], before)
     try:
         tensors = load_file(str(checked["file"]))
     except (SafetensorError, OSError) as exc:
@@ -315,14 +332,42 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _dry_run(root: Path, meta: nn.Module, stages: list[dict[str, Any]], header: dict[str, tuple[str, tuple[int, ...]]],
-             aliases: dict[str, str], file_bytes: int) -> None:
-    """Replay on the meta device (no tensor data is allocated, whatever shapes the replay names), then
-    require the rebuilt state dict to be exactly the file's tensors: same names, shapes and dtypes. The
-    module's other tensors (non-persistent buffers) may not grow by more than the file's size + 64 MiB."""
-    before = sum(_nbytes(b) for b in meta.buffers())
-    with torch.device("meta"):
-        meta = _replay(meta, stages)
+def _nonpersistent_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors a module holds outside its state dict (non-persistent buffers)."""
+    state = model.state_dict(keep_vars=True)
+    return sum(_nbytes(b) for name, b in model.named_buffers(remove_duplicate=False) if name not in state)
+
+
+def _bound_replay_numbers(stages: list[dict[str, Any]], base: nn.Module, file_bytes: int) -> None:
+    """Every integer in every replay, and the product of every shape (a list under a key named *shape*), at
+    most 4 x max(8 x the file's bytes, the original model's elements) + 2^20: no layer a replay builds
+    holds more weights than 8 per stored byte (1-bit packing, 1-bit codes) or than the original model
+    (pruning, sharing, decomposition never grow a layer)."""
+    numel = sum(t.numel() for t in itertools.chain(base.parameters(), base.buffers()))
+    bound = 4 * max(8 * file_bytes, numel) + (1 << 20)
+    stack = [(i, None, stage["replay"]) for i, stage in enumerate(stages)]
+    while stack:
+        i, key, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((i, k, v) for k, v in node.items())
+        elif isinstance(node, list):
+            # a shape (a key named so): its product is the element count a layer would be built with
+            if isinstance(key, str) and "shape" in key and node and all(isinstance(v, int) for v in node) \
+                    and math.prod(abs(v) for v in node) > bound:
+                raise ArtifactError(f"stage {i} ({stages[i]['method'][:60]!r}): {key} {str(node)[:80]} holds more elements "
+                                    f"than the artifact's {file_bytes:,} bytes and the original model can account for; "
+                                    "the artifact is corrupted or its manifest was edited")
+            stack.extend((i, key, v) for v in node)
+        elif isinstance(node, int) and not isinstance(node, bool) and abs(node) > bound:
+            raise ArtifactError(f"stage {i} ({stages[i]['method'][:60]!r}): the number {node} is beyond anything the "
+                                f"artifact's {file_bytes:,} bytes can hold; the artifact is corrupted or its manifest was edited")
+
+
+def _fits_the_file(root: Path, meta: nn.Module, header: dict[str, tuple[str, tuple[int, ...]]], aliases: dict[str, str],
+                   file_bytes: int, before: int) -> None:
+    """The rebuilt module's state dict must be exactly the file's tensors: same names, shapes and
+    dtypes. Its other tensors (non-persistent buffers) may not grow by more than the file's size + 64 MiB
+    over the original's."""
     state = meta.state_dict()
     stored = {k: v for k, v in state.items() if k not in aliases}
     missing = [k for k in stored if k not in header]
@@ -340,7 +385,7 @@ def _dry_run(root: Path, meta: nn.Module, stages: list[dict[str, Any]], header: 
     for alias, original in aliases.items():
         if alias in state and tuple(state[alias].shape) != header[original][1]:
             raise _mismatch(f"size mismatch for {alias} (an alias of {original})")
-    extra = sum(_nbytes(b) for b in meta.buffers()) - sum(_nbytes(t) for k, t in state.items() if k not in aliases) - before
+    extra = _nonpersistent_bytes(meta) - before
     if extra > file_bytes + (64 << 20):
         raise ArtifactError(f"artifact {str(root)!r}: its replay builds {extra:,} bytes of tensors that the file does not "
                             "hold; the artifact is corrupted or its manifest was edited")
