@@ -68,7 +68,9 @@ def fingerprint(*parts: Any) -> str:
 
 
 def model_hash(model: nn.Module) -> str:
-    """The architecture (the module tree as printed) and every state dict tensor."""
+    """The architecture (the module tree as printed, with its class's module and name) and every state
+    dict tensor. Stable across processes: a `file.py:factory` model's classes live in a module named
+    by the file's content digest (core/refs.py), never by the salted `hash()` of a string."""
     h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}\n{model!r}".encode())
     for name, t in model.state_dict().items():
         h.update(name.encode())
