@@ -81,6 +81,17 @@ def register_method(name: str, config_cls: type[Config], *, replay: Callable, su
         return replay(model, record)
 
     def wrap(fn: Callable) -> Callable:
+        import inspect
+
+        if name in METHODS and METHODS[name].apply is not fn:
+            raise ConfigError(f"register_method: a method named {name!r} is registered already "
+                              f"({METHODS[name].apply.__module__}); choose another name")
+        for what, f, arity in (("apply", fn, 3), ("replay", replay, 2)):
+            try:
+                inspect.signature(f).bind(*range(arity))
+            except TypeError:
+                raise ConfigError(f"register_method({name!r}): {what} must take {arity} positional arguments "
+                                  f"({'model, config, ctx' if arity == 3 else 'model, replay'}), got {inspect.signature(f)}") from None
         METHODS[name] = Method(name, config_cls, fn, replay_canonical, summary or (fn.__doc__ or "").split("\n")[0])
         return fn
 

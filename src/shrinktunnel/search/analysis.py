@@ -144,7 +144,7 @@ def evaluate_candidate(model: nn.Module, stages: list[tuple[str, dict[str, Any]]
     """Apply the stages (method, config) in order to a copy of `model` and measure the result: the entry (status, metric, artifact byte
     and MAC deltas of the whole model against `base_bytes` / `base_macs`, note, seconds) and the candidate (None unless status is "ok").
     `ctx`: the context the stages run in (default: `data` for calibration); seeded with `seed`."""
-    from ..api import run_stage
+    from ..core.stage import run_stage
     from .plan import seed_everything
 
     t0 = time.perf_counter()

@@ -24,6 +24,7 @@ from torch import nn
 from ..core import data as D
 from ..core.config import Config
 from ..core.registry import Context
+from ..distill.losses import hinton_loss
 from .actions import Action
 
 __all__ = ["RecoveryConfig", "FAMILY_ORDER", "STRUCTURE", "plan_stages", "build_plan", "kd_loss"]
@@ -61,12 +62,8 @@ def kd_loss(teacher: nn.Module, temperature: float, alpha: float) -> Callable[[n
         s = D.first_tensor(D.forward(model, inputs))
         if s.dim() < 2:
             return F.mse_loss(s, t)
-        c = s.shape[-1]
-        soft = F.kl_div(F.log_softmax(s.reshape(-1, c) / temperature, -1), F.log_softmax(t.reshape(-1, c) / temperature, -1),
-                        log_target=True, reduction="batchmean") * temperature**2
-        if target is None or alpha == 1.0 or target.dtype.is_floating_point:
-            return soft
-        return alpha * soft + (1 - alpha) * F.cross_entropy(s.reshape(-1, c), target.reshape(-1))
+        hard = None if target is None or target.dtype.is_floating_point else target  # a regression target: soft only
+        return hinton_loss(s, t, hard, temperature, alpha)
 
     return loss
 
@@ -153,7 +150,7 @@ def build_plan(model: nn.Module, plan: Plan, actions: dict[str, Action], data: A
                recovery: RecoveryConfig | None = None, train_data: Any = None, seed: int = 0) -> nn.Module:
     """The model with `plan` applied (a copy; `model` is the original and the teacher). Seeded, so the
     same plan gives the same model in any process."""
-    from ..api import run_stage
+    from ..core.stage import run_stage
 
     if not plan:
         return model
