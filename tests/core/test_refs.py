@@ -164,3 +164,25 @@ def test_npz_is_never_unpickled(tmp_path):
 def test_loaded_model_is_usable():
     model = load_model(f"{FACTORIES}:mlp")
     assert isinstance(model, nn.Module) and model(torch.randn(2, 6)).shape == (2, 3)
+
+
+
+def test_a_factory_that_exits_is_an_error_not_a_silent_exit():
+    with pytest.raises(ModelError, match="called exit"):
+        load_model("sys:exit")
+
+
+def test_file_module_name_is_the_content_digest_in_every_process(tmp_path):
+    """The same file gives the same module name in processes with different string-hash salts (the
+    analysis cache keys on it)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    f = tmp_path / "m.py"
+    f.write_text("import torch\ndef make():\n    return torch.nn.Linear(2, 2)\n")
+    code = f"from shrinktunnel.core.refs import resolve_callable; print(resolve_callable({str(f) + ':make'!r}).__module__)"
+    names = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
+    assert names == {f"_shrinktunnel_user_{hashlib.sha256(f.read_bytes()).hexdigest()[:32]}"}

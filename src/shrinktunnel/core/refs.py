@@ -126,6 +126,8 @@ def load_model(ref: str, *, base: nn.Module | None = None, trust_code: bool = Fa
     fn = resolve_callable(ref, "model", expect_sha256=expect_sha256)
     try:
         model = fn()
+    except SystemExit as exc:  # `sys:exit` as a factory must not end the process silently with status 0
+        raise ModelError(f"model factory {ref!r} called exit({exc.code!r}) instead of returning a model") from None
     except Exception as exc:
         raise ModelError(f"model factory {ref!r} failed: {one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
