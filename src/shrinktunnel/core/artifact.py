@@ -285,11 +285,12 @@ def _base_model(root: Path, manifest: dict[str, Any], model: nn.Module | None, t
     ref, hf = info.get("ref"), info.get("transformers")
     if ref and is_builtin_ref(ref):
         return _call(load_model, ref), "assets"
-    if ref and not is_file_ref(ref) and ":" not in ref:
-        target = Path(ref)
-        if target.is_dir() and (target / MANIFEST).exists():  # another artifact: data, same rules
-            return load_artifact(target, trust_code=trust_code, _chain=chain), "artifact"
     if ref and trust_code:
+        target = Path(ref) if not is_file_ref(ref) and ":" not in ref else None
+        if target is not None and target.is_dir():  # another artifact, outside this one: same rules, chain kept
+            if not (target / MANIFEST).exists():
+                raise ArtifactError(f"model.ref {ref[:200]!r} is a directory but not an artifact (no {MANIFEST})")
+            return load_artifact(target, trust_code=trust_code, _chain=chain), "artifact"
         return _call(load_model, ref, expect_sha256=info.get("ref_sha256")), "code"
     if hf:
         return build_transformers(hf, meta=False), "transformers"

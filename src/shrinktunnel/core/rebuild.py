@@ -7,11 +7,11 @@ Without consent a reader builds the architecture only from
 - the module the caller passes (`st.load(dir, model=...)`, `--model REF`);
 - the project's own assets (`shrinktunnel.assets:<factory>`: code installed with shrinktunnel itself);
 - a Hugging Face model's config.json (`model.transformers`), with the class looked up by its
-  `model_type` in transformers' own auto mappings, never imported from a path the manifest gives;
-- another artifact directory (`model.ref` naming one): data again, read under the same rules.
+  `model_type` in transformers' own auto mappings, never imported from a path the manifest gives.
 
 Any other `model.ref` (`package.module:factory`, `file.py:factory`) is code, and runs only with
-`trust_code=True` (`--trust-model-code`).
+`trust_code=True` (`--trust-model-code`); so is another artifact directory it may name (outside this
+artifact: read only with consent, then under the same rules, the chain checked for cycles).
 """
 
 from __future__ import annotations
@@ -149,9 +149,9 @@ def meta_copy(model: nn.Module) -> nn.Module:
 def untrusted(ref: str, root: Path) -> UntrustedCodeError:
     return UntrustedCodeError(
         ref,
-        f"artifact {str(root)!r} names code to rebuild its model ({ref[:200]!r}), and loading runs no code an artifact "
-        "names without your consent: pass the original model (st.load(dir, model=...)), or, if you trust whoever "
-        "made the artifact, st.load(dir, trust_code=True)",
+        f"artifact {str(root)!r} names code to rebuild its model ({ref[:200]!r}), and loading runs no code (nor reads "
+        "anything outside the artifact) an artifact names without your consent: pass the original model "
+        "(st.load(dir, model=...)), or, if you trust whoever made the artifact, st.load(dir, trust_code=True)",
     )
 
 
