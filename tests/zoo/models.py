@@ -292,9 +292,27 @@ class SamePadCNN(nn.Module):
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class TorchTransformer(nn.Module):
+    """torch's own nn.TransformerEncoder (nn.MultiheadAttention inside: a fused in_proj_weight, out_proj
+    read by the fused op) over token embeddings, with a padding mask, then a Linear head."""
+
+    def __init__(self, vocab: int = VOCAB, d: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(d, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.encoder(self.embed(input_ids), src_key_padding_mask=attention_mask == 0)
+        return self.head(h[:, 0])
+
+
 HAND_MODELS: list[ZooModel] = [
     ZooModel("same_pad_cnn", "cnn", "hand-written", SamePadCNN, _image_tensor(32),
              "every conv a Conv2d subclass padding in its forward (Conv2dStaticSamePadding, Conv2dSame)"),
+    ZooModel("torch_transformer", "text", "hand-written", TorchTransformer, _tokens,
+             "torch's nn.TransformerEncoder: nn.MultiheadAttention with a padding mask"),
 ]
 
 
