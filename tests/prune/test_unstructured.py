@@ -228,10 +228,11 @@ def test_removing_every_weight_of_a_layer_is_refused_with_the_layer_named():
 def test_unsupported_layers_are_warned_and_skipped():
     case = CASES["unsupported"]
     ctx = prune_context(progress=False)
-    with pytest.warns(UserWarning, match="not a supported layer kind"):
+    with pytest.warns(UserWarning, match="no method rewrites it"):
         pruned = run_stage(case.model(), "prune", {"sparsity": 0.5}, ctx)
-    assert sorted(w.split(":")[1].strip() for w in ctx.warnings if "supported" in w) == ["emb", "lstm"]
+    assert [w.split(":")[1].strip() for w in ctx.warnings] == ["lstm"]  # the LSTM only: the Embedding is pruned
     assert isinstance(pruned.head, SparseLayer) and pruned.head.sparse_spec["kept"] == 12
+    assert isinstance(pruned.emb, SparseLayer) and pruned.emb.kind == "embedding" and pruned.emb.sparse_spec["kept"] == 80
 
 
 def test_nan_weights_and_missing_data_fail_clearly():
