@@ -51,7 +51,7 @@ def test_mha_is_scaled_dot_product_attention_over_heads():
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], dtype=torch.int32)
     split = lambda x: x.reshape(b, s, h, d).transpose(1, 2)  # noqa: E731
     ref = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask.bool()[:, None, None, :], scale=0.3)
-    got = mha(q, k, v, mask, h, 0.3)
+    got = mha(q, k, v, mask, None, h, 0.3)
     torch.testing.assert_close(got, ref.transpose(1, 2).reshape(b, s, h * d))
 
 

@@ -25,7 +25,7 @@ from ..core import data as D
 from ..core.registry import Context, register_method
 from ..core.layers import WRAP_CHILD, Wrapped
 from ..core.select import matches, names_by_module, set_submodule
-from .attention import fuse_attention
+from .attention import _hf_models, fuse_attention
 from .config import FuseOpsConfig, LinearMerge
 
 __all__ = ["fuse_ops", "replay_fuse_ops", "fold_bn", "fold_batchnorms", "merge_linears", "symbolic_trace"]
@@ -79,7 +79,7 @@ def replay_fuse_ops(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
         _add_bias(model.get_submodule(entry["layer"]))
         set_submodule(model, entry["bn"], nn.Identity())
     for name in replay.get("attention", []):
-        fuse_attention(model.get_submodule(name) if name else model)
+        fuse_attention(model.get_submodule(name) if name else model, check=False)
     for entry in replay["linear"]:
         first = model.get_submodule(entry["first"])
         set_submodule(model, entry["first"], nn.Linear(entry["in"], entry["out"], bias=entry["bias"], dtype=first.weight.dtype))
@@ -241,8 +241,10 @@ def fuse_ops(model: nn.Module, cfg: FuseOpsConfig, ctx: Context) -> tuple[nn.Mod
     ok = lambda *names: not any(n in shared or matches(n, cfg.skip) for n in names)  # noqa: E731
     replay: dict[str, Any] = {"bn": [], "linear": [], "attention": []}
     if cfg.attention:
-        replay["attention"] = fuse_attention(model)
-        if not replay["attention"]:
+        example = ctx.example_inputs if ctx.example_inputs is not None else (
+            next(D.batches(ctx.data)) if ctx.data is not None else None)
+        replay["attention"] = fuse_attention(model, example, warn=ctx.warn)  # checked on the example; refusals warned
+        if not replay["attention"] and not _hf_models(model):  # refused ones were warned with their reasons
             ctx.warn("fuse_ops: attention: no Hugging Face encoder in the model (transformers' PreTrainedModel "
                      "with bidirectional attention); its attention is left as it is")
     gm = try_trace(model, ctx) if cfg.bn or cfg.linear != LinearMerge.NEVER else None
