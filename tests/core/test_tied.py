@@ -15,7 +15,7 @@ from torch import nn
 import shrinktunnel as st
 from shrinktunnel.core.artifact import read_manifest
 from shrinktunnel.core.coverage import stage_coverage
-from shrinktunnel.core.tied import TiedEmbedding, tie_plan, tied_pairs
+from shrinktunnel.core.tied import TiedEmbedding, tie_groups, tie_plan, tied_pairs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -82,7 +82,7 @@ def _ort(path, x: torch.Tensor) -> torch.Tensor:
 def test_tied_pairs_and_the_plan():
     net = _tied_net()
     assert tied_pairs(net) == {"emb": "head"}
-    assert tied_pairs(_tied_net(tied=False)) == {}
+    assert tied_pairs(_tied_net(tied=False)) == {} and tie_groups(_tied_net()) == [("head", ["emb"])]
     assert tie_plan(net, ["*"], []) == ({"head": ["emb"]}, {})
     assert tie_plan(net, ["head"], []) == ({"head": ["emb"]}, {})  # the Embedding goes with its Linear
     together, refused = tie_plan(net, ["*"], ["emb"])  # an explicit skip keeps both, with the reason
@@ -197,3 +197,42 @@ def test_gpt2_tied_coverage_round_trip_and_onnx(method, tmp_path):
         assert torch.equal(loaded(ids).logits, got)
     onnx = st.export_onnx(loaded, tmp_path / "m.onnx", example_inputs=ids)
     assert (_ort(onnx, ids) - got).abs().max() <= METHODS[method][1]
+
+
+class SharedTable(nn.Module):
+    """Two Embeddings sharing one table and no Linear (T5's `shared` and `encoder.embed_tokens`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(VOCAB, DIM)
+        self.tokens = nn.Embedding(VOCAB, DIM, padding_idx=0)
+        self.tokens.weight = self.shared.weight
+        self.out = nn.Linear(DIM, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.tokens(ids).mean(1))
+
+
+def _shared_table() -> SharedTable:
+    torch.manual_seed(0)
+    return SharedTable().eval()
+
+
+@pytest.mark.parametrize("method", ["quantize", "prune", "cluster"])
+def test_embeddings_sharing_a_table_become_one_layer_under_both_names(method, tmp_path):
+    model, ids = _shared_table(), _ids()
+    out = _run(method, model, [ids])
+    (cov,) = stage_coverage(out)
+    assert cov.share == 1.0, cov
+    assert out.tokens is out.shared and type(out.tokens) is not nn.Embedding
+    path = st.save(out, tmp_path / "s")
+    keys = _stored_keys(path)
+    assert not (any(k.startswith("shared.") for k in keys) and any(k.startswith("tokens.") for k in keys)), keys
+    loaded = st.load(path, model=_shared_table())
+    assert loaded.tokens is loaded.shared
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), out(ids))
+    # a skip naming one of them keeps both float and tied, with the reason
+    kept = st.quantize(model, {"activations": None, "skip": ["shared"]}, progress=False)
+    assert type(kept.tokens) is nn.Embedding and kept.tokens.weight is kept.shared.weight
+    assert "tie holds" in stage_coverage(kept)[0].skipped["tokens"]

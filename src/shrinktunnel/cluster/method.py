@@ -78,7 +78,7 @@ def cluster_model(model: nn.Module, cfg: ClusterConfig, ctx: Context) -> tuple[n
         for p in m.parameters(recurse=False):
             owners.setdefault(id(p), set()).add(id(m))
     rules = [(o.pattern, o.bits) for o in cfg.overrides]
-    # An Embedding tied to a Linear (lm_head): the pair is clustered once, as the Linear (core/tied.py).
+    # Tied weights (an Embedding and its lm_head, Embeddings sharing a table) are clustered once (core/tied.py).
     together, refused = tie_plan(model, cfg.layers, cfg.skip)
     following = {e for embs in together.values() for e in embs}
     layers: dict[str, Any] = {}
@@ -116,12 +116,14 @@ def cluster_model(model: nn.Module, cfg: ClusterConfig, ctx: Context) -> tuple[n
                 ctx.skip(e, f"its weight is tied to {name}, which stays float; kept in float so the tie holds")
             continue
         done.add(id(module))
-        for alias in names_of[id(module)]:
+        embedding = isinstance(module, nn.Embedding)  # Embeddings sharing its table: further names of its layer
+        for alias in names_of[id(module)] + (followers if embedding else []):
             set_submodule(model, alias, layer)
             if alias != name:
                 shared[alias] = name
         layers[name] = layer.spec()
-        tied.update({e: tie_record(model, e, name) for e in followers})
+        if not embedding:  # Embeddings tied to this Linear read its layer's rows
+            tied.update({e: tie_record(model, e, name) for e in followers})
     tie(model, tied)  # each tied Embedding reads the rows of its Linear's clustered layer
     if not layers:
         ctx.warn("cluster: no Linear/Conv1d/Conv2d/Embedding layer was clustered; the model is unchanged")

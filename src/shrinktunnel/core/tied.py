@@ -12,7 +12,10 @@ storage once (core/artifact.py: aliases), and the state dict names both (`lm_hea
   scales. SmoothQuant's factors (the Linear holds W * s) are divided out again per column.
 - sparse / clustered: rows of the decoded dense weight are gathered (ONNX: Gather on the dense weight).
 
-Methods find the pairs with `tied_pairs(model)` and record them in their replay as
+Embeddings that share one table with no Linear (T5's `shared` and `encoder.embed_tokens`) need no
+TiedEmbedding: both compute the same lookup, so the method's layer is registered under every name.
+
+Methods find the groups with `tie_plan(model, layers, skip)` and record the Linear ties in their replay as
 `{"tied": {embedding name: {"layer": linear name, "padding_idx": int | None}}}`; `tie(model, tied)`
 builds the TiedEmbeddings after the method's layers (in `apply` and in `replay`).
 """
@@ -25,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TiedEmbedding", "tied_pairs", "tie_plan", "tie", "tie_record", "TIED_CHILD"]
+__all__ = ["TiedEmbedding", "tie_groups", "tied_pairs", "tie_plan", "tie", "tie_record", "TIED_CHILD"]
 
 TIED_CHILD = "layer"  # the shared layer inside a TiedEmbedding: `<embedding>.layer`
 
@@ -78,31 +81,43 @@ def _dense(layer: nn.Module) -> torch.Tensor:
     return w() if callable(w) else w  # ClusteredLayer.weight() is a method; SparseLayer.weight a buffer
 
 
-def tied_pairs(model: nn.Module) -> dict[str, str]:
-    """{embedding name: linear name} for every exact `nn.Embedding` whose weight Parameter is the weight
-    of an exact `nn.Linear` of the same shape (and no other module's): the pairs a method transforms once."""
+def tie_groups(model: nn.Module) -> list[tuple[str | None, list[str]]]:
+    """[(linear name or None, [embedding names])]: every weight Parameter held by several modules that
+    are all exact `nn.Embedding`s (without max_norm) but at most one exact `nn.Linear`, of one shape.
+    Names in `named_modules` order; a module registered under two names appears once (its first)."""
     holders: dict[int, list[tuple[str, nn.Module]]] = {}
     for name, module in model.named_modules():
         w = module._parameters.get("weight") if name else None
         if isinstance(w, nn.Parameter):
             holders.setdefault(id(w), []).append((name, module))
-    out: dict[str, str] = {}
+    groups = []
     for held in holders.values():
-        if len(held) != 2:
+        if len(held) < 2 or len({tuple(m.weight.shape) for _, m in held}) != 1:
             continue
-        emb = [(n, m) for n, m in held if type(m) is nn.Embedding]
-        lin = [(n, m) for n, m in held if type(m) is nn.Linear]
-        if len(emb) == 1 and len(lin) == 1 and emb[0][1].max_norm is None \
-                and emb[0][1].weight.shape == lin[0][1].weight.shape:
-            out[emb[0][0]] = lin[0][0]
-    return out
+        emb = [n for n, m in held if type(m) is nn.Embedding and m.max_norm is None]
+        lin = [n for n, m in held if type(m) is nn.Linear]
+        if emb and len(lin) <= 1 and len(emb) + len(lin) == len(held):
+            groups.append((lin[0] if lin else None, emb))
+    return groups
+
+
+def tied_pairs(model: nn.Module) -> dict[str, str]:
+    """{embedding name: linear name} for every Embedding tied to a Linear (`tie_groups`): the Linear is
+    what a method transforms, the Embedding becomes a TiedEmbedding reading it."""
+    return {e: lin for lin, embs in tie_groups(model) if lin is not None for e in embs}
 
 
 def tie_plan(model: nn.Module, layers: list[str], skip: list[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """Which tied pairs a stage with these patterns transforms: ({linear: [embeddings]}, {layer: reason}).
-    A pair goes with its Linear: it is transformed when the Linear is selected and no `skip` pattern
-    names the Embedding (the Embedding need not match `layers`). Otherwise both are left as they are,
-    and the selected one of them gets the reason (transforming one copy would untie them)."""
+    """Which tie groups a stage with these patterns transforms: ({lead: [followers]}, {layer: reason}).
+
+    - An Embedding tied to a Linear (lm_head): the Linear leads; the group is transformed when the Linear
+      is selected and no `skip` pattern names one of its Embeddings (they need not match `layers`);
+      the followers become TiedEmbeddings reading the Linear's layer.
+    - Embeddings sharing one table (T5's `shared` and `encoder.embed_tokens`): the first selected one
+      leads; the group is transformed when no member matches `skip`; the followers are further names
+      of the lead's layer (one module registered under several names, stored once).
+    Otherwise every member is left as it is, and the selected ones get the reason (transforming one
+    copy would untie them and store the table twice)."""
     from .select import matches
 
     def selected(name: str) -> bool:
@@ -110,15 +125,19 @@ def tie_plan(model: nn.Module, layers: list[str], skip: list[str]) -> tuple[dict
 
     together: dict[str, list[str]] = {}
     refused: dict[str, str] = {}
-    for emb, lin in tied_pairs(model).items():
-        if selected(lin) and not matches(emb, skip):
-            together.setdefault(lin, []).append(emb)
-        elif selected(lin):
-            refused[lin] = (f"its weight is tied to {emb}, which this stage's skip patterns leave alone; left as "
-                            "it is so the tie holds (transforming one copy would store the table twice)")
-        elif selected(emb):
-            refused[emb] = (f"its weight is tied to {lin}, which this stage leaves alone; left as it is so the "
-                            "tie holds (transforming one copy would store the table twice)")
+    for lin, embs in tie_groups(model):
+        members = ([lin] if lin else []) + embs
+        chosen = [n for n in members if selected(n)]
+        lead = lin if lin is not None else (chosen[0] if chosen else None)
+        kept = [n for n in members if matches(n, skip)]
+        if lead is not None and selected(lead) and not kept:
+            together[lead] = [n for n in members if n != lead]
+            continue
+        for name in chosen:
+            why = (f"this stage's skip patterns leave {', '.join(kept)} alone" if kept else
+                   f"this stage leaves {lin} alone")
+            refused[name] = (f"its weight is tied to {', '.join(n for n in members if n != name)} and {why}; left "
+                             "as it is so the tie holds (transforming one copy would store the table twice)")
     return together, refused
 
 

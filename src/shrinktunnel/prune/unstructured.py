@@ -85,7 +85,7 @@ def plan_targets(model: nn.Module, cfg: PruneConfig, ctx: Context) -> list[Targe
     for m in model.modules():
         if isinstance(getattr(m, "weight", None), nn.Parameter):
             owners.setdefault(id(m.weight), set()).add(id(m))
-    # An Embedding tied to a Linear (lm_head): the pair is pruned once, as the Linear (core/tied.py).
+    # Tied weights (an Embedding and its lm_head, Embeddings sharing a table) are pruned once (core/tied.py).
     together, refused = tie_plan(model, cfg.layers, cfg.skip)
     followers = {e for embs in together.values() for e in embs}
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -115,6 +115,8 @@ def plan_targets(model: nn.Module, cfg: PruneConfig, ctx: Context) -> list[Targe
             continue
         score = torch.rand(module.weight.shape, generator=generator) if cfg.criterion == Criterion.RANDOM else None
         aliases = tuple(n for n in names_of[id(module)] if n != name)
+        if isinstance(module, nn.Embedding):  # Embeddings sharing its table: further names of its sparse layer
+            aliases += tuple(together.get(name, ()))
         targets.append(Target(name, module, sparsity, aliases, score))
     if not targets:
         ctx.warn("prune: no Linear/Conv1d/Conv2d/Embedding layer selected with a sparsity above 0; the model is unchanged")

@@ -142,7 +142,8 @@ def _embedding_plans(model: nn.Module, cfg: QuantConfig, ctx: Context, names_of:
             if matches(name, [rule.pattern]) and "weights" in rule.model_fields_set and rule.weights is not None:
                 weights = rule.weights
         _check_weight(name, module, weights)
-        aliases = tuple(n for n in names_of[id(module)] if n != name)
+        # Embeddings sharing its table (tied, no Linear among them): further names of its quantized layer.
+        aliases = tuple(n for n in names_of[id(module)] if n != name) + tuple(together.get(name, ()))
         plans.append(LayerPlan(name, module, weights, None, None, aliases))
     return plans
 
@@ -264,7 +265,7 @@ def _gptq_weights(plans: list[LayerPlan], hessians: dict, cfg: QuantConfig, ctx:
     rebuilds candidates many times from these."""
     rounded = {}
     todo = [p for p in plans if p.name in hessians and hessians[p.name].count > 0]
-    for plan in track(todo, "gptq", enabled=ctx.progress):
+    for plan in track(todo, "gptq", enabled=ctx.progress and bool(todo)):  # no empty bar without GPTQ
         wq = plan.weights
         qmin, qmax, group_size = _weight_grid(wq)
         try:
