@@ -44,7 +44,7 @@ def _text_batch(batch=2, seq=SEQ, mask=True, seed=1):
     out = {"input_ids": ids}
     if mask:
         m = torch.ones(batch, seq, dtype=torch.long)
-        m[-1, seq - 3:] = 0  # one padded row
+        m[-1, max(1, seq - 3):] = 0  # one padded row (its first token kept: a row with no token has no softmax)
         out["attention_mask"] = m
     return out
 
@@ -60,6 +60,8 @@ def _build(cls, config, reinit=False):
         for m in model.modules():
             if isinstance(m, nn.Conv2d):  # He init keeps the activations' scale through ReLU stacks
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):  # running statistics 0 / 1, affine 1 / 0
+                m.reset_parameters()
     return Main(model).eval()
 
 
@@ -197,7 +199,7 @@ def regnet():
 def efficientnet():
     from transformers import EfficientNetConfig, EfficientNetModel
 
-    cfg = EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=64,
+    cfg = EfficientNetConfig(image_size=32, width_coefficient=0.25, depth_coefficient=0.25, hidden_dim=320,
                              num_hidden_layers=4)
     return _build(EfficientNetModel, cfg, reinit=True), _image()
 
@@ -205,7 +207,7 @@ def efficientnet():
 def mobilenetv2():
     from transformers import MobileNetV2Config, MobileNetV2Model
 
-    cfg = MobileNetV2Config(image_size=32, depth_multiplier=0.25)
+    cfg = MobileNetV2Config(image_size=32, depth_multiplier=0.25, finegrained_output=False)
     return _build(MobileNetV2Model, cfg, reinit=True), _image()
 
 

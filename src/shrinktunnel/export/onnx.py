@@ -64,17 +64,22 @@ def export_onnx(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
+        why = "the model's code fixes them (torch.export specialised them to the example)"
         try:
             _export(module, args, kwargs, _dynamic_shapes(module, args, kwargs, dynamic_batch, extra), tmp, opset)
+            fixed = _fixed_dims(tmp, extra)
         except Exception as exc:
             if not extra or dynamic_dims is not None:
                 raise
-            # Inferred dims the model's code fixes (a length it checks, a reshape to a constant): export
-            # again with them static, and say so.
-            dims = ", ".join(f"{name}[{d}]" for name, ds in extra.items() for d in ds)
-            warnings.warn(f"export_onnx: {dims} kept at the example's length ({one_line(exc)[:200]}); pass "
-                          "dynamic_dims to choose the dynamic dimensions", UserWarning, stacklevel=2)
+            # Inferred dims the model's code cannot take dynamic: export again with them static.
+            fixed, why = extra, one_line(exc)[:200]
             _export(module, args, kwargs, _dynamic_shapes(module, args, kwargs, dynamic_batch, {}), tmp, opset)
+        if fixed:
+            dims = ", ".join(f"{name}[{d}]" for name, ds in fixed.items() for d in ds)
+            if dynamic_dims is not None:
+                raise ExportError(f"dynamic_dims: {dims} cannot be dynamic: {why}; leave them out of dynamic_dims")
+            warnings.warn(f"export_onnx: {dims} kept at the example's length: {why}; pass dynamic_dims to "
+                          "choose the dynamic dimensions", UserWarning, stacklevel=2)
         _postprocess(tmp)
         _check_runs(tmp)
         os.replace(tmp, target)
@@ -177,6 +182,23 @@ def _batch_at_least_two(args, kwargs):
         return t
 
     return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
+
+
+def _fixed_dims(path: Path, wanted: dict[str, dict[int, str]]) -> dict[str, dict[int, str]]:
+    """The dims of `wanted` that the exported graph holds at a fixed size (torch.export refines a
+    dynamic dim to the example's size when the model's code needs that size)."""
+    import onnx
+
+    if not wanted:
+        return {}
+    shapes = {i.name: i.type.tensor_type.shape.dim for i in onnx.load(str(path), load_external_data=False).graph.input}
+    fixed: dict[str, dict[int, str]] = {}
+    for name, dims in wanted.items():
+        shape = shapes.get(name)
+        for d, n in dims.items():
+            if shape is not None and d < len(shape) and not shape[d].dim_param:
+                fixed.setdefault(name, {})[d] = n
+    return fixed
 
 
 def _bound_inputs(module: nn.Module, args, kwargs) -> dict[str, Any]:
