@@ -16,7 +16,8 @@ from zoo.models import ZOO, Conv2dSame, Conv2dStaticSamePadding, SamePadCNN, bui
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-@pytest.mark.parametrize("name", list(ZOO))
+# timm's models (millions of weights each) are built by benchmarks/coverage.py only: the default suite stays fast.
+@pytest.mark.parametrize("name", [n for n in ZOO if ZOO[n].source != "timm"])
 def test_every_zoo_model_builds_offline_and_runs(name):
     model = build(name)
     x = example_inputs(name)
@@ -68,10 +69,8 @@ def test_a_reason_names_the_whole_layer_name():
 FAST_CELLS = [
     ("same_pad_cnn", "quantize_w8a8"),  # Conv2d subclasses padding in their own forward
     ("same_pad_cnn", "prune"),
-    ("same_pad_cnn", "cluster"),
     ("bert", "quantize_dynamic"),
-    ("bert", "cluster"),
-    ("resnet", "quantize_w8a8"),
+    ("resnet", "cluster"),
 ]
 
 
