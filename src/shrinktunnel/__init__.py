@@ -29,6 +29,7 @@ from .prune import ChannelPruneConfig, LayerSparsity, PruneConfig  # noqa: E402
 from .api import prune  # noqa: E402  (st.prune: the function, shrinktunnel.prune: the package)
 from .api import distill, fuse  # noqa: E402  (st.distill / st.fuse: the functions; shrinktunnel.distill / .fuse: the packages)
 from .api import decompose  # noqa: E402  (st.decompose: the function, shrinktunnel.decompose: the package)
+from .api import compile  # noqa: E402,A004  (st.compile: real int8 kernels in PyTorch, quant/torch_int8.py)
 
 __all__ = [
     "__version__", "measure", "quantize", "cast", "compress", "load", "save", "export_onnx", "load_recipe", "set_model_ref",
@@ -38,6 +39,6 @@ __all__ = [
     "analyze", "auto", "Action", "Analysis", "AutoResult", "RecoveryConfig",
     "prune", "ChannelPruneConfig", "PruneConfig", "LayerSparsity",
     "distill", "DistillConfig", "Hint", "KeepLayersConfig", "Relation", "fuse", "FuseConfig", "FuseOpsConfig",
-    "decompose", "DecomposeConfig", "ConvScheme",
+    "decompose", "DecomposeConfig", "ConvScheme", "compile",
     "ShrinkError", "ConfigError", "DataError", "ModelError", "ArtifactError", "ExportError",
 ]

@@ -21,7 +21,8 @@ from .errors import ConfigError, ModelError
 from .measure import artifact_bytes, bits_per_weight, count_macs, count_weights, float_safetensors_bytes
 from .quant.config import QuantConfig
 
-__all__ = ["quantize", "prune", "cast", "cluster", "distill", "fuse", "decompose", "compress", "load", "save", "run_stage"]
+__all__ = ["quantize", "prune", "cast", "cluster", "distill", "fuse", "decompose", "compress", "load", "save", "run_stage",
+           "compile"]
 
 
 def quantize(model: nn.Module, config: QuantConfig | dict | None = None, *, data: Any = None, progress: bool = True) -> nn.Module:
@@ -180,13 +181,26 @@ def _measure(model: nn.Module, example: Any, eval_fn, artifact: bool = False) ->
     return out
 
 
-def load(path: str | os.PathLike, model: nn.Module | None = None, *, trust_code: bool = False) -> nn.Module:
+def load(path: str | os.PathLike, model: nn.Module | None = None, *, trust_code: bool = False,
+         backend: str | None = None) -> nn.Module:
     """Rebuild the compressed model saved at `path` (a new module; no pickle, no code the artifact names
     runs). `model`: the original architecture (copied, never changed). Without it, the architecture
     comes from shrinktunnel's own assets, a Hugging Face config.json or another artifact; an artifact
     that names other code (`pkg.module:factory`, `file.py:factory`) needs `trust_code=True`, like
-    transformers' `trust_remote_code` (docs/artifact-format.md)."""
-    return load_artifact(path, model, trust_code=trust_code)
+    transformers' `trust_remote_code` (docs/artifact-format.md). `backend="inductor"`: return
+    `st.compile(model, backend=...)` of it (real int8 kernels in PyTorch, inference only)."""
+    loaded = load_artifact(path, model, trust_code=trust_code)
+    return loaded if backend is None else compile(loaded, backend=backend)
+
+
+def compile(model: nn.Module, backend: str = "inductor", *, dynamic: bool | None = None) -> nn.Module:
+    """Return a NEW module that runs `model`'s quantized layers with PyTorch's integer kernels (oneDNN
+    int8 conv / linear, int8 GEMM for dynamic activations, the int4 weight-only GEMM) through
+    torch.compile with frozen weights; inference only. Layers that stay simulated are named in one
+    warning per reason. A backend this torch build lacks is a ConfigError (docs/quantization.md)."""
+    from .quant.torch_int8 import compile_int8
+
+    return compile_int8(model, backend, dynamic=dynamic)
 
 
 def save(model: nn.Module | Result, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

@@ -1,0 +1,384 @@
+"""Real int8 in PyTorch: `st.compile(model)` lowers a quantized model's layers to PyTorch's integer
+kernels, so a model that stays in PyTorch runs int8, not a simulation of it.
+
+`QuantizedLayer` computes in float with dequantized weights and fake-quantized activations (the QDQ
+graph it exports to). This module copies the model, replaces each layer that PyTorch can run with
+integer kernels by a lean module built from the layer's own integers and scales, and compiles the
+copy with inductor, weights frozen (`torch._inductor.config.freezing` on at every call):
+
+| layer | lowered to | kernel |
+|---|---|---|
+| static int8 activations, symmetric 2-8 bit weights per tensor or channel, Linear / Conv1d / Conv2d | the same `quantized_decomposed` dq -> conv/linear -> (relu) -> q pattern, weights as int8 constants | inductor's x86 int8 passes (the ones torchao's PT2E path relies on): `onednn.qconv_pointwise` / `qlinear_pointwise` with prepacked weights, ReLU fused; `MaxPool2d` and reshapes between them run on uint8 |
+| dynamic activations (per token or per tensor), Linear | uint8 per row as `quant/dynamic.py` computes it, shifted to int8 (q - 128), `aten._int_mm`, the zero point and the shift corrected by one rank-1 term | inductor's `_int_mm` pattern -> `onednn.qlinear_pointwise` (s8 x s8 -> s32), the quantization fused into one C++ loop |
+| weight-only, <= 4-bit codes, Linear, output features a multiple of 16, groups of 32 / 64 / 128 / 256 (or per channel with K divisible by 32) | `aten._weight_int4pack_mm_for_cpu` on the codes packed once | PyTorch's int4 weight-only GEMM; it runs in bfloat16 (its float32 path is 24x slower than a float32 GEMM here), so outputs carry bfloat16 rounding |
+
+Everything else keeps its simulated layer, compiled: weight-only convolutions and 5-8 bit weight-only
+Linears (their dequantized weight is constant-folded at compile time and runs float kernels:
+PyTorch's int8 weight-only GEMM for float32 inputs, `aten._weight_int8pack_mm`, was 7x slower than
+the float GEMM here), per-group or asymmetric weights with int8 activations (the oneDNN kernels take
+symmetric weights with one scale per output channel), binary activations. Each such layer is listed
+in one warning per reason. Embeddings already gather int8 rows and dequantize only those.
+
+Outputs match the simulated model: static layers compute the same integers (an output may differ by
+one quantization step where the float result lies on a rounding boundary), dynamic layers the same
+int32 accumulators (float rounding), int4 layers within bfloat16 rounding. `tests/quant/test_torch_int8.py`
+states each tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.registry import Context
+from ..core.select import names_by_module, set_submodule
+from ..errors import ConfigError, ModelError
+from .binary import BinaryActivation
+from .dynamic import quantize_dynamic_u8
+from .modules import QuantizedLayer, apply_layer, weight_format
+from .ops import dequantize_weight, fake_quant_activation
+
+__all__ = ["BACKENDS", "compile_int8", "lower", "Int8Compiled", "StaticInt8", "DynamicInt8", "Int4WeightOnly",
+           "missing_backend"]
+
+BACKENDS = ("inductor",)
+INT4_GROUPS = (256, 128, 64, 32)  # the group sizes aten._weight_int4pack_mm_for_cpu accepts
+_INDUCTOR_MATCHES = ("qconv_weight_prepack_matcher_count", "qlinear_weight_prepack_matcher_count")
+
+
+# -- what this torch build can run ------------------------------------------------------------------
+def missing_backend(backend: str) -> list[str]:
+    """What the running torch lacks to lower quantized layers with `backend` (empty: nothing)."""
+    missing = []
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686"):
+        missing.append(f"an x86 CPU (inductor's int8 patterns are x86 only; this is {platform.machine()})")
+    if not torch.backends.mkldnn.is_available():
+        missing.append("oneDNN (torch.backends.mkldnn.is_available() is False: a torch built without MKLDNN)")
+    for op in ("qconv_pointwise", "qlinear_pointwise", "qconv_prepack", "qlinear_prepack"):
+        if not hasattr(torch.ops.onednn, op):
+            missing.append(f"torch.ops.onednn.{op}")
+    for op in ("_int_mm", "_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"):
+        if not hasattr(torch.ops.aten, op):
+            missing.append(f"torch.ops.aten.{op}")
+    try:
+        from torch._inductor import cpp_builder
+
+        cpp_builder.get_cpp_compiler()
+    except Exception as exc:  # inductor's CPU code generation compiles C++
+        missing.append(f"a C++ compiler for inductor's CPU code ({type(exc).__name__}: {exc})")
+    return missing
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ConfigError(f"compile: backend={backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+    missing = missing_backend(backend)
+    if missing:
+        raise ConfigError(f"compile: backend {backend!r} needs what this torch {torch.__version__} build lacks: "
+                          f"{'; '.join(missing)}. Run the simulated model as it is, or export it with "
+                          "st.export_onnx and run it in ONNX Runtime")
+
+
+# -- the lowered layers ---------------------------------------------------------------------------
+class StaticInt8(nn.Module):
+    """Static int8: the QuantizedLayer's own QDQ pattern on plain int8 buffers, which inductor's x86
+    passes fuse into oneDNN int8 conv / linear. A Conv1d runs as a Conv2d of height 1 (the passes
+    match 2-D convolutions)."""
+
+    def __init__(self, layer: QuantizedLayer) -> None:
+        super().__init__()
+        spec, w = layer._spec, layer._format
+        self.spec = dict(spec)
+        q = layer.integer_weight().detach().to(torch.int8).clone()
+        self.conv1d = spec["kind"] == "conv1d"
+        if self.conv1d:  # (out, in/groups, k) -> (out, in/groups, 1, k)
+            q = q.unsqueeze(2)
+            self.spec.update(kind="conv2d", stride=[1, *spec["stride"]], dilation=[1, *spec["dilation"]],
+                             padding=spec["padding"] if isinstance(spec["padding"], str) else [0, *spec["padding"]])
+            if "explicit_padding" in spec:  # F.pad of the last dim: unchanged for the unsqueezed input
+                self.spec["explicit_padding"] = list(spec["explicit_padding"])
+        self.register_buffer("qweight", q)
+        self.register_buffer("weight_scale", layer.weight_scale.detach().float().clone())
+        self.register_buffer("weight_zero_point", layer.weight_zero_point.detach().to(torch.int32).clone())
+        self.qmin, self.qmax = int(w["qmin"]), int(w["qmax"])
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), requires_grad=False)
+        self.input_quant, self.output_quant = layer.input_quant, layer.output_quant
+        self.relu = spec.get("activation") == "relu"
+        if spec.get("input_smooth"):
+            self.register_buffer("input_smooth", layer.input_smooth.detach().clone())
+        else:
+            self.input_smooth = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_smooth is not None:
+            x = x * self.input_smooth
+        if self.conv1d:
+            x = x.unsqueeze(2)
+        a = self.input_quant
+        x = fake_quant_activation(x, a.scale, a.zero_point, a.qmin, a.qmax, _dtype(a.dtype))
+        w = dequantize_weight(self.qweight, self.weight_scale, self.weight_zero_point, self.qmin, self.qmax)
+        y = apply_layer(self.spec, x, w, self.bias)
+        if self.relu:
+            y = F.relu(y)
+        if (o := self.output_quant) is not None:
+            y = fake_quant_activation(y, o.scale, o.zero_point, o.qmin, o.qmax, _dtype(o.dtype))
+        return y.squeeze(2) if self.conv1d else y
+
+    def extra_repr(self) -> str:
+        return f"{'conv1d' if self.conv1d else self.spec['kind']}, weight={tuple(self.qweight.shape)}, int8 activations"
+
+
+class DynamicInt8(nn.Module):
+    """Dynamic int8 Linear with the arithmetic of quant/dynamic.py: x quantized to uint8 per row (or
+    per tensor) with a zero point, then acc = (q - zp) @ Wq^T in int32 and y = acc * scale * w_scale + b.
+
+    oneDNN's int8 GEMM takes one zero point per tensor, so the uint8 codes are shifted to int8
+    (q - 128, exact) and the shift and each row's zero point come back as one rank-1 term:
+        (q - zp) @ Wq^T = (q - 128) @ Wq^T + (128 - zp) * colsum(Wq)
+    The first is `aten._int_mm` scaled by the row and column scales, the shape inductor lowers to
+    `onednn.qlinear_pointwise`; the second is a (rows, 1) x (out,) product fused into the epilogue."""
+
+    def __init__(self, layer: QuantizedLayer) -> None:
+        super().__init__()
+        q = layer.integer_weight().detach().to(torch.int8)
+        scale = layer.weight_scale.detach().float()
+        self.register_buffer("weight_t", q.t().contiguous())  # (in, out): _int_mm's right operand
+        self.register_buffer("weight_scale", scale.clone())
+        # colsum(Wq) * w_scale, (out,): what each unit of (128 - zp) adds to a row, in output units
+        self.register_buffer("colsum_scaled", q.to(torch.int32).sum(dim=1).float() * scale)
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), requires_grad=False)
+        self.per_token = bool(layer.input_dynamic["per_token"])
+        if layer._spec.get("input_smooth"):
+            self.register_buffer("input_smooth", layer.input_smooth.detach().clone())
+        else:
+            self.input_smooth = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_smooth is not None:
+            x = x * self.input_smooth
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (M, K)
+        q, scale, zero_point = quantize_dynamic_u8(x2, self.per_token)  # scale, zp: (M, 1) or ()
+        a = (q.to(torch.int16) - 128).to(torch.int8)
+        scale = scale.reshape(-1, 1)  # (M, 1) or (1, 1)
+        y = torch._int_mm(a, self.weight_t).to(torch.float32) * scale * self.weight_scale  # (M, N)
+        y = y + ((128 - zero_point).reshape(-1, 1).to(torch.float32) * scale) * self.colsum_scaled
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    def extra_repr(self) -> str:
+        k, n = self.weight_t.shape
+        return f"linear, weight=({n}, {k}), dynamic int8 {'per token' if self.per_token else 'per tensor'}"
+
+
+class Int4WeightOnly(nn.Module):
+    """Weight-only Linear with codes of 4 bits or fewer, run by `aten._weight_int4pack_mm_for_cpu`:
+    codes c in [0, 15] packed once, w = (c - 8) * scale + zero per group. Our integers map exactly:
+    signed q -> c = q + 8, zero 0; unsigned q with zero point zp -> c = q, zero = (8 - zp) * scale.
+    The kernel computes in bfloat16 (input, scales and output), the result is returned in float32."""
+
+    def __init__(self, layer: QuantizedLayer, group: int) -> None:
+        super().__init__()
+        w = layer._format
+        q = layer.integer_weight().detach().to(torch.int32)  # (N, K)
+        n, k = q.shape
+        scale = layer.weight_scale.detach().float()
+        zp = layer.weight_zero_point.detach().to(torch.int32)
+        if scale.dim() == 1:  # per channel (or tensor): the same scale repeated over groups of `group`
+            scale = scale[:, None].expand(n, k // group)
+            zp = zp[:, None].expand(n, k // group)
+        signed = w["dtype"] == "int8"
+        codes = q + 8 if signed else q
+        zero = torch.zeros_like(scale) if signed else (8 - zp).float() * scale
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1))
+        # (K / group, N, 2): scale and zero of each group, the kernel's layout
+        self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(torch.bfloat16))
+        self.group, self.out_features = group, n
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), requires_grad=False)
+        if layer._spec.get("input_smooth"):
+            self.register_buffer("input_smooth", layer.input_smooth.detach().clone())
+        else:
+            self.input_smooth = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_smooth is not None:
+            x = x * self.input_smooth
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
+                                                       self.group, self.scales_zeros).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"linear, out={self.out_features}, int4 weight-only, group={self.group}, bfloat16 compute"
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"int8": torch.int8, "uint8": torch.uint8}[name]
+
+
+# -- choosing ------------------------------------------------------------------------------------
+def _plan(layer: QuantizedLayer) -> tuple[str, Any]:
+    """('static' | 'dynamic' | ('int4', group) | 'simulated', reason)."""
+    spec, w = layer._spec, weight_format(layer._spec)
+    kind = spec["kind"]
+    if kind == "embedding":
+        return "embedding", None
+    if layer.input_dynamic is not None:  # Linear, symmetric int8 per tensor / channel by construction
+        return "dynamic", None
+    symmetric_channel = w["dtype"] == "int8" and w["granularity"] != "per_group" and bool(
+        (layer.weight_zero_point == 0).all())
+    if layer.input_quant is not None:
+        if isinstance(layer.input_quant, BinaryActivation) or isinstance(layer.output_quant, BinaryActivation):
+            return "simulated", "binary activations: no PyTorch kernel, simulated"
+        if not symmetric_channel:
+            fmt = "per-group" if w["granularity"] == "per_group" else "asymmetric (zero-point)"
+            return "simulated", (f"{fmt} weights with int8 activations: PyTorch's oneDNN int8 conv/linear take "
+                                 "symmetric weights with one scale per output channel; simulated")
+        if layer.input_quant.dtype != "uint8" or (layer.output_quant is not None and layer.output_quant.dtype != "uint8"):
+            return "simulated", ("signed int8 activations (symmetric: true): inductor's int8 patterns take uint8 "
+                                 "activations; simulated")
+        if kind in ("conv1d", "conv2d") and isinstance(spec["padding"], str):
+            return "simulated", f"padding={spec['padding']!r}: inductor's int8 conv pattern needs explicit padding; simulated"
+        return "static", None
+    if layer.output_quant is not None:
+        return "simulated", "output quantized without an input quantizer: no int8 kernel; simulated"
+    # weight-only
+    if kind != "linear":
+        return "simulated", ("weight-only convolution: PyTorch has no weight-only int8 conv; its weight is "
+                             "dequantized once at compile time and runs float kernels")
+    n, k = spec["weight_shape"]
+    if w["bits"] > 4:
+        return "simulated", (f"{w['bits']}-bit weight-only Linear: PyTorch's int8 weight-only GEMM for float32 "
+                             "inputs (aten._weight_int8pack_mm) is slower than float; dequantized once at compile "
+                             "time, float kernels")
+    if n % 16:
+        return "simulated", (f"int4 weight-only Linear with {n} outputs: the int4 kernel needs a multiple of 16; "
+                             "dequantized once at compile time, float kernels")
+    if w["granularity"] == "per_group":
+        g = int(w["group_size"])
+        if g in INT4_GROUPS:
+            return "int4", g
+        return "simulated", (f"int4 weight-only Linear with group_size {g}: the int4 kernel takes groups of "
+                             f"{'/'.join(map(str, sorted(INT4_GROUPS)))}; dequantized once at compile time, float kernels")
+    g = next((g for g in INT4_GROUPS if k % g == 0), None)
+    if g is None:
+        return "simulated", (f"int4 weight-only Linear with {k} inputs: per channel it needs a multiple of 32; "
+                             "dequantized once at compile time, float kernels")
+    return "int4", g
+
+
+def lower(model: nn.Module, ctx: Context | None = None) -> tuple[nn.Module, dict[str, str]]:
+    """A copy of `model` (eval mode) with every QuantizedLayer that PyTorch can run with integer
+    kernels replaced by StaticInt8 / DynamicInt8 / Int4WeightOnly; `{name: how}` for every quantized
+    layer ('static int8', 'dynamic int8', 'int4 weight-only', 'embedding', or 'simulated: <reason>').
+    Layers left simulated go through `ctx.skip` (one warning per reason at `ctx.flush_skips`)."""
+    model = copy.deepcopy(model).eval()
+    names = names_by_module(model)
+    plan: dict[str, str] = {}
+    replaced: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QuantizedLayer) or id(module) in replaced:
+            continue
+        how, arg = _plan(module)
+        new: nn.Module | None = None
+        if how == "static":
+            new, label = StaticInt8(module), "static int8"
+        elif how == "dynamic":
+            new, label = DynamicInt8(module), "dynamic int8"
+        elif how == "int4":
+            new, label = Int4WeightOnly(module, arg), "int4 weight-only"
+        elif how == "embedding":
+            label = "embedding (int8 rows gathered, then dequantized)"
+        else:
+            label = f"simulated: {arg}"
+            if ctx is not None:
+                ctx.skip(name, arg)
+        for alias in names[id(module)]:
+            plan[alias] = label
+            if new is not None:
+                set_submodule(model, alias, new)
+        replaced[id(module)] = new if new is not None else module
+    return model, plan
+
+
+# -- compiling -----------------------------------------------------------------------------------
+class Int8Compiled(nn.Module):
+    """The lowered model compiled by inductor with frozen weights; inference only (every call runs
+    under `torch.no_grad`: freezing, and so the int8 lowering, applies only without autograd).
+
+    `lowered`: the eager lowered model (integer buffers, same outputs, no compile); `plan`: how each
+    quantized layer runs; `compile_seconds`: the first call's time (tracing, lowering, C++ compile);
+    `int8_matched`: int8 conv/linear patterns inductor matched in the first compile."""
+
+    def __init__(self, lowered: nn.Module, plan: dict[str, str], compiled: Any, expected: int) -> None:
+        super().__init__()
+        self.lowered = lowered
+        self.plan = plan
+        object.__setattr__(self, "_compiled", compiled)  # not a submodule: it wraps `lowered` itself
+        self._expected = expected
+        self.compile_seconds: float | None = None
+        self.int8_matched: int | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from torch._inductor import config as inductor_config
+
+        # Freezing must be on when dynamo traces (it decides whether weights are graph inputs or
+        # constants), at the first call and at any recompilation: torch.compile(options=...) applies
+        # it too late, and the weight prepacking then fails on non-constant weights.
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            if self.compile_seconds is not None:
+                return self._compiled(*args, **kwargs)
+            return self._first_call(*args, **kwargs)
+
+    def _first_call(self, *args: Any, **kwargs: Any) -> Any:
+        import time
+
+        from torch._dynamo.utils import counters
+
+        before = sum(counters["inductor"][k] for k in _INDUCTOR_MATCHES)
+        t0 = time.perf_counter()
+        out = self._compiled(*args, **kwargs)
+        self.compile_seconds = time.perf_counter() - t0
+        self.int8_matched = sum(counters["inductor"][k] for k in _INDUCTOR_MATCHES) - before
+        if self.int8_matched < self._expected:
+            # A layer whose pattern inductor did not match runs the simulated QDQ ops, compiled.
+            warnings.warn(f"compile: inductor matched {self.int8_matched} of {self._expected} int8 conv/linear "
+                          "patterns; the others run simulated (fake-quantized float kernels). Layers: "
+                          f"{', '.join(n for n, how in self.plan.items() if how in ('static int8', 'dynamic int8'))}",
+                          stacklevel=3)
+        return out
+
+
+def compile_int8(model: nn.Module, backend: str = "inductor", *, dynamic: bool | None = None) -> Int8Compiled:
+    """Return a NEW module that runs `model`'s quantized layers with PyTorch's integer kernels
+    (`model` is not changed); see the module docstring for which layers and how.
+
+    `backend`: "inductor" (torch.compile, x86 CPU, weights frozen). `dynamic`: passed to
+    torch.compile (dynamic=None: recompile with dynamic shapes after the second input shape).
+    Compilation happens at the first call (tens of seconds on 2 cores). A backend this torch build
+    lacks (no oneDNN, no C++ compiler, not x86) is a ConfigError naming what is missing."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"compile expects a torch.nn.Module, got {type(model).__name__}")
+    _check_backend(backend)
+    devices = {p.device.type for p in list(model.parameters()) + list(model.buffers())}
+    if devices - {"cpu"}:
+        raise ConfigError(f"compile: backend {backend!r} runs on the CPU; the model is on {sorted(devices)}: "
+                          "move it with model.cpu() first")
+    ctx = Context(progress=False)
+    lowered, plan = lower(model, ctx)
+    ctx.flush_skips("compile")
+    expected = sum(1 for m in {id(m): m for m in lowered.modules()}.values() if isinstance(m, (StaticInt8, DynamicInt8)))
+    compiled = torch.compile(lowered, backend="inductor", dynamic=dynamic)
+    out = Int8Compiled(lowered, plan, compiled, expected)
+    out.warnings = list(ctx.warnings)
+    return out
