@@ -212,6 +212,17 @@ class QuantConfig(Config):
     max_drop: float | None = Field(default=None, ge=0)  # None: quantize every selected layer. A number:
     # return the most sensitive layers to float until the metric (eval_fn, or without one the mean
     # cosine to the float model's outputs on the calibration data) is within max_drop of float's.
+    fallback: list[Literal["per_token", "float"]] = ["per_token", "float"]  # max_drop only: what a layer may
+    # become when the metric needs it, tried in this order. per_token: dynamic per-tensor Linears switch to
+    # per-token activations (still int8), the fewest that fit, ranked by their measured error per token
+    # (quant/recipe_choice.py); float: the most sensitive layers go back to float (quant/fallback.py)
+
+    @model_validator(mode="after")
+    def _check_fallback(self) -> "QuantConfig":
+        if not self.fallback or len(set(self.fallback)) != len(self.fallback):
+            raise ValueError(f"fallback={self.fallback} must list per_token and/or float once each, in the order "
+                             "to try them (default [per_token, float])")
+        return self
 
     @model_validator(mode="after")
     def _check_smooth(self) -> "QuantConfig":

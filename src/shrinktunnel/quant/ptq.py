@@ -18,6 +18,7 @@ from ..core.select import names_by_module, matches, select_modules, set_submodul
 from ..errors import ConfigError, DataError
 from .config import ActivationQuant, Granularity, QuantConfig, Rounding, WeightQuant
 from .fallback import choose_fallback
+from .recipe_choice import per_token_under_budget
 from .gptq import HessianObserver, gptq_quantize
 from .modules import SUPPORTED, WEIGHT_ONLY, QuantizedLayer
 from .observers import make_observer
@@ -351,11 +352,16 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
             ctx.skip(name, "never ran on the calibration data, so its activations have no range; kept in float")
         plans = [p for p in plans if p.name not in unused]
     report = None
+    per_token = None
     if cfg.max_drop is not None and plans:
         metric = ctx.eval_fn or _fidelity_metric(model, ctx.data)
-        plans, report = choose_fallback(model, plans, lambda chosen: _build(model, chosen, observers, rounded)[0],
-                                        metric, cfg.max_drop, progress=ctx.progress)
-        for step in report["fallback"]:
+        build = lambda chosen: _build(model, chosen, observers, rounded)[0]  # noqa: E731
+        for rung in cfg.fallback:  # per_token (quant/recipe_choice.py) and / or float, in the configured order
+            if rung == "per_token":
+                plans, per_token = per_token_under_budget(model, plans, build, metric, cfg, ctx)
+            else:
+                plans, report = choose_fallback(model, plans, build, metric, cfg.max_drop, progress=ctx.progress)
+        for step in (report or {}).get("fallback", []):
             ctx.warn(f"quantize: {step['layer']} kept in float to stay within max_drop={cfg.max_drop} "
                      f"(sensitivity {step['sensitivity']:.4g}, metric after {step['metric_after']:.4g})")
     quantized, replay = _build(model, plans, observers, rounded)
@@ -363,6 +369,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
         replay["bn_folded"] = folded
     if report is not None:
         replay["fallback_report"] = report  # informational: replay ignores it
+    if per_token is not None:
+        replay["per_token_report"] = per_token  # informational, as fallback_report
     if smoothing is not None:
         replay["smoothing_report"] = smoothing
     return quantized, replay
