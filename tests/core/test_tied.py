@@ -236,3 +236,19 @@ def test_embeddings_sharing_a_table_become_one_layer_under_both_names(method, tm
     kept = st.quantize(model, {"activations": None, "skip": ["shared"]}, progress=False)
     assert type(kept.tokens) is nn.Embedding and kept.tokens.weight is kept.shared.weight
     assert "tie holds" in stage_coverage(kept)[0].skipped["tokens"]
+
+
+@pytest.mark.parametrize("entry", [{"layer": "mix", "padding_idx": 0}, {"layer": "nowhere"}, {"layer": "head", "padding_idx": "x"},
+                                   {"padding_idx": 0}, "head"])
+def test_an_edited_tied_entry_is_an_artifact_error(entry, tmp_path):
+    import json
+
+    from shrinktunnel.errors import ArtifactError
+
+    model = _tied_net()
+    path = st.save(st.quantize(model, {"activations": None}, progress=False), tmp_path / "q")
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["stages"][0]["replay"]["tied"]["emb"] = entry
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError):
+        st.load(path, model=_tied_net())

@@ -151,9 +151,20 @@ def tie(model: nn.Module, tied: dict[str, dict[str, Any]]) -> nn.Module:
     name, IN PLACE (after the method's own layers were set, in `apply` and in `replay`)."""
     from .select import set_submodule
 
+    if not isinstance(tied or {}, dict):
+        raise ValueError(f"tied: expected {{embedding: {{layer, padding_idx}}}}, got {type(tied).__name__}")
     for name, entry in (tied or {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("layer"), str):
+            raise ValueError(f"tied embedding {name!r}: its entry {entry!r} names no layer")
         padding_idx = entry.get("padding_idx")
-        if padding_idx is not None and not isinstance(padding_idx, int):
-            raise ValueError(f"tied embedding {name}: padding_idx {padding_idx!r} is not an integer")
-        set_submodule(model, name, TiedEmbedding(model.get_submodule(entry["layer"]), padding_idx))
+        if padding_idx is not None and (isinstance(padding_idx, bool) or not isinstance(padding_idx, int)):
+            raise ValueError(f"tied embedding {name!r}: padding_idx {padding_idx!r} is not an integer")
+        embedding = model.get_submodule(name) if name else None
+        layer = model.get_submodule(entry["layer"]) if entry["layer"] else None
+        spec = layer.spec() if callable(getattr(layer, "spec", None)) else None
+        if not isinstance(embedding, nn.Embedding) or not isinstance(spec, dict) or \
+                list(spec.get("weight_shape", [])) != list(embedding.weight.shape):
+            raise ValueError(f"tied embedding {name!r}: it is not an Embedding tied to a compressed layer "
+                             f"{entry['layer']!r} of its shape")
+        set_submodule(model, name, TiedEmbedding(layer, padding_idx))
     return model
