@@ -352,10 +352,12 @@ def test_inspect_verifies_the_checksum_and_says_so(art):
     raw = (path / "model.safetensors").read_bytes()
     (path / "model.safetensors").write_bytes(raw[:-10])
     code, _, err = run_cli("inspect", path)
-    one_line_exit_2(code, err, "truncated")
-    edit(path, lambda m: m["tensors"].pop("bytes"))
+    one_line_exit_2(code, err, "checksum", "truncated")
+    edit(path, lambda m: m["tensors"].pop("sha256"))  # no checksum: the header's ranges no longer fit the file
     code, _, err = run_cli("inspect", path)
-    one_line_exit_2(code, err, "checksum")
+    one_line_exit_2(code, err, "data_offsets")
+    code, out, err = run_cli("inspect", path.parent / "nothing-here")
+    assert code == 2
 
 
 def test_inspect_of_a_file_says_it_is_a_file(tmp_path):

@@ -40,7 +40,7 @@ def test_analyze_writes_json_and_html_and_reuses_its_cache(tmp_path):
     assert report["metric"]["name"] == "eval_fn" and set(report["results"]) == {"body.0", "body.2"}
     assert [a["name"] for a in report["actions"]] == ["quant8", "quant2"]
     assert (tmp_path / "out" / "analysis.html").read_text().count("<svg") >= 4
-    code, out, _ = run_cli(*args)
+    code, out, _ = run_cli(*args, "--force")  # replacing the earlier analysis at --out needs --force
     assert code == 0 and "0 evaluations run, 4 read from the cache" in out
 
 
@@ -92,7 +92,7 @@ def test_an_artifact_directory_is_a_model_too(tmp_path):
         fused = st.compress(load_model(MLP), [{"fuse_ops": {}}], progress=False)
     artifact = fused.save(tmp_path / "fused")
     code, out, err = run_cli("analyze", artifact, "--data", tmp_path / "d.npz", "--actions", "quant4h", "--no-cache",
-                             "--out", tmp_path / "out")
+                             "--out", tmp_path / "out", "--model", MLP)  # the artifact's own ref is code: consent
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "analysis.json").read_text())
     assert set(report["results"]) == {"body.0", "body.2"}

@@ -189,12 +189,14 @@ def verify_tensors(path: str | os.PathLike, manifest: dict[str, Any] | None = No
     tinfo = manifest["tensors"]
     tpath = tensors_path(root, tinfo, TENSORS)
     _, size = open_regular_size(tpath)
-    if "bytes" in tinfo and tinfo["bytes"] != size:
-        raise ArtifactError(f"{str(tpath)!r} is {size:,} bytes, the manifest records {tinfo['bytes']:,}: the file is "
-                            "truncated or was changed")
+    # sha256 pins the content; `bytes` is informational (the header check below finds a truncated
+    # file whatever it says), named in the error when it tells what happened
     checked = bool(tinfo.get("sha256"))
+    size_differs = "bytes" in tinfo and tinfo["bytes"] != size
     if checked and sha256_file(tpath) != tinfo["sha256"]:
-        raise ArtifactError(f"{str(tpath)!r} does not match the checksum in the manifest: the file is corrupted or was changed")
+        raise ArtifactError(f"{str(tpath)!r} does not match the checksum in the manifest"
+                            + (f" ({size:,} bytes, {tinfo['bytes']:,} recorded: truncated or extended)" if size_differs else "")
+                            + ": the file is corrupted or was changed")
     header, size = read_safetensors_header(tpath)
     for alias, original in tinfo.get("aliases", {}).items():
         if original not in header or alias in header:
@@ -226,8 +228,8 @@ def load_artifact(path: str | os.PathLike, model: nn.Module | None = None, *, tr
     before = _nonpersistent_bytes(base)
     try:  # the dry run: structure only, on the meta device
         with torch.device("meta"):
-            rebuilt = _replay(meta_copy(base), stages)
-    except Exception:
+            rebuilt = _replay(meta_copy(base), stages, meta=True)
+    except _MetaLimit:
         rebuilt = None
     if rebuilt is not None:
         _fits_the_file(root, rebuilt, checked["header"], aliases, checked["bytes"], before)
@@ -311,7 +313,19 @@ def _call(load_model, ref: str, **kw) -> nn.Module:
         raise wrap_model_error(ref, exc) from None
 
 
-def _replay(base: nn.Module, stages: list[dict[str, Any]]) -> nn.Module:
+class _MetaLimit(Exception):
+    """A replay needs tensor values, which the meta device does not have."""
+
+
+def _is_meta_limit(exc: Exception) -> bool:
+    # torch's words for an op meta tensors cannot run: data-dependent ops (nonzero, masking) raise
+    # NotImplementedError; .item() / .tolist() / numpy conversion name the meta device
+    return isinstance(exc, NotImplementedError) or "meta" in str(exc).lower()
+
+
+def _replay(base: nn.Module, stages: list[dict[str, Any]], *, meta: bool = False) -> nn.Module:
+    """Apply each stage's replay; any failure becomes an ArtifactError. `meta`: the dry run, where a
+    failure that only says the op needs real data raises _MetaLimit instead."""
     for i, stage in enumerate(stages):
         try:
             method = get_method(stage["method"])
@@ -322,6 +336,8 @@ def _replay(base: nn.Module, stages: list[dict[str, Any]]) -> nn.Module:
         except ArtifactError:
             raise
         except Exception as exc:  # a malformed replay of any kind is a corrupt artifact, never a traceback
+            if meta and _is_meta_limit(exc):
+                raise _MetaLimit() from None
             raise ArtifactError(f"cannot replay stage {i} ({stage['method'][:60]!r}): {one_line(exc)}; "
                                 "the artifact is corrupted or its manifest was edited") from None
         if not isinstance(base, nn.Module):
