@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=str(RESULTS_DIR / "coverage.json"), help="where every cell goes")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes, each with its share of the models "
                     "(default 2: the export step is single-threaded, so two workers halve the time on 2 cores)")
+    ap.add_argument("--budget", type=float, default=None, help="minutes: cells not started by then are "
+                    "recorded as not run (the matrix is written in time whatever the machine's load)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: write this worker's cells to this JSON file
     args = ap.parse_args(argv)
 
@@ -285,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 
+def _not_run(name: str, method: str, budget: float) -> dict[str, Any]:
+    from zoo.conformance import Cell
+
+    return Cell(name, method, error=f"not run: the run's time budget ({budget:g} min) ran out first").to_dict()
+
+
 def _finite(obj: Any) -> Any:
     """JSON without NaN / inf: a difference that is not finite is written as null (the cell says why)."""
     if isinstance(obj, float):
@@ -311,6 +319,8 @@ def _in_workers(args: argparse.Namespace, models: list[str], methods: list[str])
             out = Path(tmp) / f"worker{i}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--models", ",".join(share), "--methods",
                    ",".join(methods), "--timeout", str(args.timeout), "--worker", str(out)]
+            if args.budget is not None:
+                cmd += ["--budget", str(args.budget)]
             if args.no_onnx:
                 cmd.append("--no-onnx")
             procs.append((subprocess.Popen(cmd, cwd=REPO), out, share))
@@ -333,12 +343,23 @@ def _run(args: argparse.Namespace, models: list[str], methods: list[str]) -> tup
 
     cells: list[dict[str, Any]] = []
     zoo: dict[str, Any] = {}
+    stop = time.monotonic() + 60 * args.budget if args.budget is not None else None
     for name in models:
+        if stop is not None and time.monotonic() > stop:
+            z = ZOO[name]
+            zoo[name] = {"source": z.source, "family": z.family, "note": z.note,
+                         "params": sum(p.numel() for p in build(name).parameters())}
+            for method in methods:
+                cells.append(_not_run(name, method, args.budget))
+            continue
         base = build(name)
         z = ZOO[name]
         zoo[name] = {"source": z.source, "family": z.family, "note": z.note,
                      "params": sum(p.numel() for p in base.parameters())}
         for method in methods:
+            if stop is not None and time.monotonic() > stop:
+                cells.append(_not_run(name, method, args.budget))
+                continue
             t0 = time.perf_counter()
             cell = run_cell(name, method, onnx=not args.no_onnx, timeout=args.timeout, base=base).to_dict()
             cells.append(cell)

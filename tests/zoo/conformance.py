@@ -282,6 +282,8 @@ class Cell:
             out.append(f"round trip: {self.roundtrip_error}")
         if self.onnx is False:
             out.append(f"ONNX: {self.onnx_error}")
+        elif self.onnx is None:
+            out.append("ONNX not checked")
         return out
 
     def to_dict(self) -> dict[str, Any]:

@@ -352,18 +352,16 @@ def _timm(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
     return make
 
 
+# Three timm models, each for what the Hugging Face zoo lacks (a timm ResNet or ConvNeXt would repeat HF's).
 TIMM_MODELS: list[ZooModel] = [
-    ZooModel("timm_resnet10t", "cnn", "timm", _timm("resnet10t", num_classes=10), _image_tensor(64),
-             "deep stem, avg-pool downsampling shortcut"),
     ZooModel("timm_tf_mobilenetv3", "cnn", "timm",
              _timm("tf_mobilenetv3_small_minimal_100", num_classes=10), _image_tensor(64),
-             "TensorFlow-ported: Conv2dSame (pads in its forward)"),
+             "TensorFlow-ported: Conv2dSame (pads in its forward), hard-swish"),
     ZooModel("timm_efficientnet_b0", "cnn", "timm", _timm("efficientnet_b0", num_classes=10), _image_tensor(64),
-             "BatchNormAct2d, squeeze-excite"),
-    ZooModel("timm_convnext_atto", "cnn", "timm", _timm("convnext_atto", num_classes=10), _image_tensor(64)),
+             "BatchNormAct2d (BatchNorm + activation in one module), squeeze-excite"),
     ZooModel("timm_vit_tiny", "vision", "timm",
              _timm("vit_tiny_patch16_224", img_size=64, num_classes=10), _image_tensor(64),
-             "fused qkv Linear, timm Attention"),
+             "fused qkv Linear, timm's Attention (F.scaled_dot_product_attention)"),
 ]
 
 
