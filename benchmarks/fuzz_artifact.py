@@ -4,8 +4,11 @@ with hypothesis, under a memory limit, for a time budget per target. Reports cas
 that appends to a marker file whenever it is imported or called; its references are among the values
 the fuzzer writes into manifests) and peak memory.
 
-    python benchmarks/fuzz_artifact.py                       # 60 s per target, 1 GiB above the baseline
-    python benchmarks/fuzz_artifact.py --seconds 3 --json out.json   # what tests/core/test_fuzz_artifact.py runs
+    .venv/bin/python benchmarks/fuzz_artifact.py   # 60 s per target, 1 GiB above the baseline: writes
+                                                   # benchmarks/results/fuzz_artifact.{json,md} (run_all.py
+                                                   # pastes the table into docs/benchmarks.md)
+    .venv/bin/python benchmarks/fuzz_artifact.py --seconds 2 --json out.json   # tests/core/test_fuzz_artifact.py:
+                                                   # the figures go to out.json only
 
 The memory limit is RLIMIT_AS set after torch and the fixtures are loaded: every allocation of a
 case counts against it, so an allocation sized by a forged number fails the run (MemoryError is a
@@ -20,7 +23,6 @@ import copy
 import io
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -31,6 +33,8 @@ import uuid
 from pathlib import Path
 
 import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, git_state, machine_info, today, write_results  # noqa: E402
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as hs
 from torch import nn
@@ -307,10 +311,13 @@ def main(argv=None) -> int:
 
     executions = marker.read_text().count("\n") if marker.exists() else 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    command = ".venv/bin/python benchmarks/fuzz_artifact.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     report = {
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}",
-        "command": "python benchmarks/fuzz_artifact.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": today(),
+        "machine": machine_info(threads=1),
+        "git": git_state(),
+        "command": command.strip(),
+        "seconds_per_target": args.seconds,
         "fixtures": sorted(arts),
         "memory_limit_mib_above_baseline": args.memory_mib,
         "targets": {label: {"cases": stats.cases.get(label, 0), "refused": stats.refused.get(label, 0),
@@ -322,11 +329,30 @@ def main(argv=None) -> int:
         "peak_rss_mib": round(peak / 1024, 1),
         "peak_rss_growth_mib": round((peak - rss_before) / 1024, 1),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
+    ok = not stats.crashes and not executions
     if args.json:
-        args.json.write_text(text + "\n")
-    return 0 if not stats.crashes and not executions else 1
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    else:
+        write_results(RESULTS_DIR / "fuzz_artifact.json", report, markdown(report, ok))
+    print(json.dumps(report, indent=2))
+    return 0 if ok else 1
+
+
+def markdown(r: dict, ok: bool) -> str:
+    m = r["machine"]
+    lines = [f"Measured {r['date']} on {m['cpu']} ({m['cores']} cores, 1 thread), Python {m['python']}, torch "
+             f"{m['torch']}; commit {str(r['git']['commit'])[:10]}. Reproduce with `{r['command']}` (or "
+             "`.venv/bin/python benchmarks/run_all.py`).", "",
+             f"{r['seconds_per_target']:g} s per target under RLIMIT_AS = baseline + {r['memory_limit_mib_above_baseline']} MiB; "
+             f"manifests and headers mutated from {len(r['fixtures'])} artifacts ({', '.join(r['fixtures'])}).", "",
+             "| target | cases | refused (ArtifactError) | accepted | seconds |", "|---|---:|---:|---:|---:|"]
+    for name, t in r["targets"].items():
+        lines.append(f"| {name} | {t['cases']:,} | {t['refused']:,} | {t['accepted']:,} | {t['seconds']:g} |")
+    lines += ["", "| figure | value |", "|---|---:|", f"| cases tried | {r['cases']:,} |", f"| crashes | {r['crashes']} |",
+              f"| code executions (planted module) | {r['code_executions']} |",
+              f"| peak memory (RSS) | {r['peak_rss_mib']:,} MiB ({r['peak_rss_growth_mib']:+,} MiB while fuzzing) |", "",
+              "| target | result |", "|---|---|", f"| no crash, no code execution | {'pass' if ok else 'FAIL'} |"]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
