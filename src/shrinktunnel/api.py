@@ -193,7 +193,7 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *, trust_code:
     return loaded if backend is None else compile(loaded, backend=backend)
 
 
-def compile(model: nn.Module, backend: str = "inductor", *, dynamic: bool | None = None) -> nn.Module:
+def compile(model: nn.Module, backend: str = "inductor", *, dynamic: bool = False) -> nn.Module:
     """Return a NEW module that runs `model`'s quantized layers with PyTorch's integer kernels (oneDNN
     int8 conv / linear, int8 GEMM for dynamic activations, the int4 weight-only GEMM) through
     torch.compile with frozen weights; inference only. Layers that stay simulated are named in one

@@ -140,6 +140,9 @@ def test_compiled_model_runs_int8_kernels_and_matches_the_simulation():
     assert F.cosine_similarity(got.flatten(), ref.flatten(), dim=0) >= 0.9999, f"CPU {CPU_FLAGS}"
     assert (got - ref).abs().max() <= 3e-2 * ref.abs().max()
     assert torch.equal(c(x), got)  # the second call reuses the compiled code
+    # another batch size compiles again (static shapes: torch 2.13's int8 conv lowering fails with dynamic ones)
+    small = c(x[:3])
+    assert F.cosine_similarity(small.flatten(), ref[:3].flatten(), dim=0) >= 0.9999
 
 
 def test_layers_that_stay_simulated_say_so_once_per_reason():

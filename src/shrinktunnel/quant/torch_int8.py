@@ -359,12 +359,13 @@ class Int8Compiled(nn.Module):
         return out
 
 
-def compile_int8(model: nn.Module, backend: str = "inductor", *, dynamic: bool | None = None) -> Int8Compiled:
+def compile_int8(model: nn.Module, backend: str = "inductor", *, dynamic: bool = False) -> Int8Compiled:
     """Return a NEW module that runs `model`'s quantized layers with PyTorch's integer kernels
     (`model` is not changed); see the module docstring for which layers and how.
 
     `backend`: "inductor" (torch.compile, x86 CPU, weights frozen). `dynamic`: passed to
-    torch.compile (dynamic=None: recompile with dynamic shapes after the second input shape).
+    torch.compile. False (the default): each new input shape compiles once more; with dynamic shapes
+    torch 2.13's int8 conv lowering fails an output stride assertion (the MNIST CNN at a second batch size).
     Compilation happens at the first call (tens of seconds on 2 cores). A backend this torch build
     lacks (no oneDNN, no C++ compiler, not x86) is a ConfigError naming what is missing."""
     if not isinstance(model, nn.Module):
