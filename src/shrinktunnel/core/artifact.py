@@ -222,7 +222,7 @@ def load_artifact(path: str | os.PathLike, model: nn.Module | None = None, *, tr
     manifest = read_manifest(root)
     checked = verify_tensors(root, manifest)
     ref = manifest["model"].get("ref")
-    base, how = _base_model(root, manifest, model, trust_code, (*_chain, here))
+    base, _how = _base_model(root, manifest, model, trust_code, (*_chain, here))
     stages = manifest["stages"]
     aliases = manifest["tensors"].get("aliases", {})
     before = _nonpersistent_bytes(base)
@@ -255,7 +255,7 @@ def load_artifact(path: str | os.PathLike, model: nn.Module | None = None, *, tr
     record["stages"] = stages
     record["inputs"] = manifest.get("inputs")
     set_model_ref(base, ref)
-    if how == "transformers" and manifest["model"].get("transformers"):
+    if manifest["model"].get("transformers"):  # the original's description travels on, however it was rebuilt
         record["transformers"] = manifest["model"]["transformers"]
     if manifest["model"].get("ref_sha256"):
         record["ref_sha256"] = manifest["model"]["ref_sha256"]
