@@ -35,7 +35,9 @@ class Main(nn.Module):
         given = {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask,
                  "input_features": input_features, "input_values": input_values}
         out = self.model(**{k: v for k, v in given.items() if v is not None})
-        return out[0] if isinstance(out, (tuple, list)) or hasattr(out, "to_tuple") else out
+        if isinstance(out, dict):  # ModelOutput (an OrderedDict): its first field set
+            return next(iter(out.values()))
+        return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _text_batch(batch=2, seq=SEQ, mask=True, seed=1):

@@ -141,3 +141,108 @@ def test_minilm_fused_and_int8_keeps_its_embeddings_and_runs_one_kernel_per_laye
     assert float(F.cosine_similarity(outputs["fused"], outputs["plain"]).min()) > 0.999
     with torch.no_grad():
         assert float(F.cosine_similarity(outputs["fused"], model(**batch)).mean()) > 0.98
+
+
+# -- every encoder family ---------------------------------------------------------------------------
+def _zoo(name):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
+    import zoo_models
+
+    return zoo_models
+
+
+ENCODERS = ["bert", "roberta", "distilbert", "electra", "mpnet", "vit", "t5"]
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_every_encoder_family_fuses_and_runs_one_kernel_per_layer_in_onnx_runtime(name, tmp_path):
+    """Same outputs in PyTorch, then in ONNX Runtime with one MultiHeadAttention per layer (MPNet and T5:
+    their relative position bias is the kernel's attention bias; T5 does not scale by 1/sqrt(d))."""
+    from shrinktunnel.core import data as D
+    from shrinktunnel.export import OrtModel
+
+    Z = _zoo(name)
+    model, x = Z.ZOO[name]()
+    (args, kwargs), _ = D.split(x)
+    with torch.no_grad():
+        ref = model(*args, **kwargs)
+    messages = []
+    assert fuse_attention(model, x, warn=messages.append) == ["model"] and messages == []
+    with torch.no_grad():
+        torch.testing.assert_close(model(*args, **kwargs), ref, rtol=1e-5, atol=1e-5)
+    path = st.export_onnx(model, tmp_path / f"{name}.onnx", x)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("MultiHeadAttention") == 2 and "Softmax" not in ops  # two layers, no attention left unfused
+    batches = [x] + ([Z._text_batch(3, 30, seed=4)] if name in Z.TEXT else [])  # any sequence length too
+    for batch in batches:
+        (args, kwargs), _ = D.split(batch)
+        with torch.no_grad():
+            want = model(*args, **kwargs)
+        np.testing.assert_allclose(OrtModel(path, threads=1)(*args, **kwargs).numpy(), want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_the_relative_position_bias_is_not_lost():
+    """Without T5's position bias the outputs differ: the check that guards every switch would see it."""
+    from shrinktunnel.fuse import attention as A
+
+    Z = _zoo("t5")
+    model, x = Z.ZOO["t5"]()
+    with torch.no_grad():
+        ref = model(**x)
+    original = A._mask_and_bias
+    A._mask_and_bias = lambda mask, bias, *a: original(mask, None, *a)  # drop the bias
+    try:
+        messages = []
+        assert fuse_attention(model, x, warn=messages.append) == []
+    finally:
+        A._mask_and_bias = original
+    assert len(messages) == 1 and "differs from the unfused one" in messages[0]
+    assert model.model.config._attn_implementation != ATTENTION  # restored
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x), ref, rtol=0, atol=0)
+
+
+def test_a_switch_that_breaks_the_forward_is_undone_with_one_warning_per_reason():
+    """MPNet's own attention fails with a 2D mask if only its config is switched (the shape error of
+    issue 15): without its adapter, the fused forward fails, the switch is undone, the model runs."""
+    from shrinktunnel.fuse import attention as A
+
+    Z = _zoo("mpnet")
+    model, x = Z.ZOO["mpnet"]()
+    with torch.no_grad():
+        ref = model(**x)
+    adapters = dict(A._ADAPTERS)
+    A._ADAPTERS.clear()
+    try:
+        messages = []
+        assert fuse_attention(model, x, warn=messages.append) == []
+    finally:
+        A._ADAPTERS.update(adapters)
+    assert len(messages) == 1 and "the fused forward fails" in messages[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**x), ref, rtol=0, atol=0)
+
+
+def test_decoders_and_models_without_attention_are_refused_with_one_warning_each():
+    Z = _zoo("gpt2")
+    messages = []
+    for name in ("gpt2", "llama"):
+        model, x = Z.ZOO[name]()
+        assert fuse_attention(model, x, warn=messages.append) == []
+    model, x = Z.ZOO["resnet"]()
+    assert fuse_attention(model, x, warn=messages.append) == []
+    assert len(messages) == 3
+    assert "causal" in messages[0] and "causal" in messages[1] and "no attention reached the kernel" in messages[2]
+
+
+def test_fuse_ops_checks_on_the_example_and_warns_once_per_reason():
+    Z = _zoo("mpnet")
+    mpnet, x = Z.ZOO["mpnet"]()
+    fused = st.compress(mpnet, [{"fuse_ops": {"bn": False, "linear": "never", "attention": True}}], example_inputs=x,
+                        progress=False)
+    assert fused.manifest["stages"][0]["replay"]["attention"] == ["model"] or fused.model.model.config._attn_implementation == ATTENTION
+    with torch.no_grad():
+        torch.testing.assert_close(fused.model(**x), mpnet(**x), rtol=1e-5, atol=1e-5)

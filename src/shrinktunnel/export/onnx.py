@@ -46,7 +46,8 @@ def export_onnx(
     `sequence` dimension, so a text model exported from a 64-token example runs on any length; a model
     that cannot export with them gets them fixed, with a warning. `{}`: only the batch is dynamic.
     """
-    module: nn.Module = getattr(model, "model", model)
+    # A Result holds its model in `.model`; a module is exported as it is, even if it has a `.model` child.
+    module: nn.Module = model if isinstance(model, nn.Module) else getattr(model, "model", model)
     if not isinstance(module, nn.Module):
         raise ExportError(f"export_onnx needs an nn.Module or a Result, got {type(model).__name__}")
     if example_inputs is None:
@@ -132,6 +133,8 @@ def _capture(module: nn.Module, args, kwargs, dynamic) -> torch.export.ExportedP
             fmt = node.kwargs.get("memory_format", node.args[1] if len(node.args) > 1 else torch.contiguous_format)
             node.target, node.args, node.kwargs = clone, node.args[:1], {"memory_format": fmt}
             changed = True
+    # Dead nodes (a pooler whose output the wrapper drops) would otherwise come out as extra graph outputs.
+    changed |= program.graph_module.graph.eliminate_dead_code()
     if changed:
         program.graph_module.recompile()
     return program
