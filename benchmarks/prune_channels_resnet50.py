@@ -44,9 +44,9 @@ IMAGE = 224
 RATIO = 0.3
 MIN_SPEEDUP = 1.4  # AMCT's published figure: about 40 % faster at 30 % channel sparsity
 # Kept channel counts rounded to multiples of 8. ONNX Runtime runs a conv in its blocked NCHWc kernels only
-# when the channel counts suit the block; with exactly 30 % removed (round_to 1: 64 -> 45, 256 -> 179) 48 of
+# when the channel counts suit the block; with exactly 30 % removed (round_to 1: 64 -> 45, 256 -> 179) 52 of
 # ResNet-50's 53 convs fell back to the plain im2col + GEMM path and the pruned model, at half the MACs, ran
-# only 1.14x faster (measured 2026-12-07, batch 8); round_to 8 and 16 keep all 53 blocked. Both are measured.
+# only 1.1x faster (measured 2026-12-07); round_to 8 and 16 keep all 53 blocked. Both are measured.
 ROUND_TO = 8
 THREADS = 2  # PyTorch's threads for the pruning itself; ONNX Runtime keeps its default
 
