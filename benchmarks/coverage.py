@@ -73,11 +73,16 @@ def _pct(x: float | None) -> str:
     return f"{100 * x:.1f} %" if x < 0.9995 or x == 1 else f"{100 * x:.2f} %"
 
 
+def _pending(c: dict[str, Any]) -> bool:
+    """Every check holds but the ONNX one, which the time budget did not reach."""
+    return c["runs"] and not c["green"] and all(p.startswith("ONNX not checked") for p in c["problems"])
+
+
 def _cell_text(c: dict[str, Any], note: int | None) -> str:
     ref = f" [{note}]" if note is not None else ""
     if not c["runs"]:
         return f"❌ fails{ref}"
-    mark = "✅" if c["green"] else "❌"
+    mark = "✅" if c["green"] else "⏳" if _pending(c) else "❌"
     share = "n/a" if c["share"] is None else f"{100 * c['share']:.0f} %"
     return f"{mark} {share}{ref}"
 
@@ -107,6 +112,8 @@ def markdown(cells: list[dict[str, Any]], zoo: dict[str, Any], methods: list[str
     models = list(dict.fromkeys(c["model"] for c in cells))
     by = {(c["model"], c["method"]): c for c in cells}
     green = sum(c["green"] for c in cells)
+    pending = sum(_pending(c) for c in cells)
+    waiting = f", {pending} more waiting only on their ONNX check (⏳)" if pending else ""
     m = info["machine"]
     head = (f"Generated {info['date']} by `{COMMAND}` on {m['arch']}, {m['cpu']}, {m['cores']} cores, "
             f"{THREADS} threads; torch {m['torch']}, transformers {info['versions']['transformers']}, "
@@ -116,7 +123,7 @@ def markdown(cells: list[dict[str, Any]], zoo: dict[str, Any], methods: list[str
     notes: list[str] = []
     note_of: dict[tuple[str, str], int] = {}
     for c in cells:
-        if not c["green"]:
+        if not c["green"] and not _pending(c):
             notes.append(f"{c['model']} / {c['method']}: " + "; ".join(_short(p, 500) for p in c["problems"]))
             note_of[(c["model"], c["method"])] = len(notes)
 
@@ -133,7 +140,9 @@ def markdown(cells: list[dict[str, Any]], zoo: dict[str, Any], methods: list[str
         f"transformed is at least {100 * SHARE_TARGET:.0f} % (for {', '.join(TARGETED)}; the structural methods "
         "report it), every layer left alone carries a reason, the library's coverage record agrees with the "
         "independent count, `st.save` -> `st.load(dir, model=<fresh base>)` gives bit-identical outputs, and "
-        "the ONNX export runs in ONNX Runtime within the method's tolerance. Otherwise ❌ and a note says why.",
+        "the ONNX export runs in ONNX Runtime within the method's tolerance. Otherwise ❌ and a note says why; "
+        "⏳: everything else holds but the run's time budget ran out before this cell's ONNX export (each "
+        "export takes seconds; they run after every other check, spread over models and methods).",
         "",
         "- **share**: weights of the layers transformed / weights of the eligible layers (`weight` of every "
         "Linear, Conv1d/2d/3d, ConvTranspose, Embedding, Hugging Face `Conv1D`; `in_proj_weight` of "
@@ -147,7 +156,7 @@ def markdown(cells: list[dict[str, Any]], zoo: dict[str, Any], methods: list[str
         "layers would otherwise all stay whole as slower, which says nothing about reach); prune_channels "
         "`ratio: 0.3`; fuse_ops `{bn: true, linear: never}`; qat `steps: 2, loss: mse_to_float`.",
         "",
-        f"**{green} of {len(cells)} cells green.**",
+        f"**{green} of {len(cells)} cells green{waiting}.**",
         "",
         "## Matrix",
         "",
@@ -198,7 +207,7 @@ def markdown(cells: list[dict[str, Any]], zoo: dict[str, Any], methods: list[str
             if c["onnx"]:
                 ox = f"✅ {c['onnx_max_abs']:.2g}"
             elif c["onnx"] is None:
-                ox = "-"
+                ox = "⏳ not checked (time budget)"
             else:
                 ox = f"❌ {_short(c['onnx_error'] or '', 200)}"
             left = "<br>".join(_reasons(c)) or "none"
@@ -208,7 +217,7 @@ def markdown(cells: list[dict[str, Any]], zoo: dict[str, Any], methods: list[str
     summary = [
         f"Generated {info['date']}; {head.split(' on ', 1)[1]}",
         "",
-        f"**{green} of {len(cells)} cells green** over {len(models)} models x {len(methods)} methods; the whole "
+        f"**{green} of {len(cells)} cells green**{waiting} over {len(models)} models x {len(methods)} methods; the whole "
         "matrix with the reason for every cell that is not green is in [docs/coverage.md](coverage.md).",
         "",
         "| method | green | runs | round trip exact | ONNX Runtime matches |",
@@ -233,8 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=str(RESULTS_DIR / "coverage.json"), help="where every cell goes")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes, each with its share of the models "
                     "(default 2: the export step is single-threaded, so two workers halve the time on 2 cores)")
-    ap.add_argument("--budget", type=float, default=None, help="minutes: cells not started by then are "
-                    "recorded as not run (the matrix is written in time whatever the machine's load)")
+    ap.add_argument("--budget", type=float, default=None, help="minutes: ONNX checks not started by then are "
+                    "recorded as not checked (the matrix is written in time whatever the machine's load)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: write this worker's cells to this JSON file
     args = ap.parse_args(argv)
 
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     from zoo.models import ZOO
 
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(1 if args.worker else THREADS)  # workers: one thread each, two workers on 2 cores
     models = args.models.split(",") if args.models else list(ZOO)
     methods = args.methods.split(",") if args.methods else list(METHODS)
     for n in models:
@@ -285,12 +294,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{green} of {len(cells)} cells green in {seconds / 60:.1f} min")
     return 0 if green == len(cells) else 1
 
-
-
-def _not_run(name: str, method: str, budget: float) -> dict[str, Any]:
-    from zoo.conformance import Cell
-
-    return Cell(name, method, error=f"not run: the run's time budget ({budget:g} min) ran out first").to_dict()
 
 
 def _finite(obj: Any) -> Any:
@@ -338,34 +341,42 @@ def _in_workers(args: argparse.Namespace, models: list[str], methods: list[str])
 
 
 def _run(args: argparse.Namespace, models: list[str], methods: list[str]) -> tuple[list, dict]:
+    """Two passes. First every cell without its ONNX check (method, share, round trip: a fraction of a
+    second each). Then the ONNX export of each cell (seconds each: torch.export dominates), in an order
+    that reaches every model and every method early (model i takes method i + k in round k), until the
+    budget runs out; a cell not reached says so."""
     from zoo.conformance import run_cell
     from zoo.models import ZOO, build
 
-    cells: list[dict[str, Any]] = []
-    zoo: dict[str, Any] = {}
     stop = time.monotonic() + 60 * args.budget if args.budget is not None else None
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    zoo: dict[str, Any] = {}
+    bases = {}
     for name in models:
-        if stop is not None and time.monotonic() > stop:
-            z = ZOO[name]
-            zoo[name] = {"source": z.source, "family": z.family, "note": z.note,
-                         "params": sum(p.numel() for p in build(name).parameters())}
-            for method in methods:
-                cells.append(_not_run(name, method, args.budget))
-            continue
-        base = build(name)
+        bases[name] = base = build(name)
         z = ZOO[name]
         zoo[name] = {"source": z.source, "family": z.family, "note": z.note,
                      "params": sum(p.numel() for p in base.parameters())}
         for method in methods:
+            t0 = time.perf_counter()
+            cell = run_cell(name, method, onnx=False, timeout=args.timeout, base=base).to_dict()
+            cells[(name, method)] = cell
+            print(f"{name:24s} {method:17s} {time.perf_counter() - t0:6.1f} s  "
+                  f"{'; '.join(p for p in cell['problems'] if p != 'ONNX not checked')[:160] or 'ok'}", flush=True)
+    if not args.no_onnx:
+        order = [(models[i], methods[(i + k) % len(methods)]) for k in range(len(methods)) for i in range(len(models))]
+        for name, method in order:
+            if not cells[(name, method)]["runs"]:
+                continue  # nothing to export
             if stop is not None and time.monotonic() > stop:
-                cells.append(_not_run(name, method, args.budget))
+                cells[(name, method)]["onnx_error"] = f"not checked: the run's time budget ({args.budget:g} min) ran out first"
                 continue
             t0 = time.perf_counter()
-            cell = run_cell(name, method, onnx=not args.no_onnx, timeout=args.timeout, base=base).to_dict()
-            cells.append(cell)
+            cell = run_cell(name, method, onnx=True, timeout=args.timeout, base=bases[name]).to_dict()
+            cells[(name, method)] = cell
             status = "green" if cell["green"] else "; ".join(cell["problems"])[:160]
-            print(f"{name:24s} {method:17s} {time.perf_counter() - t0:6.1f} s  {status}", flush=True)
-    return cells, zoo
+            print(f"{name:24s} {method:17s} {time.perf_counter() - t0:6.1f} s  ONNX: {status}", flush=True)
+    return [cells[(n, m)] for n in models for m in methods], zoo
 
 
 if __name__ == "__main__":

@@ -39,10 +39,11 @@ __all__ = ["METHODS", "TOLERANCE", "SHARE_TARGET", "TARGETED", "Cell", "run_cell
 
 SHARE_TARGET = 0.95
 # The methods held to the share target (issue 15: quantize, cluster and unstructured prune on every
-# zoo model; cast and QAT use the same layer selection as quantize). The structural methods leave
+# zoo model; cast and QAT use the same layer selection as quantize; BatchNorm folding should fold every
+# BatchNorm that follows a conv, and all of the zoo's do). The structural methods leave
 # layers alone by design (an output layer keeps its channels, a layer whose low-rank form would be
 # larger stays whole): for them each layer left alone must carry a reason, and the share is reported.
-TARGETED = ("quantize_w8a8", "quantize_dynamic", "cast_fp16", "prune", "cluster", "qat")
+TARGETED = ("quantize_w8a8", "quantize_dynamic", "cast_fp16", "prune", "cluster", "qat", "fuse_bn")
 
 # ONNX Runtime vs PyTorch, largest absolute difference of the main output, relative to the largest
 # absolute output value (floor 1). Float graphs: float rounding only (different kernels and summation
@@ -283,7 +284,7 @@ class Cell:
         if self.onnx is False:
             out.append(f"ONNX: {self.onnx_error}")
         elif self.onnx is None:
-            out.append("ONNX not checked")
+            out.append(f"ONNX {self.onnx_error}" if self.onnx_error else "ONNX not checked")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -374,11 +375,15 @@ def _count(cell: Cell, base: nn.Module, new: nn.Module, method: str, messages: l
         if lib["done_layers"] is not None and set(lib["done_layers"]) & left:
             diffs.append(f"done in the record, unchanged here: {', '.join(sorted(set(lib['done_layers']) & left)[:4])}")
         cell.agreement = "; ".join(diffs) or None
+    # fuse_ops keeps no per-layer record: a warning that names no layer speaks for the whole model
+    # ("torch.fx cannot trace ...; only layers inside nn.Sequential containers are fused").
+    whole_model = ([m for m in messages if not any(_reason_for(n, [m]) for n in own["left_layers"] + own["done_layers"])]
+                   if method == "fuse_bn" else [])
     for layer in own["left_layers"]:
         reason = lib["skipped"].get(layer) if lib is not None else None
         if reason is not None and reason.startswith("not selected ("):
             reason = _reason_for(layer, messages) or reason  # a warning naming the layer says more
-        reason = reason or _reason_for(layer, messages)
+        reason = reason or _reason_for(layer, messages) or ("; ".join(whole_model) if whole_model else None)
         if reason is None or (reason.startswith("not selected (") and method in TARGETED):
             cell.unexplained.append(layer)
         cell.left[layer] = reason or "no reason given"
