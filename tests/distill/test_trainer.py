@@ -275,3 +275,41 @@ def test_frozen_parameters_stay_exactly_as_they_were():
     assert all(p.requires_grad for p in out.parameters())  # the flags are restored
     with pytest.raises(ConfigError, match="matches no parameter"):
         st.distill(student, teacher, batches(n=1), {"steps": 1, "freeze": ["nope*"]}, progress=False)
+
+
+class _FreshBatches:
+    """A DataLoader-like iterable: every pass yields NEW tensors (shuffled copies), each freed after
+    its step, so a new batch may get the id of a freed one."""
+
+    def __init__(self, n: int = 6) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n * 8, 6, generator=g)
+        self.n = n
+
+    def __iter__(self):
+        order = torch.randperm(len(self.x))
+        for i in range(self.n):
+            yield self.x[order[i * 8:(i + 1) * 8]].clone()
+
+
+def test_cached_teacher_outputs_never_belong_to_another_batch():
+    """The teacher cache used to be keyed by id(batch): with fresh batches per step, a freed batch's id
+    came back and the step trained on that batch's teacher outputs. Every step must see its own."""
+    torch.manual_seed(0)
+    teacher, student = nn.Linear(6, 4), nn.Linear(6, 4)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []  # (batch, teacher output it was paired with)
+    true_teacher = nn.Linear(6, 4)
+    true_teacher.load_state_dict(teacher.state_dict())
+    teacher.register_forward_hook(lambda m, i, o: seen.append((i[0].detach().clone(), o.detach().clone())))
+    calls_before = len(seen)
+    distill_train(student, teacher, _FreshBatches(), DistillConfig(steps=30, lr=1e-3, loss="mse", cache_teacher=True),
+                  progress=False)
+    assert len(seen) - calls_before == 31  # the probe batch, then one teacher forward per step: no stale hit
+    for x, out in seen:
+        torch.testing.assert_close(out, true_teacher(x).detach(), atol=0, rtol=0)
+    # a list is cycled as the same objects: there the cache saves the forwards
+    seen.clear()
+    batches = [torch.randn(8, 6) for _ in range(3)]
+    distill_train(student, teacher, batches, DistillConfig(steps=30, lr=1e-3, loss="mse", cache_teacher=True),
+                  progress=False)
+    assert len(seen) == 1 + 3  # the probe (its cache entry dropped), then each batch once

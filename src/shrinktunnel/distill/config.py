@@ -113,7 +113,7 @@ class DistillConfig(Config):
     # finding one there continues from it. None: no checkpoint
     checkpoint_every: int = Field(default=100, ge=1)  # steps between checkpoint writes
     cache_teacher: bool = False  # True: keep the teacher's outputs per batch object in memory, saving a
-    # teacher forward per step when the data is a list that is cycled more than once
+    # teacher forward per step when the data is a list that is cycled more than once (other data: no effect)
 
     _lr = field_validator("lr")(_positive("lr"))
 

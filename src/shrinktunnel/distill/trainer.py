@@ -128,7 +128,11 @@ def distill_train(
     t_rel = _Capture(teacher, sorted({n for names in t_proj for n in names}), "the teacher")
     teacher_was_training = teacher.training
     teacher.eval()  # for the run only: its mode is restored at the end
-    cache: dict[int, tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]] = {}
+    # {id(batch): (batch, teacher outputs)}: the batch itself is kept, so its id cannot be reused by another
+    # batch while the entry lives, and a hit is checked by identity (a DataLoader yields new batches whose
+    # ids may be those of freed ones: keyed by id alone they silently got another batch's targets).
+    cache: dict[int, tuple[Any, tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]]] = {}
+    cacheable = isinstance(data, (list, tuple))  # only a list yields the same batch objects again
     warned_no_target = [False]
 
     def relation_targets(cap: _Capture, proj: list[tuple[str, str, str]], mask) -> list[torch.Tensor]:
@@ -137,16 +141,16 @@ def distill_train(
 
     def teacher_side(batch: Any, inputs: D.Inputs) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
         key = id(batch)
-        if cfg.cache_teacher and key in cache:
-            return cache[key]
+        if cfg.cache_teacher and key in cache and cache[key][0] is batch:
+            return cache[key][1]
         mask = inputs[1].get("attention_mask")
         with torch.no_grad():
             out = _output(teacher, inputs)
             rels = relation_targets(t_rel, t_proj, mask)
         t_out = None if cfg.loss == OutputLoss.NONE else pool(out, mask, cfg.pooling, cfg.loss).detach()
         feats = [t_cap.outputs[h.teacher].detach() for h in hints]
-        if cfg.cache_teacher:
-            cache[key] = (t_out, feats, rels)
+        if cfg.cache_teacher and cacheable:
+            cache[key] = (batch, (t_out, feats, rels))
         return t_out, feats, rels
 
     try:
