@@ -9,8 +9,9 @@ Tolerances (docs/quantization.md, "Export"), relative to s = max(1, max |PyTorch
   propagates (RegNet: 2.9e-2 of 4.3 seen; most models 0).
 
 The default run covers the architectures whose export failed (ViT, T5, Whisper: quantized layers read
-as the float layer outside their forward; T5, Swin: the exporter's decomposition); the whole zoo x
-{fp32, int8, dynamic int8} is marked slow (about 4 minutes on 2 cores).
+as the float layer outside their forward, as MobileNetV2 does; T5, Swin: the exporter's decomposition)
+and GPT-2 with its Conv1D layers quantized; the whole zoo x {fp32, int8, dynamic int8} is marked slow
+(about 4 minutes on 2 free cores).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import zoo_models as Z
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOLERANCE = {"fp32": (1e-4, None), "dyn": (1e-4, None), "int8": (5e-2, 2e-3)}  # (max, mean), times s
-FAST = [("t5", "int8"), ("t5", "dyn"), ("vit", "int8"), ("whisper", "int8"), ("swin", "fp32"), ("gpt2", "int8"),
-        ("mobilenetv2", "int8")]
+# T5: attribute read + capture; ViT: weight.dtype; Whisper: conv.stride; Swin: capture; GPT-2: Conv1D quantized
+FAST = [("t5", "int8"), ("vit", "int8"), ("whisper", "int8"), ("swin", "fp32"), ("gpt2", "int8")]
 
 
 def _variant(model, x, kind):
@@ -81,9 +82,9 @@ def test_zoo_exports_that_failed_now_run_in_onnx_runtime(name, kind, tmp_path):
     if kind == "int8":  # the int8 layers are in the graph as int8 (not exported float)
         layers = [s for s in m.modules() if type(s).__name__ == "QuantizedLayer"]
         ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-        assert ops.count("DequantizeLinear") >= len(layers)
-        if name != "gpt2":  # GPT-2's Conv1D layers are quantized once core/layers.py canonicalizes them
-            assert layers
+        assert layers and ops.count("DequantizeLinear") >= len(layers)
+        if name == "gpt2":  # its Conv1D layers (transposed Linears) are int8 in the graph
+            assert any(n.endswith("attn.c_attn") for n, s in m.named_modules() if type(s).__name__ == "QuantizedLayer")
 
 
 @pytest.mark.slow

@@ -291,7 +291,9 @@ def _dynamic_shapes(module: nn.Module, args, kwargs, batch_dynamic: bool = True,
 @contextlib.contextmanager
 def _quiet():
     """The exporter prints progress lines and warns about optional torchvision ops; keep them out."""
-    names = ("torch", "torch.onnx", "torch.export", "torch._export", "torch._subclasses.fake_tensor", "torch.fx")
+    # onnxscript: its constant folding logs "Evaluation failed" for shapes it cannot fold (dynamic dims), harmlessly
+    names = ("torch", "torch.onnx", "torch.export", "torch._export", "torch._subclasses.fake_tensor", "torch.fx",
+             "onnxscript")
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
