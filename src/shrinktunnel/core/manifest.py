@@ -190,8 +190,11 @@ def check_manifest(mpath: Path, m: Any) -> dict[str, Any]:
 
     metrics = m.get("metrics", {})
     for side in ("before", "after"):
-        if side in metrics and not (isinstance(metrics[side], dict) and all(_is_num(v) for v in metrics[side].values())):
-            raise _fail(w, f"metrics.{side} must map names to numbers")
+        # Numbers, or a method's own report (cluster's weight_sharing table): informational, never executed;
+        # readers (shrink inspect's table) check the fields they show.
+        if side in metrics and not (isinstance(metrics[side], dict)
+                                    and all(_is_num(v) or isinstance(v, (dict, list)) for v in metrics[side].values())):
+            raise _fail(w, f"metrics.{side} must map names to numbers (or a method's report object)")
     return m
 
 
