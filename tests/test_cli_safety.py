@@ -182,3 +182,16 @@ def test_second_analyze_of_a_file_factory_reads_every_evaluation_from_the_cache(
     (ran1, hit1), (ran2, hit2) = runs
     assert ran1 > 0 and hit1 == 0
     assert ran2 == 0 and hit2 == ran1
+
+
+def test_eval_checks_labels_when_there_are_some(d, tmp_path):
+    art = tmp_path / "art"
+    assert run_cli(*compress_args(d, art))[0] == 0
+    code, out, err = run_cli("eval", art, "--data", d / "float_labels.npz", "--model", MLP, "--threads", "1")
+    assert_one_line_error(code, err, "--data", "integer class indices")
+    code, out, err = run_cli("eval", art, "--data", d / "bad_labels.npz", "--model", MLP, "--threads", "1")
+    assert code == 0, err
+    assert "labels span [99, 99]" in out
+    code, out, err = run_cli("eval", art, "--data", d / "unlabelled.npz", "--model", MLP, "--threads", "1")
+    assert code == 0, err  # no labels: latency and size only, as before
+    assert "latency, ONNX Runtime" in out and "accuracy" not in out

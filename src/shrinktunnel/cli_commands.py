@@ -71,18 +71,21 @@ def _untrusted(exc: UntrustedCodeError) -> ArtifactError:
     )
 
 
-def check_data(model, data, what: str, *, labelled: bool = False, console: Console | None = None) -> None:
+def check_data(model, data, what: str, *, labelled: bool | None = False, console: Console | None = None) -> None:
     """Run the model on the first batch of a data argument before any work starts (a wrong shape is one
-    line now, not a traceback after calibration). Labelled data: the targets must be class indices the
-    outputs can be compared with; labels outside the model's classes are warned about."""
+    line now, not a traceback after calibration). `labelled` True: the batches must hold targets; None:
+    they may. Targets must be class indices the outputs can be compared with; labels outside the
+    model's classes are warned about."""
     try:
         inputs = D.check_model_runs(model, data)
     except DataError as exc:
         raise DataError(f"{what}: {exc}") from None
-    if not labelled:
+    if labelled is False:
         return
     batch = next(D.batches(data))
     _, target = D.split(batch)
+    if target is None and labelled is None:
+        return
     if target is None:
         raise DataError(f"{what} has no labels: accuracy needs (inputs, target) batches (an .npz with 'y')")
     import torch
@@ -222,7 +225,8 @@ def run_export(path: Path, onnx: Path, console: Console, *, force=False, base_re
 def run_eval(path: Path, data_ref: str, batch_size: int, threads: int, console: Console, *, base_ref=None, trust=False) -> None:
     model = open_artifact(path, base_ref, trust)
     data = D.reiterable(load_data(data_ref, batch_size))
-    check_data(model, data, "--data", labelled=True, console=console)  # a readable error before the exporter fails on the same shapes
+    # a readable error before the exporter fails on the same shapes; unlabelled data: latency only
+    check_data(model, data, "--data", labelled=None, console=console)
     with tempfile.TemporaryDirectory() as d:
         v = Variant(path.name or "artifact", model, artifact_bytes(path))
         compare_variants([v], data, Path(d), threads=threads)
