@@ -91,7 +91,7 @@ class _MassiveToken(nn.Module):
         return self.fc3(torch.tanh(self.fc2(h * boost)))  # tanh: fc3's input is bounded again
 
 
-def test_per_token_chosen_for_the_layer_that_needs_it():
+def test_per_token_chosen_for_the_layer_that_needs_it(tmp_path):
     model = _MassiveToken().eval()
     data = [torch.randn(8, 16, 32) for _ in range(4)]
     cfg = {"activations": {"dynamic": True, "per_token": False}, "max_drop": 0.0005}
@@ -110,6 +110,15 @@ def test_per_token_chosen_for_the_layer_that_needs_it():
             return float(torch.cat([F.cosine_similarity(model(x).flatten(1), m(x).flatten(1)) for x in data]).mean())
 
     assert cos(q) > cos(plain) and 1 - cos(q) <= 0.0005
+    # The mixed model saves, loads and exports like any other.
+    st.save(q, tmp_path / "art")
+    loaded = st.load(tmp_path / "art", model=_MassiveToken().eval())
+    from shrinktunnel.export import OrtModel
+
+    ort = OrtModel(st.export_onnx(q, tmp_path / "q.onnx", data[0]))
+    with torch.no_grad():
+        assert torch.equal(loaded(data[1]), q(data[1]))
+        assert float(F.cosine_similarity(ort(data[1]).flatten(1), q(data[1]).flatten(1)).min()) > 0.9999
     # fallback: [float] keeps the old behaviour: no per-token layer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
