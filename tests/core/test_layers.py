@@ -84,6 +84,7 @@ def images():
 
 
 def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.detach(), out.detach()
     return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
 
 
