@@ -246,3 +246,11 @@ def test_fuse_ops_checks_on_the_example_and_warns_once_per_reason():
     assert fused.manifest["stages"][0]["replay"]["attention"] == ["model"] or fused.model.model.config._attn_implementation == ATTENTION
     with torch.no_grad():
         torch.testing.assert_close(fused.model(**x), mpnet(**x), rtol=1e-5, atol=1e-5)
+
+
+def test_an_example_the_model_cannot_run_fuses_nothing_with_a_warning():
+    model = _Encoder(_bert())
+    messages = []
+    assert fuse_attention(model, {"input_ids": torch.zeros(2, 3, 4, dtype=torch.long)}, warn=messages.append) == []
+    assert len(messages) == 1 and "unfused model fails on the example" in messages[0]
+    assert model.bert.config._attn_implementation != ATTENTION

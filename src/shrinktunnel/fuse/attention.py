@@ -271,7 +271,14 @@ def fuse_attention(model: nn.Module, example: Any = None, *, warn: Callable[[str
     if example is not None:
         model_was_training = model.training
         model.eval()
-        reference = _run(model, example)
+        try:
+            reference = _run(model, example)
+        except Exception as exc:  # noqa: BLE001 - nothing to compare with: fuse nothing, say why
+            model.train(model_was_training)
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            warn(f"fuse_ops: attention: nothing fused: the unfused model fails on the example "
+                 f"({type(exc).__name__}: {first[:160]})")
+            return []
     for name, m in _hf_models(model):
         if any(s == "" or name.startswith(f"{s}.") for s in switched):
             continue  # a sub-model of one already switched shares its config
