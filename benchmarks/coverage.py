@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", help="comma-separated zoo names (default: every model)")
     ap.add_argument("--methods", help="comma-separated methods (default: every method)")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export check (faster)")
-    ap.add_argument("--timeout", type=int, default=600, help="seconds allowed per cell")
+    ap.add_argument("--timeout", type=int, default=120, help="seconds allowed per cell (a tiny model that takes "
+                    "longer has met something pathological: the cell says where it stopped)")
     ap.add_argument("--doc", default=str(DOC), help="where the matrix goes (default docs/coverage.md)")
     ap.add_argument("--json", default=str(RESULTS_DIR / "coverage.json"), help="where every cell goes")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes, each with its share of the models "

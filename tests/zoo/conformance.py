@@ -298,9 +298,17 @@ class _Timeout(Exception):
     pass
 
 
+def _where(frame) -> str:
+    """Where a cell was when its time ran out: the innermost library frames."""
+    stack = traceback.extract_stack(frame)
+    ours = [f for f in stack if "shrinktunnel" in f.filename or "torch_pruning" in f.filename]
+    picked = (ours or stack)[-2:]
+    return " <- ".join(f"{'/'.join(Path(f.filename).parts[-2:])}:{f.name}" for f in reversed(picked))
+
+
 def _alarm(seconds: int):
     def handler(signum, frame):
-        raise _Timeout(f"took longer than {seconds} s")
+        raise _Timeout(f"took longer than {seconds} s (stopped in {_where(frame)})")
 
     old = signal.signal(signal.SIGALRM, handler)
     signal.alarm(seconds)
