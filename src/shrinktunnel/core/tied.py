@@ -77,6 +77,8 @@ def _dense(layer: nn.Module) -> torch.Tensor:
     """The dense float weight a method's layer computes with."""
     if hasattr(layer, "dequantized_weight"):
         return layer.dequantized_weight()
+    if hasattr(layer, "float_weight"):  # quant/float_formats.FloatWeightLayer: stored in 16 / 8 bits
+        return layer.float_weight()
     w = layer.weight
     return w() if callable(w) else w  # ClusteredLayer.weight() is a method; SparseLayer.weight a buffer
 

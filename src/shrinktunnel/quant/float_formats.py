@@ -19,7 +19,10 @@ from ..core.config import Config, StrEnum
 from ..core.registry import Context, register_method
 from ..core.select import names_by_module, select_modules, set_submodule, unmatched_patterns
 from ..errors import DataError
+from ..core.tied import tie, tie_plan, tie_record
 from .modules import SUPPORTED, QuantizedLayer, apply_layer
+
+KINDS = (*SUPPORTED, nn.Embedding)  # the layers whose weight storage `cast` changes
 
 __all__ = ["FloatFormat", "CastConfig", "FloatWeightLayer", "cast_model", "replay_cast"]
 
@@ -38,7 +41,7 @@ class CastConfig(Config):
     """Store the weights of the selected layers in a 16- or 8-bit float format."""
 
     format: FloatFormat = FloatFormat.FLOAT16  # float16: 10 mantissa bits, lossless for most trained nets
-    layers: list[str] = ["*"]  # glob patterns over module names; Linear, Conv1d and Conv2d are cast
+    layers: list[str] = ["*"]  # glob patterns over module names; Linear, Conv1d, Conv2d and Embedding are cast
     skip: list[str] = []  # glob patterns kept in float32
 
 
@@ -72,7 +75,7 @@ class FloatWeightLayer(nn.Module):
             layer.weight_scale.copy_(scale)
             w = w / scale.view(-1, *([1] * (w.dim() - 1)))
         layer.weight.copy_(w.to(layer.weight.dtype))
-        if module.bias is not None:
+        if getattr(module, "bias", None) is not None:
             layer.bias.data.copy_(module.bias.detach().float())
         return layer
 
@@ -100,7 +103,7 @@ def replay_cast(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
         set_submodule(model, name, FloatWeightLayer(spec))
     for alias, name in replay.get("shared", {}).items():
         set_submodule(model, alias, model.get_submodule(name))
-    return model
+    return tie(model, replay.get("tied", {}))
 
 
 @register_method("cast", CastConfig, replay=replay_cast)
@@ -110,17 +113,37 @@ def cast_model(model: nn.Module, cfg: CastConfig, ctx: Context) -> tuple[nn.Modu
     for pattern in unmatched_patterns(model, [*cfg.layers, *cfg.skip]):
         ctx.warn(f"cast: pattern {pattern!r} matches no module")
     names_of = names_by_module(model)
-    layers, shared = {}, {}
-    for name, module in select_modules(model, SUPPORTED, cfg.layers, cfg.skip):
-        if type(module) not in SUPPORTED:
+    layers, shared, tied = {}, {}, {}
+    # Tied weights (an Embedding and its lm_head, Embeddings sharing a table) are cast once (core/tied.py).
+    together, refused = tie_plan(model, cfg.layers, cfg.skip)
+    following = {n for names in together.values() for n in names}
+    for name, module in select_modules(model, KINDS, cfg.layers, cfg.skip):
+        if type(module) not in KINDS:
             ctx.skip(name, f"{type(module).__name__} subclasses {type(module).__mro__[1].__name__} and is read by its parent; kept in float32")
             continue
+        if isinstance(module, nn.Embedding) and module.max_norm is not None:
+            ctx.skip(name, "an Embedding with max_norm renormalises its weight in place; kept in float32")
+            continue
+        if name in refused:
+            ctx.skip(name, refused[name])
+            continue
+        if name in following:
+            continue  # cast with the layer it is tied to
+        followers = together.get(name, [])
         layer = FloatWeightLayer.from_module(module, cfg.format)
-        for alias in names_of[id(module)]:
+        embedding = isinstance(module, nn.Embedding)  # Embeddings sharing its table: further names of its layer
+        for alias in names_of[id(module)] + (followers if embedding else []):
             set_submodule(model, alias, layer)
             if alias != name:
                 shared[alias] = name
         layers[name] = layer.spec()
+        if not embedding:  # Embeddings tied to this Linear read its layer's rows
+            tied.update({e: tie_record(model, e, name) for e in followers})
+    tie(model, tied)
     if not layers:
-        ctx.warn("cast: no Linear/Conv1d/Conv2d layer selected; the model is unchanged")
-    return model, {"layers": layers, "shared": shared}
+        ctx.warn("cast: no Linear/Conv1d/Conv2d/Embedding layer selected; the model is unchanged")
+    replay: dict[str, Any] = {"layers": layers, "shared": shared}
+    if tied:
+        replay["tied"] = tied
+    return model, replay
+
