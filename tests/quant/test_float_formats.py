@@ -71,3 +71,42 @@ def test_cast_bad_input():
         st.cast(model, {"format": "float16"})
     with pytest.warns(UserWarning, match="matches no module"):
         st.cast(_net(), {"layers": ["nope*"]})
+
+
+class _TiedLM(nn.Module):
+    """An embedding tied to its output projection (tie_word_embeddings), and a second embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(40, 16, padding_idx=0)
+        self.pos = nn.Embedding(8, 16)
+        self.mid = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 40, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids) + self.pos(torch.arange(ids.shape[1]))
+        return self.head(torch.tanh(self.mid(h)))
+
+
+@pytest.mark.parametrize("fmt", ["float16", "float8_e4m3fn"])
+def test_cast_reaches_embeddings_and_casts_a_tied_table_once(fmt, tmp_path):
+    from shrinktunnel.core.coverage import stage_coverage
+    from shrinktunnel.core.tied import TiedEmbedding
+
+    torch.manual_seed(0)
+    model = _TiedLM().eval()
+    ids = torch.randint(0, 40, (3, 8))
+    out = st.cast(model, {"format": fmt})
+    (cov,) = stage_coverage(out)
+    assert cov.share == 1.0
+    assert isinstance(out.emb, TiedEmbedding) and out.emb.layer is out.head  # one table, two uses
+    assert isinstance(out.pos, FloatWeightLayer)
+    ref = model(ids)
+    tol = 1e-2 if fmt == "float16" else 0.2
+    assert (out(ids) - ref).abs().max() <= tol * ref.abs().max()
+    path = st.save(out, tmp_path / "a")
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        tables = [k for k in f.keys() if tuple(f.get_slice(k).get_shape()) == (40, 16)]
+    assert len(tables) == 1  # stored once
+    assert torch.equal(st.load(path, model=model)(ids), out(ids))
