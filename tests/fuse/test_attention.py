@@ -238,14 +238,24 @@ def test_decoders_and_models_without_attention_are_refused_with_one_warning_each
     assert "causal" in messages[0] and "causal" in messages[1] and "no attention reached the kernel" in messages[2]
 
 
-def test_fuse_ops_checks_on_the_example_and_warns_once_per_reason():
+def test_fused_mpnet_round_trips_through_the_artifact(tmp_path):
+    """fuse_ops checks on the example; st.load switches the same sub-model again (adapter included)."""
     Z = _zoo("mpnet")
     mpnet, x = Z.ZOO["mpnet"]()
     fused = st.compress(mpnet, [{"fuse_ops": {"bn": False, "linear": "never", "attention": True}}], example_inputs=x,
-                        progress=False)
-    assert fused.manifest["stages"][0]["replay"]["attention"] == ["model"] or fused.model.model.config._attn_implementation == ATTENTION
+                        progress=False).model
+    assert fused.model.config._attn_implementation == ATTENTION
+    assert type(fused.model.encoder.layer[0].attention.attn).__name__ == "FusedMPNetSelfAttention"
+    assert type(mpnet.model.encoder.layer[0].attention.attn).__name__ == "MPNetSelfAttention"  # a copy was fused
     with torch.no_grad():
-        torch.testing.assert_close(fused.model(**x), mpnet(**x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused(**x), mpnet(**x), rtol=1e-5, atol=1e-5)
+    st.save(fused, tmp_path / "a")
+    loaded = st.load(tmp_path / "a", model=Z.ZOO["mpnet"]()[0])
+    assert type(loaded.model.encoder.layer[0].attention.attn).__name__ == "FusedMPNetSelfAttention"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x), fused(**x), rtol=0, atol=0)
+    unfuse_attention(loaded)
+    assert type(loaded.model.encoder.layer[0].attention.attn).__name__ == "MPNetSelfAttention"
 
 
 def test_an_example_the_model_cannot_run_fuses_nothing_with_a_warning():
