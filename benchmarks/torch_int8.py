@@ -97,7 +97,7 @@ def first_call(fn: Callable, *args, **kwargs) -> float:
 # -- MNIST CNN ------------------------------------------------------------------------------------
 def cnn_contenders(ao) -> tuple[dict[str, Callable], dict[str, float], dict[str, Any]]:
     """{label: model callable}, {label: compile seconds}, notes."""
-    from torch.ao.quantization import QuantWrapper, get_default_qconfig, get_default_qconfig_mapping
+    from torch.ao.quantization import DeQuantStub, QuantStub, get_default_qconfig, get_default_qconfig_mapping
     from torch.ao.quantization import convert, prepare
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -112,22 +112,31 @@ def cnn_contenders(ao) -> tuple[dict[str, Callable], dict[str, float], dict[str,
     ours = st.compile(sim)
     compile_s["ours st.compile"] = first_call(ours, x)
     notes["ours_plan"] = ours.plan
-    notes["ours_int8_matched"] = ours.int8_matched
+    notes["ours_int8_matched"], notes["ours_int8_unmatched"] = ours.int8_matched, ours.int8_unmatched
     models["ours st.compile"] = ours
     f32c = freezing_compile(copy.deepcopy(fp32))
     compile_s["fp32 torch.compile"] = first_call(f32c, x)
     models["fp32 torch.compile"] = f32c
     torch.backends.quantized.engine = "x86"
+    # torch.ao's quantized convs return channels-last tensors, on which the model's `x.view(N, -1)`
+    # fails (every engine: x86, fbgemm, onednn; FX and eager). Each torch.ao contender gets the usual
+    # workaround: FX, the converted graph's `view` made `reshape`; eager, the forward rebuilt as a
+    # Sequential with nn.Flatten. st.compile runs the model's own forward unchanged.
+    notes["torch_ao_workaround"] = "x.view -> reshape (FX graph) / nn.Flatten (eager Sequential)"
     with torch.no_grad():
         fx = prepare_fx(copy.deepcopy(fp32).eval(), get_default_qconfig_mapping("x86"), (x,))
         for xb, _ in calib:
             fx(xb)
-        models["torch.ao FX x86"] = convert_fx(fx)
-        eager = QuantWrapper(copy.deepcopy(fp32).eval())
-        torch.ao.quantization.fuse_modules(eager.module, [["conv_layers.0", "conv_layers.1"],
-                                                          ["conv_layers.3", "conv_layers.4"],
-                                                          ["conv_layers.6", "conv_layers.7"],
-                                                          ["fc_layers.0", "fc_layers.1"]], inplace=True)
+        fx = convert_fx(fx)
+        for node in fx.graph.nodes:
+            if node.op == "call_method" and node.target == "view":
+                node.target = "reshape"
+        fx.recompile()
+        models["torch.ao FX x86"] = fx
+        base = copy.deepcopy(fp32).eval()
+        eager = nn.Sequential(QuantStub(), base.conv_layers, nn.Flatten(), base.fc_layers, DeQuantStub()).eval()
+        torch.ao.quantization.fuse_modules(eager, [["1.0", "1.1"], ["1.3", "1.4"], ["1.6", "1.7"], ["3.0", "3.1"]],
+                                           inplace=True)
         eager.qconfig = get_default_qconfig("x86")
         prepare(eager, inplace=True)
         for xb, _ in calib:
@@ -181,7 +190,7 @@ def minilm_contenders(ao) -> tuple[dict[str, Callable], dict[str, float], dict[s
     ours = st.compile(dyn)
     compile_s["ours dynamic int8 st.compile"] = first_call(ours, **b)
     notes["ours_dynamic_kinds"] = sorted(set(ours.plan.values()))
-    notes["ours_dynamic_int8_matched"] = ours.int8_matched
+    notes["ours_dynamic_int8_matched"], notes["ours_dynamic_int8_unmatched"] = ours.int8_matched, ours.int8_unmatched
     models["ours dynamic int8 st.compile"] = ours
     f32c = freezing_compile(copy.deepcopy(fp32))
     compile_s["fp32 torch.compile"] = first_call(f32c, **b)

@@ -49,7 +49,6 @@ __all__ = ["BACKENDS", "compile_int8", "lower", "Int8Compiled", "StaticInt8", "D
 
 BACKENDS = ("inductor",)
 INT4_GROUPS = (256, 128, 64, 32)  # the group sizes aten._weight_int4pack_mm_for_cpu accepts
-_INDUCTOR_MATCHES = ("qconv_weight_prepack_matcher_count", "qlinear_weight_prepack_matcher_count")
 
 
 # -- what this torch build can run ------------------------------------------------------------------
@@ -312,13 +311,59 @@ def lower(model: nn.Module, ctx: Context | None = None) -> tuple[nn.Module, dict
 
 
 # -- compiling -----------------------------------------------------------------------------------
+_VIEWS = ("view", "reshape", "permute", "t", "transpose", "unsqueeze", "squeeze", "expand", "clone")
+
+
+class _Int8Census:
+    """An inductor post-grad pass that only counts: oneDNN int8 conv / linear nodes (patterns matched)
+    and integer computations left unmatched (an `_int_mm`, or a float conv / matmul reading a
+    dequantized activation). Counted on the graph inductor compiles, so a layer the compiler drops as
+    dead code (a BERT pooler under mean pooling) is in neither count."""
+
+    def __init__(self) -> None:
+        self.lowered = 0
+        self.unmatched = 0
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        aten, qd = torch.ops.aten, torch.ops.quantized_decomposed
+        dequant = {qd.dequantize_per_tensor.default, qd.dequantize_per_tensor.tensor}
+        compute = {aten.convolution.default, aten.mm.default, aten.addmm.default, aten.bmm.default}
+
+        def from_dequant(node: Any) -> bool:
+            while isinstance(node, torch.fx.Node) and node.op == "call_function":
+                if node.target in dequant:
+                    return True
+                if getattr(node.target, "__name__", "").split(".")[0] not in _VIEWS:
+                    return False
+                node = node.args[0] if node.args else None
+            return False
+
+        for node in graph.nodes:
+            if node.op != "call_function":
+                continue
+            # Matched patterns are oneDNN ops, or (static layers) inductor's lowering functions
+            # `functools.partial(<..._register_quantized_conv_lowering.<locals>.qconv>, Match(...))`.
+            name = str(node.target)
+            func = getattr(getattr(node.target, "func", None), "__name__", "")
+            if "onednn.qconv" in name or "onednn.qlinear" in name or func.startswith(("qconv", "qlinear")):
+                self.lowered += 1
+            elif node.target is aten._int_mm.default:
+                self.unmatched += 1
+            elif node.target in compute and any(from_dequant(a) for a in node.args):
+                self.unmatched += 1
+
+    def uuid(self) -> None:  # never cached: the census must see the graph it counts
+        return None
+
+
 class Int8Compiled(nn.Module):
     """The lowered model compiled by inductor with frozen weights; inference only (every call runs
     under `torch.no_grad`: freezing, and so the int8 lowering, applies only without autograd).
 
     `lowered`: the eager lowered model (integer buffers, same outputs, no compile); `plan`: how each
     quantized layer runs; `compile_seconds`: the first call's time (tracing, lowering, C++ compile);
-    `int8_matched`: int8 conv/linear patterns inductor matched in the first compile."""
+    `int8_matched` / `int8_unmatched`: oneDNN int8 conv / linear nodes in the first compiled graph, and
+    integer computations inductor left unmatched there (a warning names the lowered layers then)."""
 
     def __init__(self, lowered: nn.Module, plan: dict[str, str], compiled: Any, expected: int) -> None:
         super().__init__()
@@ -328,6 +373,7 @@ class Int8Compiled(nn.Module):
         self._expected = expected
         self.compile_seconds: float | None = None
         self.int8_matched: int | None = None
+        self.int8_unmatched: int | None = None
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         from torch._inductor import config as inductor_config
@@ -343,17 +389,23 @@ class Int8Compiled(nn.Module):
     def _first_call(self, *args: Any, **kwargs: Any) -> Any:
         import time
 
-        from torch._dynamo.utils import counters
+        from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
 
-        before = sum(counters["inductor"][k] for k in _INDUCTOR_MATCHES)
+        census = _Int8Census()
         t0 = time.perf_counter()
-        out = self._compiled(*args, **kwargs)
+        # The first compile bypasses inductor's caches so that the census sees the graph (a cache hit
+        # would skip every pass); its C++ kernels are still cached on disk.
+        with inductor_config.patch(fx_graph_cache=False, post_grad_custom_post_pass=census), \
+                functorch_config.patch(enable_autograd_cache=False):
+            out = self._compiled(*args, **kwargs)
         self.compile_seconds = time.perf_counter() - t0
-        self.int8_matched = sum(counters["inductor"][k] for k in _INDUCTOR_MATCHES) - before
-        if self.int8_matched < self._expected:
-            # A layer whose pattern inductor did not match runs the simulated QDQ ops, compiled.
-            warnings.warn(f"compile: inductor matched {self.int8_matched} of {self._expected} int8 conv/linear "
-                          "patterns; the others run simulated (fake-quantized float kernels). Layers: "
+        self.int8_matched, self.int8_unmatched = census.lowered, census.unmatched
+        if census.unmatched:
+            # A layer whose pattern inductor did not match runs the simulated ops, compiled.
+            warnings.warn(f"compile: inductor left {census.unmatched} int8 conv/linear computation(s) of the "
+                          f"{self._expected} lowered layers unmatched (it matched {census.lowered}); those run "
+                          "simulated (fake-quantized float kernels), with the same outputs. Lowered layers: "
                           f"{', '.join(n for n, how in self.plan.items() if how in ('static int8', 'dynamic int8'))}",
                           stacklevel=3)
         return out
