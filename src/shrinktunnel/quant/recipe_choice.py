@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .smooth import SmoothObserver, _fake_quant_input, _fake_quant_weight, choose_smoothing
+from .smooth import SmoothObserver, _fake_quant_input, _fake_quant_weight
 
 __all__ = ["token_error", "choose_per_token", "PER_TOKEN_GAIN"]
 
@@ -59,13 +59,11 @@ def choose_per_token(
     metric: Callable[[nn.Module], float],
     base: float,
     max_drop: float,
-    *,
-    smooth: str | float | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """The plans with the fewest dynamic per-tensor Linears switched to per-token activations that brings
     `metric(build(plans))` within `max_drop` of `base` (all candidates switched when none does), and a
     report. `groups`: names that read the same input; `samples`: each group's first member's input sample.
-    `smooth`: the config's smooth, to re-choose the factors of a switched layer for per-token scales."""
+    A switched layer keeps its smoothing factors or drops them, whichever gives the lower error."""
     by_name = {p.name: p for p in plans}
     candidates = []
     for names in groups:
@@ -79,10 +77,12 @@ def choose_per_token(
         weights = [p.module.weight for p in members]
         fast = token_error(x, weights, members[0].smooth, members[0].weights, members[0].activations)
         aq = members[0].activations.model_copy(update={"per_token": True})
-        s = None
-        if smooth is not None:
-            s, _ = choose_smoothing(obs, weights, members[0].weights, aq, smooth)
-        accurate = token_error(x, weights, s, members[0].weights, aq)
+        # Per token, the layer keeps its smoothing factors or drops them, whichever errs less (a new
+        # search over the alpha grid would cost as much as the smoothing pass itself on a 110M model).
+        options = [(token_error(x, weights, None, members[0].weights, aq), None)]
+        if members[0].smooth is not None:
+            options.append((token_error(x, weights, members[0].smooth, members[0].weights, aq), members[0].smooth))
+        accurate, s = min(options, key=lambda o: o[0])
         candidates.append({"layers": [p.name for p in members], "error": fast, "error_per_token": accurate,
                            "gain": fast - accurate, "smooth": s, "activations": aq})
     candidates.sort(key=lambda c: c["gain"], reverse=True)
@@ -158,7 +158,7 @@ def per_token_under_budget(model: nn.Module, plans: Sequence[Any], build: Callab
             h.remove()
         reads.next_batch()
     chosen, report = choose_per_token(plans, reads.groups([p.name for p in todo]), samples, build, metric,
-                                      metric(model), cfg.max_drop, smooth=cfg.smooth)
+                                      metric(model), cfg.max_drop)
     if report["per_token"]:
         ctx.warn(f"quantize: {len(report['per_token'])} Linear(s) take per-token activations to stay within "
                  f"max_drop={cfg.max_drop} (metric {report['final']:.4g}): {', '.join(report['per_token'][:6])}"
