@@ -186,13 +186,16 @@ def markdown(cells: list[dict[str, Any]], zoo: dict[str, Any], methods: list[str
                      f"{sum(bool(c['onnx']) for c in cs)} | {med} |")
 
     lines += ["", "## Every cell", "",
-              "Weights are counted here; `record` is the library's own coverage record of the stage "
-              "(`shrinktunnel.core.coverage.stage_coverage`), `-` where it keeps none.", ""]
+              "`share`: the library's own coverage record of the stage (`shrinktunnel.core.coverage.stage_coverage`) "
+              "where it keeps one, else this script's count; `independent count`: this script's count over the "
+              "weights of Linear / Conv / ConvTranspose / Embedding / HF Conv1D / MultiheadAttention layers, which "
+              "must agree with the record over the layers both count (weight holders only the record counts, such "
+              "as an LSTM or Swin's relative position bias table, are listed with the record's reason).", ""]
     for model in models:
         z = zoo[model]
         lines += [f"### `{model}`", "", f"{z['source']}, {z['family']}, {z['params']:,} parameters"
                   + (f"; {z['note'].rstrip('.')}" if z["note"] else "") + ".", "",
-                  "| method | runs | share (weights) | record | round trip | ONNX max abs diff | time | layers left alone |",
+                  "| method | runs | share (weights) | independent count | round trip | ONNX max abs diff | time | layers left alone |",
                   "|---|---|---|---|---|---|---|---|"]
         for method in methods:
             c = by.get((model, method))
@@ -202,7 +205,7 @@ def markdown(cells: list[dict[str, Any]], zoo: dict[str, Any], methods: list[str
                 lines.append(f"| {method} | ❌ {_short(c['error'], 300)} | | | | | | |")
                 continue
             share = "n/a" if c["share"] is None else f"{_pct(c['share'])} ({c['done']:,} / {c['eligible']:,})"
-            rec = "-" if not c["library"] else _pct(c["library"]["share"])
+            rec = "-" if not c.get("own") else _pct(c["own"]["share"])
             rt = "✅ exact" if c["roundtrip"] else f"❌ {_short(c['roundtrip_error'] or '', 200)}"
             if c["onnx"]:
                 ox = f"✅ {c['onnx_max_abs']:.2g}"

@@ -168,11 +168,13 @@ def _transformed(before: nn.Module, after: nn.Module | None) -> bool:
         return not (canonical and isinstance(w, torch.Tensor) and isinstance(getattr(before, "weight", None), torch.Tensor)
                     and _same_values(w, before.weight))
     if isinstance(before, nn.MultiheadAttention):
-        return not _same_values(after.in_proj_weight, before.in_proj_weight)
+        return after.in_proj_weight is None or after.in_proj_weight.dtype != before.in_proj_weight.dtype
     wa, wb = getattr(after, "weight", None), getattr(before, "weight", None)
     if not isinstance(wa, torch.Tensor) or not isinstance(wb, torch.Tensor):
         return True
-    return wa.shape != wb.shape or wa.dtype != wb.dtype or not torch.equal(wa.detach(), wb.detach())
+    # Same module kind: transformed when its weight changed shape (channel pruning) or storage dtype. New
+    # values alone are not a transformation: QAT trains the float layers it leaves unquantized too.
+    return wa.shape != wb.shape or wa.dtype != wb.dtype
 
 
 def _named(model: nn.Module) -> dict[str, nn.Module]:
@@ -188,12 +190,19 @@ def own_coverage(before: nn.Module, after: nn.Module, method: str) -> dict[str, 
         bns = {n: int(m.num_features) for n, m in before.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
         done = [n for n in bns if not isinstance(after_modules.get(n), nn.modules.batchnorm._BatchNorm)]
         return {"eligible": sum(bns.values()), "done": sum(bns[n] for n in done), "done_layers": done,
-                "left_layers": [n for n in bns if n not in done], "layers": len(bns)}
+                "left_layers": [n for n in bns if n not in done], "layers": len(bns), "weights": bns}
     elig = eligible_weights(before)
     before_modules = _named(before)
     done = [n for n in elig if _transformed(before_modules[n], after_modules.get(n))]
     return {"eligible": sum(elig.values()), "done": sum(elig[n] for n in done), "done_layers": done,
-            "left_layers": [n for n in elig if n not in done], "layers": len(elig)}
+            "left_layers": [n for n in elig if n not in done], "layers": len(elig), "weights": elig}
+
+
+def _layer_name(name: str) -> str:
+    """The record may name a weight-normed layer by its parametrization holder
+    (`conv.parametrizations.weight`): the layer is `conv`."""
+    suffix = ".parametrizations.weight"
+    return name[: -len(suffix)] if name.endswith(suffix) else name
 
 
 def library_coverage(model: nn.Module) -> dict[str, Any] | None:
@@ -213,12 +222,21 @@ def library_coverage(model: nn.Module) -> dict[str, Any] | None:
     if not records:
         return None
     c = records[-1]
+    try:  # the raw record gives each skipped layer's weights: {name: [reason index, weights]}
+        from shrinktunnel.core.history import stages
+
+        raw = (stages(model)[-1].get("coverage") or {}).get("skipped", {})
+        skipped_weights = {_layer_name(logical_name(n)): int(v[1]) for n, v in raw.items()
+                           if isinstance(v, (list, tuple)) and len(v) > 1}
+    except Exception:  # noqa: BLE001 - another layout: compare without it
+        skipped_weights = {}
     done = getattr(c, "done", None)
     layers = getattr(c, "eligible_layers", None)
     return {"method": c.method, "eligible": int(c.eligible_weights), "done": int(c.done_weights), "share": float(c.share),
             "layers": int(layers) if isinstance(layers, int) else None,
             "done_layers": [logical_name(n) for n in done] if isinstance(done, (list, tuple, set)) else None,
-            "skipped": {logical_name(n): r for n, r in dict(getattr(c, "skipped", {}) or {}).items()}}
+            "skipped": {_layer_name(logical_name(n)): r for n, r in dict(getattr(c, "skipped", {}) or {}).items()},
+            "skipped_weights": skipped_weights}
 
 
 def _reason_for(layer: str, messages: list[str]) -> str | None:
@@ -248,6 +266,8 @@ class Cell:
     agreement: str | None = None  # where the two counts differ, how
     left: dict[str, str] = field(default_factory=dict)  # layer -> the reason it was left alone
     unexplained: list[str] = field(default_factory=list)  # layers left alone without a reason
+    own: dict[str, Any] | None = None  # the independent count, where the library's record is what `share` shows
+    beyond: dict[str, str] = field(default_factory=dict)  # weight holders only the library's record counts, with its reason
     roundtrip: bool | None = None
     roundtrip_error: str | None = None
     onnx: bool | None = None
@@ -373,16 +393,28 @@ def _count(cell: Cell, base: nn.Module, new: nn.Module, method: str, messages: l
     if lib is not None:
         cell.library = {k: lib[k] for k in ("eligible", "done", "share")}
         diffs = []
-        if lib["eligible"] != own["eligible"]:
-            diffs.append(f"eligible weights {own['eligible']:,} here, {lib['eligible']:,} in the record")
+        left, mine = set(own["left_layers"]), set(own["left_layers"]) | set(own["done_layers"])
+        # Weight holders the record counts beyond this count's definition (an LSTM, Swin's relative
+        # position bias table): reported, each with the record's reason, and left out of the comparison.
+        beyond = {n: lib["skipped_weights"].get(n, 0) for n in lib["skipped"] if n not in mine}
+        cell.beyond = {n: lib["skipped"][n] for n in beyond}
+        # A layer both count may be counted with other tensors (a weight-normed conv: g and v, not the weight).
+        recount = sum(w - own["weights"][n] for n, w in lib["skipped_weights"].items() if n in own["weights"])
+        lib_eligible = lib["eligible"] - sum(beyond.values()) - recount
+        if lib_eligible != own["eligible"]:
+            diffs.append(f"eligible weights {own['eligible']:,} here, {lib_eligible:,} in the record"
+                         + (f" (besides {', '.join(beyond)})" if beyond else ""))
         if lib["done"] != own["done"]:
             diffs.append(f"transformed weights {own['done']:,} here, {lib['done']:,} in the record")
-        left = set(own["left_layers"])
-        if set(lib["skipped"]) - left:
-            diffs.append(f"skipped in the record, transformed here: {', '.join(sorted(set(lib['skipped']) - left)[:4])}")
+        if (set(lib["skipped"]) & mine) - left:
+            diffs.append(f"skipped in the record, transformed here: {', '.join(sorted((set(lib['skipped']) & mine) - left)[:4])}")
         if lib["done_layers"] is not None and set(lib["done_layers"]) & left:
             diffs.append(f"done in the record, unchanged here: {', '.join(sorted(set(lib['done_layers']) & left)[:4])}")
         cell.agreement = "; ".join(diffs) or None
+        # The matrix shows the library's own record; the count here is the cross-check above.
+        cell.own = {"eligible": own["eligible"], "done": own["done"], "share": cell.share}
+        cell.eligible, cell.done, cell.share = lib["eligible"], lib["done"], lib["share"]
+        cell.left.update(cell.beyond)
     # fuse_ops keeps no per-layer record: a warning that names no layer speaks for the whole model
     # ("torch.fx cannot trace ...; only layers inside nn.Sequential containers are fused").
     whole_model = ([m for m in messages if not any(_reason_for(n, [m]) for n in own["left_layers"] + own["done_layers"])]
