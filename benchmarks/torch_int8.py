@@ -285,6 +285,11 @@ def render(res: dict[str, Any]) -> str:
             cs = sec["compile_s"].get(label)
             lines.append(f"| {label} | {ms:.2f} | {base / ms:.2f}x | " + " | ".join(vals)
                          + f" | {'' if cs is None else f'{cs:.1f}'} |")
+        notes = {k: v for k, v in sec.get("notes", {}).items() if k != "ours_plan"}
+        if "ours_plan" in sec.get("notes", {}):
+            kinds = list(sec["notes"]["ours_plan"].values())
+            notes["ours_plan"] = {k: kinds.count(k) for k in sorted(set(kinds))}
+        lines += ["", "Notes: " + "; ".join(f"{k}: {v}" for k, v in notes.items())]
         lines += ["", "| paired ratio (a / b latency, alternated blocks) | ratio | 95 % interval | a ms | b ms |",
                   "|---|---|---|---|---|"]
         for pair, r in sec["paired"].items():
