@@ -198,6 +198,16 @@ class QuantConfig(Config):
     # at 4 bits and below on transformers (MiniLM int4 g32: mean cosine 0.96 -> see docs/benchmarks.md)
     gptq_damp: float = Field(default=0.01, gt=0, lt=1)  # GPTQ's dampening, a fraction of the mean diagonal
     # of the Hessian added to it: 0.01 as in the paper; raise it if a layer's inputs are nearly collinear
+    gptq_act_order: bool = True  # gptq: columns rounded in decreasing order of their input energy (diag of the
+    # Hessian), with static groups (scales from the original weights, groups contiguous as stored): the paper's
+    # act-order; False: natural column order, each group's scale fitted to the weights as corrected so far
+    awq: bool = False  # weight-only: AWQ's activation-aware input-channel scales (the layer keeps 1/s, one Mul
+    # on its input) and weight clipping, searched on the calibration data (quant/awq.py); with rounding: gptq
+    # the scales, then GPTQ (no clipping). Needs data; transformer blocks are calibrated true-sequentially
+    tied: Literal["auto", "float", "quantize"] = "auto"  # a Linear tied to an Embedding (a language model's
+    # lm_head): quantize: quantized once for both uses (core/tied.py); float: both stay float and tied;
+    # auto: float when its weights would have fewer than 8 bits (the head is the most sensitive layer of a
+    # decoder: SmolLM2-135M int4 g64 perplexity 1.75x fp32 with it, 1.40x without), quantized once at 8 bits
     fuse_relu: bool = True  # a ReLU right after a layer joins its output quantizer, as runtimes fuse it
     fold_bn: bool = True  # with static activations, each BatchNorm right after a Conv / Linear is folded
     # into it first (exact in float), so the int8 layer runs as one QLinearConv in ONNX Runtime instead of
@@ -222,6 +232,14 @@ class QuantConfig(Config):
         if not self.fallback or len(set(self.fallback)) != len(self.fallback):
             raise ValueError(f"fallback={self.fallback} must list per_token and/or float once each, in the order "
                              "to try them (default [per_token, float])")
+        return self
+
+    @model_validator(mode="after")
+    def _check_awq(self) -> "QuantConfig":
+        if self.awq and (self.smooth is not None or self.activations is not None
+                         or any(r.activations for r in self.overrides)):
+            raise ValueError("awq scales weights for weight-only quantization; set activations: null (and no "
+                             "activations in overrides, no smooth), or use smooth for quantized activations")
         return self
 
     @model_validator(mode="after")

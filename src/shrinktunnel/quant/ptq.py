@@ -109,6 +109,7 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
         aliases = tuple(n for n in names_of[id(module)] if n != name)
         plans.append(LayerPlan(name, module, weights, activations, relu, aliases))
     plans = _embedding_plans(model, cfg, ctx, names_of, plans)
+    plans = _tied_head_default(model, cfg, ctx, plans)
     if not plans:
         ctx.warn("quantize: no Linear/Conv1d/Conv2d/Embedding layer selected; the model is unchanged")
     return plans
@@ -147,6 +148,27 @@ def _embedding_plans(model: nn.Module, cfg: QuantConfig, ctx: Context, names_of:
         aliases = tuple(n for n in names_of[id(module)] if n != name) + tuple(together.get(name, ()))
         plans.append(LayerPlan(name, module, weights, None, None, aliases))
     return plans
+
+
+def _tied_head_default(model: nn.Module, cfg: QuantConfig, ctx: Context, plans: list[LayerPlan]) -> list[LayerPlan]:
+    """`tied`: a Linear tied to an Embedding (lm_head) stays float with `tied: float`, and with `auto` when
+    its weights would have fewer than 8 bits; its Embedding then stays float and tied with it."""
+    embs_of: dict[str, list[str]] = {}
+    for emb, lin in tied_pairs(model).items():
+        embs_of.setdefault(lin, []).append(emb)
+    kept = []
+    for plan in plans:
+        if plan.name in embs_of and (cfg.tied == "float" or (cfg.tied == "auto" and plan.weights.bits < 8)):
+            why = ("tied: float" if cfg.tied == "float" else
+                   f"tied: auto keeps a tied output head float below 8 bits (here {plan.weights.bits})")
+            reason = (f"{why}: the output head tied to the embedding ({plan.name} = {', '.join(embs_of[plan.name])}) is "
+                      "the most sensitive layer of a language model and quantizing it changes the embedding too; "
+                      "set tied: quantize to quantize it once for both uses")
+            for name in (plan.name, *embs_of[plan.name]):
+                ctx.skip(name, reason)
+            continue
+        kept.append(plan)
+    return kept
 
 
 def _following_relu(model: nn.Module, name: str) -> str | None:
@@ -271,7 +293,8 @@ def _gptq_weights(plans: list[LayerPlan], hessians: dict, cfg: QuantConfig, ctx:
         qmin, qmax, group_size = _weight_grid(wq)
         try:
             rounded[plan.name] = gptq_quantize(plan.weight(), hessians[plan.name].h, qmin, qmax, wq.symmetric,
-                                               str(wq.granularity), group_size, damp=cfg.gptq_damp)
+                                               str(wq.granularity), group_size, damp=cfg.gptq_damp,
+                                               act_order=cfg.gptq_act_order)
         except torch.linalg.LinAlgError:
             ctx.warn(f"quantize: gptq: the input Hessian of {plan.name} is not positive definite even with "
                      f"gptq_damp={cfg.gptq_damp}; rounded to nearest instead (raise gptq_damp to retry)")
@@ -327,17 +350,16 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
     folded = _fold_batchnorms(model, cfg, ctx)
     plans = plan_layers(model, cfg, ctx)
     static = [p for p in plans if p.activations is not None and not p.activations.dynamic]
-    observers, rounded, smoothing = {}, {}, None
+    observers, rounded, smoothing, awq_report = {}, {}, None, None
     if cfg.smooth is not None:
         smoothing = _smooth(model, plans, cfg, ctx)
     gptq = _gptq_plans(plans, cfg, ctx)
-    if gptq and ctx.data is None:
-        raise DataError("rounding: gptq needs calibration data (the inputs of each layer): pass data=... (--data), "
-                        "or use rounding: nearest")
-    if gptq and not static:
+    if (gptq or cfg.awq) and ctx.data is None:
+        raise DataError(f"{'awq' if cfg.awq else 'rounding: gptq'} needs calibration data (the inputs of each layer): "
+                        "pass data=... (--data), or use rounding: nearest without awq")
+    if (gptq or cfg.awq) and not static:
         D.check_model_runs(model, ctx.data)
-        _, hessians = _calibrate(model, [], cfg, ctx, gptq)
-        rounded = _gptq_weights(plans, hessians, cfg, ctx)
+        rounded, awq_report = _weight_only_round(model, plans, cfg, ctx)
     if static:
         if ctx.data is None:
             raise DataError(
@@ -373,7 +395,22 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
         replay["per_token_report"] = per_token  # informational, as fallback_report
     if smoothing is not None:
         replay["smoothing_report"] = smoothing
+    if cfg.awq and awq_report:
+        replay["awq_report"] = awq_report  # informational, as smoothing_report
     return quantized, replay
+
+
+def _weight_only_round(model: nn.Module, plans: list[LayerPlan], cfg: QuantConfig, ctx: Context):
+    """Weight-only GPTQ and / or AWQ of the Linear plans, true-sequential over transformer blocks
+    (quant/gptq.weight_only_round)."""
+    from .gptq import weight_only_round
+
+    linear = [p for p in plans if isinstance(p.module, nn.Linear)]
+    batches = [D.split(b)[0] for b in D.take(ctx.data, cfg.calibration_batches)]
+    return weight_only_round(
+        model, linear, batches, D.forward, _weight_grid, gptq=cfg.rounding == Rounding.GPTQ, awq=cfg.awq,
+        damp=cfg.gptq_damp, act_order=cfg.gptq_act_order, warn=ctx.warn,
+        progress=lambda it: track(it, "rounding blocks", enabled=ctx.progress))
 
 
 def _build(model: nn.Module, plans: list[LayerPlan], observers: dict, rounded: dict | None = None
