@@ -25,12 +25,13 @@ def choose_fallback(
     max_drop: float,
     *,
     progress: bool = True,
+    known: tuple[float, float] | None = None,
 ) -> tuple[list[Any], dict[str, Any]]:
     """The plans to keep quantized, and a report: baseline, per-layer sensitivity, the layers that
     fell back in order with the metric after each, and the final metric. `build(plans)` makes a model
-    with exactly those layers quantized; `metric(model)` is higher-is-better."""
-    base = metric(float_model)
-    everything = metric(build(plans))
+    with exactly those layers quantized; `metric(model)` is higher-is-better. `known`: (the float model's
+    metric, the metric with every plan quantized) when already measured (by the per-token step)."""
+    base, everything = known if known is not None else (metric(float_model), metric(build(plans)))
     report: dict[str, Any] = {"metric": "baseline", "baseline": base, "all_quantized": everything,
                               "max_drop": max_drop, "sensitivity": {}, "fallback": [], "final": everything}
     if base - everything <= max_drop:

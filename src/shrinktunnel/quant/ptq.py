@@ -382,7 +382,9 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
             if rung == "per_token":
                 plans, per_token = per_token_under_budget(model, plans, build, metric, cfg, ctx)
             else:
-                plans, report = choose_fallback(model, plans, build, metric, cfg.max_drop, progress=ctx.progress)
+                known = (per_token["baseline"], per_token["final"]) if per_token else None  # no re-measuring
+                plans, report = choose_fallback(model, plans, build, metric, cfg.max_drop, progress=ctx.progress,
+                                                known=known)
         for step in (report or {}).get("fallback", []):
             ctx.warn(f"quantize: {step['layer']} kept in float to stay within max_drop={cfg.max_drop} "
                      f"(sensitivity {step['sensitivity']:.4g}, metric after {step['metric_after']:.4g})")
