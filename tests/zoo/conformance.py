@@ -293,7 +293,12 @@ class Cell:
         if not self.runs:
             return [f"fails: {self.error}"]
         if self.share is not None and not self.share_ok:
-            out.append(f"share {100 * self.share:.1f} % < {100 * SHARE_TARGET:.0f} %")
+            by: dict[str, list[str]] = {}
+            for layer, reason in self.left.items():
+                by.setdefault(reason, []).append(layer)
+            top = sorted(by.items(), key=lambda kv: -len(kv[1]))[:2]
+            why = "; ".join(f"{len(ls)} left ({', '.join(ls[:2])}{', ...' if len(ls) > 2 else ''}): {r}" for r, ls in top)
+            out.append(f"share {100 * self.share:.1f} % < {100 * SHARE_TARGET:.0f} %" + (f": {why}" if why else ""))
         if self.unexplained:
             out.append(f"{len(self.unexplained)} layer(s) left without a reason: {', '.join(self.unexplained[:4])}"
                        + (" ..." if len(self.unexplained) > 4 else ""))
