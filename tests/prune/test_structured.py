@@ -225,3 +225,27 @@ def test_taylor_needs_labels():
 def test_no_inputs_at_all_is_a_data_error():
     with pytest.raises(DataError, match="example_inputs"):
         st.prune(make("concat"), CFG, progress=False)
+
+
+def test_a_llama_attention_is_kept_whole_instead_of_hanging_the_dependency_search():
+    """Torch-Pruning's fix-point search never converges from a Llama q/k projection (rotate_half after a
+    GQA expand) and used to run for minutes; the bounded search keeps those groups whole, with the reason,
+    and still prunes the MLP."""
+    transformers = pytest.importorskip("transformers")
+    import time
+
+    from shrinktunnel.core.coverage import stage_coverage
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = {"input_ids": torch.randint(0, 100, (2, 8))}
+    start = time.perf_counter()
+    with pytest.warns(UserWarning, match="did not converge"):
+        pruned = st.prune(model, st.ChannelPruneConfig(ratio=0.3), example_inputs=ids, progress=False)
+    assert time.perf_counter() - start < 120  # was unbounded (over 20,000 dependencies and counting)
+    assert pruned.model.layers[0].mlp.gate_proj.out_features < 128
+    (cov,) = stage_coverage(pruned)
+    assert "did not converge" in cov.skipped["model.layers.0.self_attn.q_proj"]
+    assert pruned(**ids).logits.shape == (2, 8, 100)

@@ -74,7 +74,7 @@ class Group:
     def describe(self) -> str:
         names = sorted({m.name for m in self.members})
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-        return f"{self.root} ({self.size} channels; {shown})"
+        return f"{self.root} ({self.size} channels{'; ' + shown if shown else ''})"
 
 
 def _tp():
@@ -129,9 +129,11 @@ def build_groups(model: nn.Module, example: Any) -> list[Group]:
     outputs: list[torch.Tensor] = []
 
     def forward(m: nn.Module, x: D.Inputs) -> Any:
-        out = D.forward(m, x)
-        outputs.extend(_tensors(out))
-        return out
+        # The output tensors only: Torch-Pruning cannot walk a model's own output types (a Hugging Face
+        # decoder's cache object inside its ModelOutput raised "'tuple' object has no attribute 'grad_fn'").
+        tensors = _tensors(D.forward(m, x))
+        outputs.extend(tensors)
+        return tuple(tensors)
 
     try:
         with torch.enable_grad():
@@ -139,7 +141,7 @@ def build_groups(model: nn.Module, example: Any) -> list[Group]:
             inners = [m.inner for m in model.modules() if isinstance(m, Wrapped)]
             dg = tp.DependencyGraph().build_dependency(model, example_inputs=inputs, forward_fn=forward, verbose=False,
                                                        ignored_layers=inners or None)
-            raw_groups = list(dg.get_all_groups(root_module_types=(nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding)))
+            raw_groups, stuck = _all_groups(dg, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding), tp)
     except ModelError:
         raise
     except Exception as exc:  # noqa: BLE001  (the trace runs the user's forward: anything can fail there)
@@ -153,7 +155,59 @@ def build_groups(model: nn.Module, example: Any) -> list[Group]:
     out_fns = {t.grad_fn for t in outputs if t.grad_fn is not None}
     at_output = {id(node.module) for node in dg.module2node.values() if node.grad_fn in out_fns}
     groups = [_convert(g, dg, names, modules, at_output, tp) for g in raw_groups]
+    groups += [Group(root=names[id(m)], size=size, blocked=NO_CONVERGENCE) for m, size in stuck if id(m) in names]
     return [g for g in groups if g is not None]
+
+
+NO_CONVERGENCE = ("Torch-Pruning's dependency search did not converge from this layer (its channel indices keep "
+                  "changing around a cycle of the graph, as rotary embeddings' rotate_half with grouped-query "
+                  "attention does); kept whole")
+
+
+def _all_groups(dg, root_types: tuple, tp, limit: int | None = None) -> tuple[list, list[tuple[nn.Module, int]]]:
+    """Torch-Pruning's `get_all_groups`, one root at a time, with a bound on each group's size: on some
+    graphs (a Llama attention: rotate_half's cat of negated halves after a GQA expand) its fix-point search
+    adds new (layer, indices) pairs forever, each slower than the last. A root whose group passes the bound
+    is returned in `stuck` with its channel count, kept whole, instead of hanging the method."""
+    from torch_pruning.dependency import group as tp_group
+
+    limit = limit or max(2000, 20 * len(dg.module2node))
+    original_add = tp_group.Group.add_dep
+
+    class _TooLarge(Exception):
+        pass
+
+    def bounded_add(group, dep, idxs):
+        if len(group._group) >= limit:
+            raise _TooLarge
+        return original_add(group, dep, idxs)
+
+    groups, stuck, visited = [], [], set()
+    tp_group.Group.add_dep = bounded_add  # restored below: the bound lives only for this call
+    try:
+        for module in list(dg.module2node):
+            if module in dg.IGNORED_LAYERS_IN_TRACING or not isinstance(module, root_types) or module in visited:
+                continue
+            pruner = dg.get_pruner_of_module(module)
+            if pruner is None or pruner.get_out_channels(module) is None:
+                continue
+            channels = pruner.get_out_channels(module)
+            try:
+                group = dg.get_pruning_group(module, pruner.prune_out_channels, list(range(channels)))
+            except _TooLarge:
+                stuck.append((module, channels))
+                visited.add(module)
+                continue
+            prunable = True
+            for dep, _ in group:
+                if dg.is_out_channel_pruning_fn(dep.handler):
+                    visited.add(dep.target.module)
+                    prunable = prunable and dep.target.module not in dg.IGNORED_LAYERS_IN_TRACING
+            if prunable:
+                groups.append(group)
+    finally:
+        tp_group.Group.add_dep = original_add
+    return groups, stuck
 
 
 def _convert(raw, dg, names: dict[int, str], modules: dict[str, nn.Module], at_output: set[int], tp) -> Group | None:

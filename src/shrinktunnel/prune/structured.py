@@ -65,9 +65,9 @@ def prune_channels(model: nn.Module, cfg: ChannelPruneConfig, ctx: Context) -> t
         energies = input_energies(work, ctx.data if ctx.data is not None else [example], cfg.calibration_batches,
                                   ctx.progress)
     for g in groups:
-        if g.blocked and g.blocked != OUTPUT_REASON:
-            kind = "a layer kind the surgery does not know" if g.unknown_kind else "not prunable"
-            ctx.warn(f"prune_channels: skipped the channels of {g.describe()} ({kind}): {g.blocked}")
+        if g.blocked:  # each layer of a group kept whole carries the group's reason (coverage, one warning per reason)
+            for name in [g.root, *g.out_names]:
+                ctx.skip(name, f"its output channels are tied to a group kept whole: {g.blocked}")
     selections = _select([g for g in groups if not g.blocked], cfg, ctx, energies)
     work.zero_grad(set_to_none=True)
     del work
