@@ -276,9 +276,11 @@ def render(res: dict[str, Any]) -> str:
         ("minilm", "all-MiniLM-L6-v2, batch 32 x 32 tokens (fidelity on 256 held-out tweets)",
          ("mean_cosine_to_fp32", "mean_cosine_to_simulated", "max_abs_diff_to_simulated")),
     ):
-        if key not in res or "latency_ms" not in res[key]:
+        if key not in res:
             continue
-        sec = res[key]
+        sec = {"latency_ms": {}, "paired": {}, **res[key]}
+        if not sec["latency_ms"]:  # --compile-only: fidelity and compile time, no timing
+            sec["latency_ms"] = {label: float("nan") for label in sec["fidelity"]}
         lines += [f"### {title}", "", "| model | latency ms | x fp32 eager | " + " | ".join(cols) + " | compile s |",
                   "|---|---|---|" + "---|" * len(cols) + "---|"]
         base = sec["latency_ms"]["fp32 eager"]
@@ -286,7 +288,9 @@ def render(res: dict[str, Any]) -> str:
             fid = sec["fidelity"].get(label, {})
             vals = [f"{fid[c]:.4f}" if c in fid else "" for c in cols]
             cs = sec["compile_s"].get(label)
-            lines.append(f"| {label} | {ms:.2f} | {base / ms:.2f}x | " + " | ".join(vals)
+            timed = ms == ms  # not NaN
+            lines.append(f"| {label} | {f'{ms:.2f}' if timed else '-'} | {f'{base / ms:.2f}x' if timed else '-'} | "
+                         + " | ".join(vals)
                          + f" | {'' if cs is None else f'{cs:.1f}'} |")
         notes = {k: v for k, v in sec.get("notes", {}).items() if k != "ours_plan"}
         if "ours_plan" in sec.get("notes", {}):
@@ -298,7 +302,7 @@ def render(res: dict[str, Any]) -> str:
         for pair, r in sec["paired"].items():
             lines.append(f"| {pair} | {r['ratio']:.3f} | {r['low']:.3f} - {r['high']:.3f} | {r['a_ms']:.2f} | {r['b_ms']:.2f} |")
         lines.append("")
-    lines += ["### Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += ["### Targets", "", "| target | measured | met |", "|---|---|---|"] if res.get("targets") else []
     for t in res["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'NO'} |")
     return "\n".join(lines) + "\n"
@@ -358,7 +362,9 @@ def main() -> int:
                                             f"fp32 {ours_cos:.4f} vs torchao {ao_cos:.4f}",
                                 "met": r["ratio"] <= 1.0})
             print(res["minilm"]["latency_ms"], flush=True)
-    if args.compile_only:
+    if args.compile_only:  # untimed: written beside the timed figures, never over them
+        res["targets"] = []
+        write_results(RESULTS_DIR / f"{NAME}_untimed.json", res, render(res))
         print({k: res[k]["compile_s"] for k in ("cnn", "minilm") if k in res})
         return 0
     path = RESULTS_DIR / f"{NAME}.json"
