@@ -110,7 +110,7 @@ def symbolic_trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(model, _Tracer().trace(model))
 
 
-def _pairs_fx(model: nn.Module, gm: fx.GraphModule, first_kinds, second_kinds, through_identity: bool):
+def _pairs_fx(model: nn.Module, gm: fx.GraphModule, first_kinds, second_kinds, through_identity: bool = False):
     """(first name, second name) where the second module's only input is the first's output, read by
     nothing else (nn.Identity modules in between are looked through when `through_identity`)."""
     modules = dict(model.named_modules())
@@ -142,6 +142,48 @@ def _pairs_fx(model: nn.Module, gm: fx.GraphModule, first_kinds, second_kinds, t
     return out
 
 
+_CAPTURED_LAYERS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default",
+                    "aten.convolution.default")
+
+
+def _pairs_export(model: nn.Module, ctx: Context, first_kinds, second_kinds) -> list[tuple[str, str]] | None:
+    """(layer, BatchNorm) pairs from a torch.export capture on one example (None without an example or
+    when the capture fails): the BatchNorm's input is the layer's output and nothing else reads it; both
+    modules are found by the graph's module stack and must each run once."""
+    example = ctx.example_inputs if ctx.example_inputs is not None else (
+        next(D.batches(ctx.data)) if ctx.data is not None else None)
+    if example is None:
+        return None
+    (args, kwargs), _ = D.split(example)
+    try:
+        with torch.no_grad():
+            graph = torch.export.export(model, tuple(args), kwargs or None, strict=False).graph
+    except Exception:  # noqa: BLE001  any capture failure: the caller falls back to nn.Sequential order
+        return None
+    modules = dict(model.named_modules())
+
+    def owner(node) -> str | None:
+        stack = node.meta.get("nn_module_stack") or {}
+        return list(stack.values())[-1][0] if stack else None
+
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and str(node.target) in _CAPTURED_LAYERS and (name := owner(node)):
+            calls[name] = calls.get(name, 0) + 1
+    out = []
+    for node in graph.nodes:
+        if node.op != "call_function" or "batch_norm" not in str(node.target) or not node.args:
+            continue
+        src, bn_name = node.args[0], owner(node)
+        layer_name = owner(src) if getattr(src, "op", None) == "call_function" else None
+        if (layer_name is None or bn_name is None or str(src.target) not in _CAPTURED_LAYERS or len(src.users) != 1
+                or calls.get(layer_name) != 1 or type(modules.get(layer_name)) not in first_kinds
+                or type(modules.get(bn_name)) not in second_kinds):
+            continue
+        out.append((layer_name, bn_name))
+    return out
+
+
 def _pairs_sequential(model: nn.Module, first_kinds, second_kinds, through_identity: bool):
     out = []
     for pname, parent in model.named_modules():
@@ -164,10 +206,12 @@ def _pairs_sequential(model: nn.Module, first_kinds, second_kinds, through_ident
 def try_trace(model: nn.Module, ctx: Context) -> fx.GraphModule | None:
     try:
         return symbolic_trace(model)
-    except Exception as exc:  # any tracing failure: fall back to module order
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        ctx.warn(f"fuse_ops: torch.fx cannot trace {type(model).__name__} ({first[:120]}); only layers that follow "
-                 f"each other inside nn.Sequential containers are fused")
+    except Exception as exc:  # any tracing failure: torch.export on an example, else module order
+        if ctx.example_inputs is None and ctx.data is None:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            ctx.warn(f"fuse_ops: torch.fx cannot trace {type(model).__name__} ({first[:120]}) and there is no example "
+                     "to capture it with torch.export; only layers that follow each other inside nn.Sequential "
+                     "containers are fused (pass example_inputs or data)")
         return None
 
 
@@ -199,7 +243,12 @@ def fold_batchnorms(model: nn.Module, gm: fx.GraphModule | None, ctx: Context, o
     entries: list[dict[str, str]] = []
     kinds = (*CONVS, nn.Linear)
     bn_kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-    pairs = _pairs_fx(model, gm, kinds, bn_kinds, False) if gm is not None else _pairs_sequential(model, kinds, bn_kinds, False)
+    if gm is not None:
+        pairs = _pairs_fx(model, gm, kinds, bn_kinds)
+    else:  # torch.fx cannot trace it (most Hugging Face models): torch.export on an example can
+        pairs = _pairs_export(model, ctx, kinds, bn_kinds)
+        if pairs is None:
+            pairs = _pairs_sequential(model, kinds, bn_kinds, False)
     linear_dims = _linear_output_dims(model, [a for a, _ in pairs if isinstance(model.get_submodule(a), nn.Linear)], ctx)
     folded = set()
     for layer_name, bn_name in pairs:
