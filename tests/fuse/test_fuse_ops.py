@@ -164,3 +164,35 @@ def test_bn_read_by_a_second_branch_is_not_folded():
     x = torch.randn(2, 2, 3, 3)
     with torch.no_grad():
         torch.testing.assert_close(res.model(x), model(x), atol=0, rtol=0)
+
+
+class UntraceableNotSequential(nn.Module):
+    """Control flow torch.fx cannot trace, and conv -> BN called from forward (no nn.Sequential):
+    as Hugging Face's ResNet / RegNet / ConvNext layers are written."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        if x.shape[0] > 0:  # data-independent here, but fx's proxies cannot take the branch
+            h = torch.relu(self.bn(self.conv(x)))
+            return self.bn2(self.conv2(h)) + h  # conv2's output feeds only bn2; h feeds both
+        return x
+
+
+def test_pairs_come_from_torch_export_when_fx_cannot_trace_and_nothing_is_sequential():
+    torch.manual_seed(0)
+    model = randomize_bn(UntraceableNotSequential())
+    x = torch.randn(3, 2, 6, 6)
+    res = st.compress(model, [{"fuse_ops": {}}], example_inputs=x, progress=False)
+    assert isinstance(res.model.bn, nn.Identity) and isinstance(res.model.bn2, nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(res.model(x), model(x), atol=1e-5, rtol=1e-5)
+    # without an example nothing can be captured: nothing folds, and the warning says how to fix it
+    plain = st.compress(model, [{"fuse_ops": {}}], progress=False)
+    assert isinstance(plain.model.bn, nn.BatchNorm2d)
+    assert any("pass example_inputs or data" in w for w in plain.warnings)
