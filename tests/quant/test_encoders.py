@@ -42,7 +42,7 @@ def _fidelity(name: str, calib_n: int = 64, held_n: int = 128) -> float:
 
     torch.manual_seed(0)
     model, tok = A.load_encoder(name)
-    calib = A.text_batches(tok, calib_n, 0)
+    calib = A.sampled_text_batches(tok, calib_n, range(1000, 1000 + held_n))  # across the file: it is sorted by sentiment
     held = A.text_batches(tok, held_n, 1000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
