@@ -265,3 +265,19 @@ def test_gpt2_conv1d_is_a_linear_for_every_method():
     assert cov.done_layers >= 4 and cov.share > 0.95
     c = st.cluster(model, {"bits": 4}, progress=False)
     assert stage_coverage(c)[0].share > 0.95
+
+
+def test_a_weight_norm_conv_is_an_exact_canonical_conv(tmp_path):
+    """wav2vec2's positional conv: weight_norm parametrizes the weight; at inference the conv computes with
+    the weight it produces, so every method reaches it through an exact canonical copy."""
+    torch.manual_seed(0)
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 3, padding=1, groups=2), name="weight", dim=2)
+    model = nn.Sequential(conv, nn.GELU(), nn.Conv1d(4, 2, 1)).eval()
+    x = torch.randn(2, 4, 10)
+    canonical, record, skipped = canonicalize(model)
+    assert record["layers"] == [{"name": "0", "replace": "Conv1d"}] and not skipped
+    assert torch.equal(canonical(x), model(x))
+    q = st.quantize(model, data=[x, x], progress=False)
+    assert stage_coverage(q)[0].share == 1.0
+    st.save(q, tmp_path / "a")
+    assert torch.equal(st.load(tmp_path / "a", model=model)(x), q(x))

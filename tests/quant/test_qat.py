@@ -15,7 +15,7 @@ import shrinktunnel as st
 from conftest import CASES, quantized_layers, state_dicts_equal
 from shrinktunnel.errors import ConfigError, DataError, ModelError
 from shrinktunnel.export import OrtModel
-from shrinktunnel.quant import QATConfig
+from shrinktunnel.quant import QATConfig, QuantizedLayer
 from shrinktunnel.quant.fake_quant import fake_quant_act, fake_quant_weight, lsq_grad_scale
 from shrinktunnel.quant.ops import dequantize_weight, fake_quant_activation, quantize_weight, weight_qparams
 from shrinktunnel.quant.qat import FakeQuantLayer, constrain
@@ -267,3 +267,13 @@ def test_unlabelled_data_trains_with_mse_to_float():
     data = [x for x, _ in _labelled(model)]
     q = st.qat(model, {"loss": "mse_to_float", "steps": 2}, data=data, progress=False)
     assert len(quantized_layers(q)) == 3
+
+
+def test_qat_trains_through_an_embedding_and_converts_it():
+    """An Embedding is quantized weight-only by PTQ; QAT used to fail on it (it has no bias)."""
+    case = CASES["unsupported"]
+    model = case.model()
+    data = [(x, torch.randint(0, 2, (x.shape[0],))) for x in case.batches()]
+    q = st.qat(model, {"steps": 2}, data=data, progress=False)
+    assert isinstance(q.emb, QuantizedLayer) and q.emb.kind == "embedding"
+    assert torch.isfinite(q(data[0][0])).all()

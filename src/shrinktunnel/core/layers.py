@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["CANONICAL", "Wrapped", "canonicalize", "restore", "eligible_layers", "WRAP_CHILD", "logical_name",
@@ -321,6 +322,13 @@ def classify(model: nn.Module) -> dict[str, tuple[str, Any]]:
             if not why:
                 rewritten.append(name)
             continue
+        base = _canonical_base(module)
+        if base is not None and parametrize.is_parametrized(module, "weight") and _inherits_forward(module, base):
+            # weight_norm / spectral_norm style reparametrizations: at inference the layer computes with the
+            # weight they produce, so an exact canonical copy holds that weight (wav2vec2's positional conv).
+            out[name] = ("replace", base.__name__)
+            rewritten.append(name)
+            continue
         weight = _own_weight(module)
         if weight is None:
             matrices = [n for n, p in module._parameters.items() if isinstance(p, torch.Tensor) and p.dim() >= 2]
@@ -332,7 +340,6 @@ def classify(model: nn.Module) -> dict[str, tuple[str, Any]]:
         if id(module) in readers:
             out[name] = ("skip", "its parent (nn.MultiheadAttention) reads its weight directly")
             continue
-        base = _canonical_base(module)
         if _is_hf_conv1d(module):
             out[name] = ("replace", "addmm")
         elif base is not None and type(module).forward is base.forward and _plain_params(module):
@@ -341,6 +348,11 @@ def classify(model: nn.Module) -> dict[str, tuple[str, Any]]:
             call, why, returns = probe(module)
             out[name] = ("wrap", (call, returns)) if call is not None else ("skip", why)
     return out
+
+
+def _inherits_forward(module: nn.Module, base: type) -> bool:
+    """The module's forward is the torch base class's (a parametrized module's class is a generated subclass)."""
+    return next(c for c in type(module).__mro__ if "forward" in c.__dict__) is base
 
 
 def _plain_params(module: nn.Module) -> bool:
@@ -364,7 +376,7 @@ def _replacement(module: nn.Module, kind: str) -> nn.Module:
         new.weight.data = w.clone()
     if b is not None:
         new.bias.data = b.clone()
-    new.weight.requires_grad_(module.weight.requires_grad)
+    new.weight.requires_grad_(bool(module.weight.requires_grad))
     new.train(module.training)
     return new
 

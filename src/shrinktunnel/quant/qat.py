@@ -151,7 +151,8 @@ class FakeQuantLayer(nn.Module):
         super().__init__()
         self._spec = spec
         self.weight = nn.Parameter(module.weight.detach().float().clone())
-        self.bias = nn.Parameter(module.bias.detach().float().clone()) if module.bias is not None else None
+        bias = getattr(module, "bias", None)  # an Embedding (weight-only) has none
+        self.bias = nn.Parameter(bias.detach().float().clone()) if bias is not None else None
         meta = spec["weight"]
         self.format = meta.get("format", "int")
         self.learn_weight_scale = learn and self.format == "int"
