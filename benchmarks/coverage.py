@@ -74,8 +74,12 @@ def _pct(x: float | None) -> str:
 
 
 def _pending(c: dict[str, Any]) -> bool:
-    """Every check holds but the ONNX one, which the time budget did not reach."""
-    return c["runs"] and not c["green"] and all(p.startswith("ONNX not checked") for p in c["problems"])
+    """Every check holds but the ONNX one, which the time budget did not reach (or whose export outran the
+    cell's time limit on a loaded machine: not a verdict either way)."""
+    def unchecked(p: str) -> bool:
+        return p.startswith("ONNX not checked") or (p.startswith("ONNX:") and "_Timeout: took longer than" in p)
+
+    return c["runs"] and not c["green"] and all(unchecked(p) for p in c["problems"])
 
 
 def _cell_text(c: dict[str, Any], note: int | None) -> str:
@@ -211,6 +215,8 @@ def markdown(cells: list[dict[str, Any]], zoo: dict[str, Any], methods: list[str
                 ox = f"✅ {c['onnx_max_abs']:.2g}"
             elif c["onnx"] is None:
                 ox = "⏳ not checked (time budget)"
+            elif "_Timeout: took longer than" in (c["onnx_error"] or ""):
+                ox = f"⏳ the export outran the cell's time limit ({_short(c['onnx_error'], 160)})"
             else:
                 ox = f"❌ {_short(c['onnx_error'] or '', 200)}"
             left = "<br>".join(_reasons(c)) or "none"
@@ -248,8 +254,21 @@ def main(argv: list[str] | None = None) -> int:
                     "(default 2: the export step is single-threaded, so two workers halve the time on 2 cores)")
     ap.add_argument("--budget", type=float, default=None, help="minutes: ONNX checks not started by then are "
                     "recorded as not checked (the matrix is written in time whatever the machine's load)")
+    ap.add_argument("--render", metavar="JSON", help="write the docs from a results JSON of an earlier run, "
+                    "without running anything")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: write this worker's cells to this JSON file
     args = ap.parse_args(argv)
+
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        cells, zoo = saved["cells"], saved["zoo"]
+        methods = list(dict.fromkeys(c["method"] for c in cells))
+        info = {k: saved[k] for k in ("date", "machine", "versions", "git", "command", "seconds")}
+        doc, summary = markdown(cells, zoo, methods, info, info["seconds"])
+        write_text_atomic(Path(args.doc), doc)
+        write_text_atomic(Path(args.render).with_suffix(".md"), summary)
+        print(f"wrote {args.doc} and {Path(args.render).with_suffix('.md')} from {args.render}")
+        return 0
 
     import warnings
 
@@ -381,7 +400,7 @@ def _run(args: argparse.Namespace, models: list[str], methods: list[str]) -> tup
                 cells[(name, method)]["onnx_error"] = f"not checked: the run's time budget ({args.budget:g} min) ran out first"
                 continue
             t0 = time.perf_counter()
-            cell = run_cell(name, method, onnx=True, timeout=args.timeout, base=bases[name]).to_dict()
+            cell = run_cell(name, method, onnx=True, timeout=3 * args.timeout, base=bases[name]).to_dict()
             cells[(name, method)] = cell
             status = "green" if cell["green"] else "; ".join(cell["problems"])[:160]
             print(f"{name:24s} {method:17s} {time.perf_counter() - t0:6.1f} s  ONNX: {status}", flush=True)
