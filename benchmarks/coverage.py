@@ -120,7 +120,7 @@ def markdown(cells: list[dict[str, Any]], zoo: dict[str, Any], methods: list[str
     waiting = f", {pending} more waiting only on their ONNX check (⏳)" if pending else ""
     m = info["machine"]
     head = (f"Generated {info['date']} by `{COMMAND}` on {m['arch']}, {m['cpu']}, {m['cores']} cores, "
-            f"{THREADS} threads; torch {m['torch']}, transformers {info['versions']['transformers']}, "
+            f"worker processes of one thread each; torch {m['torch']}, transformers {info['versions']['transformers']}, "
             f"timm {info['versions']['timm']}, onnxruntime {m['onnxruntime']}; commit {str(info['git']['commit'])[:10]}"
             f"{' (src/ modified)' if info['git'].get('src_modified') else ''}. {len(cells)} cells in {seconds / 60:.1f} min.")
 
@@ -148,10 +148,13 @@ def markdown(cells: list[dict[str, Any]], zoo: dict[str, Any], methods: list[str
         "⏳: everything else holds but the run's time budget ran out before this cell's ONNX export (each "
         "export takes seconds; they run after every other check, spread over models and methods).",
         "",
-        "- **share**: weights of the layers transformed / weights of the eligible layers (`weight` of every "
-        "Linear, Conv1d/2d/3d, ConvTranspose, Embedding, Hugging Face `Conv1D`; `in_proj_weight` of "
-        "`nn.MultiheadAttention`), counted from the modules before and after. fuse_ops bn: BatchNorm "
-        "channels folded / BatchNorm channels (n/a: the model has none).",
+        "- **share**: weights transformed / eligible weights, from the library's own coverage record of the "
+        "stage (`shrinktunnel.core.coverage.stage_coverage`: every weight layer, plus weight holders no method "
+        "reaches, such as an LSTM, each with its reason). Cross-checked by an independent count here (the "
+        "`weight` of every Linear, Conv1d/2d/3d, ConvTranspose, Embedding, Hugging Face `Conv1D`; "
+        "`in_proj_weight` of `nn.MultiheadAttention`; a layer is transformed when it was replaced or wrapped, or "
+        "its weight changed shape or dtype), which must agree over the layers both count. fuse_ops bn keeps no "
+        "record: BatchNorm channels folded / BatchNorm channels, counted here (n/a: the model has none).",
         "- **ONNX tolerance**: largest |ONNX Runtime - PyTorch| over the largest |output| (at least 1): "
         + ", ".join(f"{k} {v:g}" for k, v in TOLERANCE.items()) + ".",
         "- **settings**: quantize `QuantConfig()` (int8 per-channel weights, static uint8 activations, min-max, "
