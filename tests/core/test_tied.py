@@ -52,7 +52,8 @@ def _ids(seed: int = 1) -> torch.Tensor:
 METHODS = {
     "quantize": (lambda m, data: st.quantize(m, {"activations": None}, progress=False), 2e-2),
     "quantize_int4_group": (lambda m, data: st.quantize(
-        m, {"activations": None, "weights": {"bits": 4, "granularity": "per_group", "group_size": 16}},
+        m, {"activations": None, "weights": {"bits": 4, "granularity": "per_group", "group_size": 16},
+            "tied": "quantize"},  # below 8 bits a tied head stays float unless asked (tied: auto)
         progress=False), 1e-4),
     "quantize_w8a8": (lambda m, data: st.quantize(m, {}, data=data, progress=False), 5e-2),
     "prune": (lambda m, data: st.prune(m, {"sparsity": 0.5}, progress=False), 1e-4),

@@ -251,16 +251,22 @@ def sequential_round(model: nn.Module, plans: list, batches: list, forward: Call
                     if names:
                         plan_of = {p.name: p for p in plans}
                         for group in _call_groups(block, names, inputs):
-                            rows: dict[str, list[torch.Tensor]] = {n: [] for n in group}
-                            hooks = [plan_of[n].module.register_forward_pre_hook(
-                                lambda m, a, n=n: rows[n].append(a[0].detach().reshape(-1, a[0].shape[-1])))
-                                for n in group]
+                            # The group's members read one tensor: grab it at the first and stop the block
+                            # there (the layers after it need not run for this group).
+                            seen: list[torch.Tensor] = []
+
+                            def grab(m, a, seen=seen):
+                                seen.append(a[0].detach().reshape(-1, a[0].shape[-1]))
+                                raise _Stop
+
+                            hook = plan_of[group[0]].module.register_forward_pre_hook(grab)
                             try:
-                                _run_block(block, inputs)
+                                for args, kwargs in inputs:
+                                    with contextlib.suppress(_Stop):
+                                        block(*args, **kwargs)
                             finally:
-                                for h in hooks:
-                                    h.remove()
-                            commit([plan_of[n] for n in group], rows)
+                                hook.remove()
+                            commit([plan_of[n] for n in group], {n: seen for n in group})
                     outs = _run_block(block, inputs)
                     inputs = [((o, *args[1:]), kwargs) for o, (args, kwargs) in zip(outs, inputs)]
                 del inputs
