@@ -34,6 +34,10 @@ METHODS = {  # name: (bits, config extras)
     "awq_gptq4": (4, {"awq": True, "rounding": "gptq"}),
     "rtn4_asym": (4, {"asym": True}),
     "gptq4_asym": (4, {"rounding": "gptq", "asym": True}),
+    "awq4_asym": (4, {"awq": True, "asym": True}),
+    "awq_gptq4_asym": (4, {"awq": True, "rounding": "gptq", "asym": True}),
+    "gptq3_asym": (3, {"rounding": "gptq", "asym": True}),
+    "awq_gptq3_asym": (3, {"awq": True, "rounding": "gptq", "asym": True}),
     "rtn3": (3, {}),
     "gptq3": (3, {"rounding": "gptq"}),
     "awq_gptq3": (3, {"awq": True, "rounding": "gptq"}),
@@ -104,12 +108,20 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=4)
     ap.add_argument("--only", default="fp32," + ",".join(METHODS))
     ap.add_argument("--out", default=str(RESULTS_DIR / "llm.jsonl"))
+    ap.add_argument("--render", action="store_true", help="only write llm.json / llm.md from the jsonl")
     args = ap.parse_args()
     if args.one:
         print("RESULT " + json.dumps(one(args.one, args.eval_windows)), flush=True)
         return
     rows = []
-    for name in args.only.split(","):
+    if args.render:  # the latest row of each method in the jsonl, e.g. after runs cut short
+        latest = {}
+        for line in Path(args.out).read_text().splitlines():
+            r = json.loads(line)
+            if "perplexity" in r:
+                latest[r["method"]] = r
+        rows = list(latest.values())
+    for name in [] if args.render else args.only.split(","):
         proc = subprocess.run([sys.executable, __file__, "--one", name, "--eval-windows", str(args.eval_windows)],
                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
@@ -121,7 +133,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     fp32 = next((r["perplexity"] for r in rows if r["method"] == "fp32" and "perplexity" in r), None)
     md = [f"SmolLM2-135M-Instruct, weight-only, groups of 64, tied lm_head float; perplexity on "
-          f"{args.eval_windows} x 512 tokens of prose; {today()}", "",
+          f"{args.eval_windows} x 512 tokens of prose (fp32 SmolLM2 is the Q4_1 GGUF dequantized); {today()}; "
+          "2 threads on a shared, loaded machine: wall times are inflated, CPU seconds are the process's own", "",
           "| method | bits | perplexity | vs fp32 | quantize s (wall) | quantize CPU s | peak RSS MiB | artifact MB |",
           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
