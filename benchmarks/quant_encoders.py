@@ -66,7 +66,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 TIMED = (FAST, CHOSEN)  # exported and timed against fp32 in ONNX Runtime
 # The float fallback measures every layer's sensitivity (one evaluation of the model per Linear): on
-# all-mpnet-base-v2 (73 Linears) over an hour of CPU here, so it runs on paraphrase-MiniLM-L3-v2 (19) only
+# all-mpnet-base-v2 (73 Linears) over an hour of CPU here, so it runs on paraphrase-MiniLM-L3-v2 (18) only
 # (all-MiniLM-L6-v2: benchmarks/quant_minilm.py).
 FALLBACK_MAX_LINEARS = 20
 

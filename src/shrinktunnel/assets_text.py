@@ -213,7 +213,7 @@ def _onnx_bert_state(path: Path) -> dict[str, torch.Tensor]:
 
 def minilm_l3() -> nn.Module:
     """paraphrase-MiniLM-L3-v2 as a sentence encoder (BertModel, 3 layers, 384 wide, 17.4M parameters,
-    19 Linear layers; mean pooling, as its model card says, + L2 norm). Its package ships only an fp32 ONNX
+    18 Linear layers; mean pooling, as its model card says, + L2 norm). Its package ships only an fp32 ONNX
     file (66 MB); the weights are loaded from it into transformers' BertModel. Its tokenizer is
     bert-base-uncased's, the one all-MiniLM-L6-v2 ships (`minilm_tokenizer`)."""
     from transformers import BertConfig, BertModel
