@@ -31,6 +31,7 @@ from ..errors import ArtifactError
 from ..quant.modules import apply_layer
 from .config import Coding
 from .storage import decode_stream, encode_stream, index_width, stream_report
+from ..quant.modules import SpecAttributes
 
 __all__ = ["ClusteredLayer"]
 
@@ -49,7 +50,7 @@ def _stream_bytes(spec: dict[str, Any], key: str, count: int, width: int, coding
     return _int(spec, key, 0, huffman.header_nbytes(count) + 2 * count)  # codes of at most 16 bits
 
 
-class ClusteredLayer(nn.Module):
+class ClusteredLayer(SpecAttributes, nn.Module):
     """Weights shared through a codebook; computes in float32 with the dense weight."""
 
     def __init__(self, spec: dict[str, Any]) -> None:

@@ -18,13 +18,14 @@ from torch import nn
 
 from ..codec.sparse import decode_sparse, encode_sparse, expected_index_nbytes, spec_numel
 from ..quant.modules import QuantizedLayer, apply_layer
+from ..quant.modules import SpecAttributes
 
 __all__ = ["SparseLayer", "SUPPORTED"]
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 
 
-class SparseLayer(nn.Module):
+class SparseLayer(SpecAttributes, nn.Module):
     """Linear, convolution or embedding whose weight is stored as kept values plus an index. Buffers `values`,
     `index` (persistent) and `weight` (dense, rebuilt from them; not stored); parameter `bias`."""
 

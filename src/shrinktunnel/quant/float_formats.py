@@ -21,6 +21,7 @@ from ..core.select import names_by_module, select_modules, set_submodule, unmatc
 from ..errors import DataError
 from ..core.tied import tie, tie_plan, tie_record
 from .modules import SUPPORTED, QuantizedLayer, apply_layer
+from .modules import SpecAttributes
 
 KINDS = (*SUPPORTED, nn.Embedding)  # the layers whose weight storage `cast` changes
 
@@ -45,7 +46,7 @@ class CastConfig(Config):
     skip: list[str] = []  # glob patterns kept in float32
 
 
-class FloatWeightLayer(nn.Module):
+class FloatWeightLayer(SpecAttributes, nn.Module):
     """Linear or convolution whose weight is stored as `format` (plus a per-channel float32 scale for
     FP8) and computed in float32."""
 

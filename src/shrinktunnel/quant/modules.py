@@ -27,7 +27,7 @@ from .dynamic import dynamic_linear
 from .nbits import exports_as_nbits, matmul_nbits, nbits_layout
 from .ops import dequantize_weight, fake_quant_activation, lookup_dequantized
 
-__all__ = ["QuantizedLayer", "ActQuant", "SUPPORTED", "WEIGHT_ONLY"]
+__all__ = ["QuantizedLayer", "ActQuant", "SUPPORTED", "WEIGHT_ONLY", "SpecAttributes"]
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 WEIGHT_ONLY = (nn.Embedding,)  # a lookup table: its weight is quantized (per row), its input is an index
@@ -145,6 +145,24 @@ def _layer_attributes(spec: dict[str, Any]) -> dict[str, Any]:
             "stride": tuple(spec["stride"]), "padding": pad if isinstance(pad, str) else tuple(pad),
             "dilation": tuple(spec["dilation"]), "groups": spec["groups"],
             "padding_mode": spec.get("padding_mode", "zeros")}
+
+
+class SpecAttributes:
+    """Mixin for the methods' replacement layers (sparse, clustered, float-format, fake-quant): the replaced
+    torch layer's constructor attributes (`stride`, `kernel_size`, `in_features`, ...), answered from the
+    layer's `_spec`. Model code reads them outside the layer's forward (MobileNetV2's TF padding, Whisper's
+    encoder read `conv.stride`); without them the compressed model's own forward fails."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # nn.Module's: parameters, buffers, children
+        except AttributeError:
+            spec = self.__dict__.get("_spec")
+            if isinstance(spec, dict) and "kind" in spec and "weight_shape" in spec:
+                attrs = _layer_attributes(spec)
+                if name in attrs:
+                    return attrs[name]
+            raise
 
 
 class QuantizedLayer(nn.Module):

@@ -36,6 +36,7 @@ from .modules import QuantizedLayer, apply_layer
 from .ops import quantize_weight, weight_qparams
 from .ptq import quantize_model, replay_quantize
 from ..core.layers import canonicalize, visible_modules
+from .modules import SpecAttributes
 
 __all__ = ["QATConfig", "ScaleMode", "QATLoss", "FakeQuantLayer", "prepare", "convert", "constrain", "qat_model"]
 
@@ -142,7 +143,7 @@ class BinaryActFakeQuant(nn.Module):
 
 # -- the training-time layer --------------------------------------------------------------------
 
-class FakeQuantLayer(nn.Module):
+class FakeQuantLayer(SpecAttributes, nn.Module):
     """A Linear / Conv1d / Conv2d with a float latent weight whose forward is, bit for bit, the
     forward of the `QuantizedLayer` it converts to. `spec`: the quantized layer's spec (PTQ's)."""
 
