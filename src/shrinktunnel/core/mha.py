@@ -29,6 +29,13 @@ def unsupported_reason(mha: nn.MultiheadAttention) -> str | None:
     return None
 
 
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True: not attended) as 0 / -inf, a float mask as it is, in `dtype`."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
 class Attention(nn.Module):
     """Multi-head attention with q / k / v / out projections as nn.Linear: nn.MultiheadAttention's
     function (`forward` takes and returns what it does)."""
@@ -76,19 +83,10 @@ class Attention(nn.Module):
         """One additive float mask, broadcastable to (B, H, L, S)."""
         mask = None
         if attn_mask is not None:
-            m = attn_mask
-            if m.dtype == torch.bool:
-                m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
-            else:
-                m = m.to(dtype)
+            m = _additive(attn_mask, dtype)
             mask = m.view(b, self.num_heads, lq, s) if m.dim() == 3 else m  # (B*H, L, S) or (L, S)
         if key_padding_mask is not None:
-            k = key_padding_mask
-            if k.dtype == torch.bool:
-                k = torch.zeros(k.shape, dtype=dtype, device=k.device).masked_fill(k, float("-inf"))
-            else:
-                k = k.to(dtype)
-            k = k.view(b, 1, 1, s)
+            k = _additive(key_padding_mask, dtype).view(b, 1, 1, s)
             mask = k if mask is None else mask + k
         return mask
 
