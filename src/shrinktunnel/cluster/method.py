@@ -20,7 +20,7 @@ from .kmeans import kmeans_1d
 from .layer import ClusteredLayer
 from .storage import choose_position_bits, index_width
 from ..core.layers import visible_modules
-from ..core.tied import tie, tie_plan, tie_record
+from ..core.tied import left_alone, tie, tie_plan, tie_record
 
 __all__ = ["cluster_model", "replay_cluster", "storage_report", "SUPPORTED"]
 
@@ -98,14 +98,11 @@ def cluster_model(model: nn.Module, cfg: ClusterConfig, ctx: Context) -> tuple[n
             elif _has_own_weight(module):
                 ctx.skip(name, f"{type(module).__name__} is not a supported layer kind; kept in float")
             continue
-        if isinstance(module, nn.Embedding) and module.max_norm is not None:
-            ctx.skip(name, "an Embedding with max_norm renormalises its weight in place; kept in float")
+        why = None if pruned else left_alone(name, module, SUPPORTED, refused, following, "kept in float")
+        if why is not None:  # "": an Embedding clustered with the Linear it is tied to
+            if why:
+                ctx.skip(name, why)
             continue
-        if name in refused:
-            ctx.skip(name, refused[name])
-            continue
-        if name in following:
-            continue  # clustered with the Linear it is tied to
         followers = together.get(name, []) if not pruned else []
         if not pruned and len(owners.get(id(module.weight), ())) > 1 + len(followers):
             ctx.skip(name, "its weight is tied to another module's; kept in float (clustering one copy would untie them)")

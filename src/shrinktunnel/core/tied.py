@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TiedEmbedding", "tie_groups", "tied_pairs", "tie_plan", "tie", "tie_record", "TIED_CHILD"]
+__all__ = ["TiedEmbedding", "tie_groups", "tied_pairs", "tie_plan", "tie", "tie_record", "TIED_CHILD", "left_alone"]
 
 TIED_CHILD = "layer"  # the shared layer inside a TiedEmbedding: `<embedding>.layer`
 
@@ -141,6 +141,20 @@ def tie_plan(model: nn.Module, layers: list[str], skip: list[str]) -> tuple[dict
             refused[name] = (f"its weight is tied to {', '.join(n for n in members if n != name)} and {why}; left "
                              "as it is so the tie holds (transforming one copy would store the table twice)")
     return together, refused
+
+
+def left_alone(name: str, module: nn.Module, kinds: tuple, refused: dict[str, str], following: set[str],
+               kept: str) -> str | None:
+    """Why a method leaves a selected layer alone, or None to transform it; "" for an Embedding that
+    follows the Linear it is tied to (transformed with it, nothing to say). `kept`: what happens to a layer
+    left alone ("not pruned", "kept in float"), `refused` / `following`: from `tie_plan`."""
+    if type(module) not in kinds:
+        return f"{type(module).__name__} subclasses {type(module).__mro__[1].__name__} and is read by its parent; {kept}"
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return f"an Embedding with max_norm renormalises its weight in place; {kept}"
+    if name in refused:
+        return refused[name]
+    return "" if name in following else None
 
 
 def tie_record(model: nn.Module, embedding: str, linear: str) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from .schedule import MaskSet, Target, agp_sparsity, update_steps
 from .sparse_layer import SUPPORTED, SparseLayer
 from .unstructured_config import Criterion, PruneConfig, Schedule, Scope
 from ..core.layers import visible_modules
-from ..core.tied import tie, tie_plan, tie_record, tied_pairs
+from ..core.tied import left_alone, tie, tie_plan, tie_record, tied_pairs
 
 __all__ = ["prune_model", "replay_prune", "plan_targets", "prune_context", "closest_names"]
 
@@ -91,19 +91,11 @@ def plan_targets(model: nn.Module, cfg: PruneConfig, ctx: Context) -> list[Targe
     generator = torch.Generator().manual_seed(cfg.seed)
     targets: list[Target] = []
     for name, module in select_modules(model, SUPPORTED, cfg.layers, cfg.skip):
-        if type(module) not in SUPPORTED:
-            # A subclass may override forward, or its parent may read its weight directly
-            # (nn.MultiheadAttention.out_proj): replacing it would change what the model computes.
-            ctx.skip(name, f"{type(module).__name__} subclasses {type(module).__mro__[1].__name__} and is read by its parent; not pruned")
+        why = left_alone(name, module, SUPPORTED, refused, followers, "not pruned")
+        if why is not None:  # "": an Embedding pruned with the Linear it is tied to
+            if why:
+                ctx.skip(name, why)
             continue
-        if isinstance(module, nn.Embedding) and module.max_norm is not None:
-            ctx.skip(name, "an Embedding with max_norm renormalises its weight in place; not pruned")
-            continue
-        if name in refused:
-            ctx.skip(name, refused[name])
-            continue
-        if name in followers:
-            continue  # pruned with the Linear it is tied to
         if len(owners.get(id(module.weight), ())) > 1 + len(together.get(name, ())):
             ctx.skip(name, "its weight is tied to another module's; not pruned (a sparse copy would untie them)")
             continue

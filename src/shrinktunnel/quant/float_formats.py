@@ -19,7 +19,7 @@ from ..core.config import Config, StrEnum
 from ..core.registry import Context, register_method
 from ..core.select import names_by_module, select_modules, set_submodule, unmatched_patterns
 from ..errors import DataError
-from ..core.tied import tie, tie_plan, tie_record
+from ..core.tied import left_alone, tie, tie_plan, tie_record
 from .modules import SUPPORTED, QuantizedLayer, apply_layer
 from .modules import SpecAttributes
 
@@ -119,17 +119,11 @@ def cast_model(model: nn.Module, cfg: CastConfig, ctx: Context) -> tuple[nn.Modu
     together, refused = tie_plan(model, cfg.layers, cfg.skip)
     following = {n for names in together.values() for n in names}
     for name, module in select_modules(model, KINDS, cfg.layers, cfg.skip):
-        if type(module) not in KINDS:
-            ctx.skip(name, f"{type(module).__name__} subclasses {type(module).__mro__[1].__name__} and is read by its parent; kept in float32")
+        why = left_alone(name, module, KINDS, refused, following, "kept in float32")
+        if why is not None:  # "": an Embedding cast with the layer it is tied to
+            if why:
+                ctx.skip(name, why)
             continue
-        if isinstance(module, nn.Embedding) and module.max_norm is not None:
-            ctx.skip(name, "an Embedding with max_norm renormalises its weight in place; kept in float32")
-            continue
-        if name in refused:
-            ctx.skip(name, refused[name])
-            continue
-        if name in following:
-            continue  # cast with the layer it is tied to
         followers = together.get(name, [])
         layer = FloatWeightLayer.from_module(module, cfg.format)
         embedding = isinstance(module, nn.Embedding)  # Embeddings sharing its table: further names of its layer
