@@ -86,13 +86,28 @@ def _check_backend(backend: str) -> None:
 
 
 # -- the lowered layers ---------------------------------------------------------------------------
-class StaticInt8(nn.Module):
+class _Lowered(nn.Module):
+    """What every lowered layer takes over from its QuantizedLayer: the float bias and SmoothQuant's 1 / s."""
+
+    def __init__(self, layer: QuantizedLayer) -> None:
+        super().__init__()
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), requires_grad=False)
+        if layer._spec.get("input_smooth"):
+            self.register_buffer("input_smooth", layer.input_smooth.detach().clone())
+        else:
+            self.input_smooth = None
+
+    def smoothed(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_smooth is None else x * self.input_smooth
+
+
+class StaticInt8(_Lowered):
     """Static int8: the QuantizedLayer's own QDQ pattern on plain int8 buffers, which inductor's x86
     passes fuse into oneDNN int8 conv / linear. A Conv1d runs as a Conv2d of height 1 (the passes
     match 2-D convolutions)."""
 
     def __init__(self, layer: QuantizedLayer) -> None:
-        super().__init__()
+        super().__init__(layer)
         spec, w = layer._spec, layer._format
         self.spec = dict(spec)
         q = layer.integer_weight().detach().to(torch.int8).clone()
@@ -107,17 +122,11 @@ class StaticInt8(nn.Module):
         self.register_buffer("weight_scale", layer.weight_scale.detach().float().clone())
         self.register_buffer("weight_zero_point", layer.weight_zero_point.detach().to(torch.int32).clone())
         self.qmin, self.qmax = int(w["qmin"]), int(w["qmax"])
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), requires_grad=False)
         self.input_quant, self.output_quant = layer.input_quant, layer.output_quant
         self.relu = spec.get("activation") == "relu"
-        if spec.get("input_smooth"):
-            self.register_buffer("input_smooth", layer.input_smooth.detach().clone())
-        else:
-            self.input_smooth = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_smooth is not None:
-            x = x * self.input_smooth
+        x = self.smoothed(x)
         if self.conv1d:
             x = x.unsqueeze(2)
         a = self.input_quant
@@ -134,7 +143,7 @@ class StaticInt8(nn.Module):
         return f"{'conv1d' if self.conv1d else self.spec['kind']}, weight={tuple(self.qweight.shape)}, int8 activations"
 
 
-class DynamicInt8(nn.Module):
+class DynamicInt8(_Lowered):
     """Dynamic int8 Linear with the arithmetic of quant/dynamic.py: x quantized to uint8 per row (or
     per tensor) with a zero point, then acc = (q - zp) @ Wq^T in int32 and y = acc * scale * w_scale + b.
 
@@ -145,23 +154,17 @@ class DynamicInt8(nn.Module):
     `onednn.qlinear_pointwise`; the second is a (rows, 1) x (out,) product fused into the epilogue."""
 
     def __init__(self, layer: QuantizedLayer) -> None:
-        super().__init__()
+        super().__init__(layer)
         q = layer.integer_weight().detach().to(torch.int8)
         scale = layer.weight_scale.detach().float()
         self.register_buffer("weight_t", q.t().contiguous())  # (in, out): _int_mm's right operand
         self.register_buffer("weight_scale", scale.clone())
         # colsum(Wq) * w_scale, (out,): what each unit of (128 - zp) adds to a row, in output units
         self.register_buffer("colsum_scaled", q.to(torch.int32).sum(dim=1).float() * scale)
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), requires_grad=False)
         self.per_token = bool(layer.input_dynamic["per_token"])
-        if layer._spec.get("input_smooth"):
-            self.register_buffer("input_smooth", layer.input_smooth.detach().clone())
-        else:
-            self.input_smooth = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_smooth is not None:
-            x = x * self.input_smooth
+        x = self.smoothed(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, K)
         q, scale, zero_point = quantize_dynamic_u8(x2, self.per_token)  # scale, zp: (M, 1) or ()
@@ -178,14 +181,14 @@ class DynamicInt8(nn.Module):
         return f"linear, weight=({n}, {k}), dynamic int8 {'per token' if self.per_token else 'per tensor'}"
 
 
-class Int4WeightOnly(nn.Module):
+class Int4WeightOnly(_Lowered):
     """Weight-only Linear with codes of 4 bits or fewer, run by `aten._weight_int4pack_mm_for_cpu`:
     codes c in [0, 15] packed once, w = (c - 8) * scale + zero per group. Our integers map exactly:
     signed q -> c = q + 8, zero 0; unsigned q with zero point zp -> c = q, zero = (8 - zp) * scale.
     The kernel computes in bfloat16 (input, scales and output), the result is returned in float32."""
 
     def __init__(self, layer: QuantizedLayer, group: int) -> None:
-        super().__init__()
+        super().__init__(layer)
         w = layer._format
         q = layer.integer_weight().detach().to(torch.int32)  # (N, K)
         n, k = q.shape
@@ -201,15 +204,9 @@ class Int4WeightOnly(nn.Module):
         # (K / group, N, 2): scale and zero of each group, the kernel's layout
         self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], dim=-1).contiguous().to(torch.bfloat16))
         self.group, self.out_features = group, n
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone(), requires_grad=False)
-        if layer._spec.get("input_smooth"):
-            self.register_buffer("input_smooth", layer.input_smooth.detach().clone())
-        else:
-            self.input_smooth = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_smooth is not None:
-            x = x * self.input_smooth
+        x = self.smoothed(x)
         shape = x.shape
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
                                                        self.group, self.scales_zeros).to(x.dtype)
