@@ -109,13 +109,9 @@ def check_data(model, data, what: str, *, labelled: bool | None = False, console
                       f"(0 to {classes - 1}); samples with other labels always count as wrong", highlight=False)
 
 
-def run_compress(model_ref, recipe, data_ref, out, eval_ref, batch_size, force, console: Console, *,
-                 base_ref=None, trust=False) -> None:
-    from .core.recipe import load_recipe
-
-    check_writable(out)
-    out = check_output_dir(out, overwrite=force)  # fail before any work, never after
-    stages = load_recipe(Path(recipe) if not Path(recipe).suffix == "" else recipe)
+def _model_and_data(model_ref, base_ref, trust, data_ref, eval_ref, batch_size, console: Console):
+    """(model, data, eval_fn) of compress / analyze / auto, every data argument checked on its first batch
+    before any work; eval_fn is accuracy on --eval-data, or None."""
     model = open_model(model_ref, base_ref, trust)
     data = D.reiterable(load_data(data_ref, batch_size))
     check_data(model, data, "--data")
@@ -123,6 +119,17 @@ def run_compress(model_ref, recipe, data_ref, out, eval_ref, batch_size, force, 
     if eval_data is not None:
         check_data(model, eval_data, "--eval-data", labelled=True, console=console)
     eval_fn = (lambda m: accuracy(m, eval_data)) if eval_data is not None else None
+    return model, data, eval_fn
+
+
+def run_compress(model_ref, recipe, data_ref, out, eval_ref, batch_size, force, console: Console, *,
+                 base_ref=None, trust=False) -> None:
+    from .core.recipe import load_recipe
+
+    check_writable(out)
+    out = check_output_dir(out, overwrite=force)  # fail before any work, never after
+    stages = load_recipe(Path(recipe) if not Path(recipe).suffix == "" else recipe)
+    model, data, eval_fn = _model_and_data(model_ref, base_ref, trust, data_ref, eval_ref, batch_size, console)
     result = compress(model, [(s.method, s.config) for s in stages], data=data, eval_fn=eval_fn)
     with atomic_dir(out) as tmp:
         result.save(tmp)
@@ -249,13 +256,7 @@ def run_analyze(model_ref, data_ref, out, eval_ref, actions, layers, cache_dir, 
 
     check_writable(out)
     out = check_output_dir(out, overwrite=force, marker=ANALYSIS_MARKER)  # like compress: never into someone's folder
-    model = open_model(model_ref, base_ref, trust)
-    data = D.reiterable(load_data(data_ref, batch_size))
-    check_data(model, data, "--data")
-    eval_data = D.reiterable(load_data(eval_ref, batch_size)) if eval_ref else None
-    if eval_data is not None:
-        check_data(model, eval_data, "--eval-data", labelled=True, console=console)
-    eval_fn = (lambda m: accuracy(m, eval_data)) if eval_data is not None else None
+    model, data, eval_fn = _model_and_data(model_ref, base_ref, trust, data_ref, eval_ref, batch_size, console)
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
     result = analyze(model, data, eval_fn=eval_fn, actions=split(actions), layers=split(layers) or ("*",),
                      cache_dir=None if no_cache else (cache_dir or default_cache_dir()), threads=threads)
@@ -295,13 +296,7 @@ def run_auto(model_ref, data_ref, max_drop, objective, out, eval_ref, actions, m
     drop = parse_drop(max_drop)
     check_writable(out)
     out = check_output_dir(out, overwrite=force)
-    model = open_model(model_ref, base_ref, trust)
-    data = D.reiterable(load_data(data_ref, batch_size))
-    check_data(model, data, "--data")
-    eval_data = D.reiterable(load_data(eval_ref, batch_size)) if eval_ref else None
-    if eval_data is not None:
-        check_data(model, eval_data, "--eval-data", labelled=True, console=console)
-    eval_fn = (lambda m: accuracy(m, eval_data)) if eval_data is not None else None
+    model, data, eval_fn = _model_and_data(model_ref, base_ref, trust, data_ref, eval_ref, batch_size, console)
     names = [x.strip() for x in actions.split(",") if x.strip()] if actions else None
     verify = D.reiterable(load_data(verify_ref, batch_size)) if verify_ref else None
     if verify is not None:
