@@ -22,7 +22,7 @@ from .recipe_choice import per_token_under_budget
 from .gptq import HessianObserver, gptq_quantize
 from .modules import SUPPORTED, WEIGHT_ONLY, QuantizedLayer
 from .observers import make_observer
-from .smooth import InputIdentity, SmoothObserver, choose_smoothing
+from .smooth import choose_smoothing, observe_inputs
 from .ops import qrange, quantize_weight, weight_qparams, weight_qrange
 from ..core.layers import WRAP_CHILD, Wrapped, visible_modules
 from ..core.tied import tie, tie_plan, tie_record, tied_pairs
@@ -458,27 +458,11 @@ def _smooth(model: nn.Module, plans: list[LayerPlan], cfg: QuantConfig, ctx: Con
     if not todo:
         return {}
     D.check_model_runs(model, ctx.data)
-    observers = {p.name: SmoothObserver() for p in todo}
-    reads = InputIdentity()
-
-    def record(name: str, x: torch.Tensor) -> None:  # a forward hook must return None
-        observers[name].update(x)
-        reads.see(name, x)
-
-    hooks = [p.module.register_forward_hook(lambda m, i, o, name=p.name: record(name, i[0])) for p in todo]
-    try:
-        with torch.no_grad():
-            for batch in track(list(D.take(ctx.data, cfg.calibration_batches)), "smoothing statistics",
-                               enabled=ctx.progress):
-                reads.next_batch()
-                D.forward(model, D.split(batch)[0])
-    finally:
-        for h in hooks:
-            h.remove()
-        reads.next_batch()
+    observers, groups = observe_inputs(model, todo, D.take(ctx.data, cfg.calibration_batches),
+                                       "smoothing statistics" if ctx.progress else None)
     by_name = {p.name: p for p in todo}
     report = {}
-    for names in track(reads.groups([p.name for p in todo]), "smoothing factors", enabled=ctx.progress):
+    for names in track(groups, "smoothing factors", enabled=ctx.progress):
         group = [by_name[n] for n in names]
         same_format = len({(repr(p.weights), repr(p.activations)) for p in group}) == 1
         for members in [group] if same_format else [[p] for p in group]:  # one s cannot fit two formats

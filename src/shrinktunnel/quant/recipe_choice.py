@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .smooth import SmoothObserver, _fake_quant_input, _fake_quant_weight
+from .smooth import SmoothObserver, _fake_quant_input, _fake_quant_weight, observe_inputs
 
 __all__ = ["token_error", "choose_per_token", "PER_TOKEN_GAIN"]
 
@@ -135,29 +135,12 @@ def per_token_under_budget(model: nn.Module, plans: Sequence[Any], build: Callab
     the dynamic per-tensor Linears (and finds which read the same tensor); None as the report when no
     layer is a candidate. Warns once, naming the layers switched."""
     from ..core import data as D
-    from .smooth import InputIdentity
 
     todo = [p for p in plans if _per_tensor(p)]
     if not todo or ctx.data is None:
         return list(plans), None
-    samples = {p.name: SmoothObserver() for p in todo}
-    reads = InputIdentity()
-
-    def record(name: str, x: torch.Tensor) -> None:
-        samples[name].update(x)  # the raw input: candidates divide it by their own factors
-        reads.see(name, x)
-
-    hooks = [p.module.register_forward_hook(lambda m, i, o, name=p.name: record(name, i[0])) for p in todo]
-    try:
-        with torch.no_grad():
-            for batch in D.take(ctx.data, cfg.calibration_batches):
-                reads.next_batch()
-                D.forward(model, D.split(batch)[0])
-    finally:
-        for h in hooks:
-            h.remove()
-        reads.next_batch()
-    chosen, report = choose_per_token(plans, reads.groups([p.name for p in todo]), samples, build, metric,
+    samples, groups = observe_inputs(model, todo, D.take(ctx.data, cfg.calibration_batches))
+    chosen, report = choose_per_token(plans, groups, samples, build, metric,
                                       metric(model), cfg.max_drop)
     if report["per_token"]:
         ctx.warn(f"quantize: {len(report['per_token'])} Linear(s) take per-token activations to stay within "

@@ -26,7 +26,7 @@ import torch
 from .config import ActivationQuant, WeightQuant
 from .ops import dequantize_weight, qrange, quantize_weight, weight_qparams, weight_qrange
 
-__all__ = ["SmoothObserver", "InputIdentity", "ALPHAS", "choose_smoothing"]
+__all__ = ["SmoothObserver", "InputIdentity", "ALPHAS", "choose_smoothing", "observe_inputs"]
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)  # the grid `smooth: auto` searches
 SAMPLE_ROWS = 2048  # input rows kept per layer to score each alpha: 2048 x in_features floats
@@ -152,3 +152,29 @@ def choose_smoothing(obs: SmoothObserver, weights: torch.Tensor | list[torch.Ten
         if e < best["error"]:
             best_s, best = s, {"alpha": a, "error": e, "error_unsmoothed": plain}
     return best_s, best
+
+
+def observe_inputs(model, plans, batches, label: str | None = None) -> tuple[dict, list[list[str]]]:
+    """One pass over `batches`: ({layer: SmoothObserver of its raw input}, [names reading the very same
+    tensor]) for the layers of `plans`; a progress bar when `label` is given."""
+    from ..core import data as D
+    from ..core.progress import track
+
+    observers = {p.name: SmoothObserver() for p in plans}
+    reads = InputIdentity()
+
+    def record(name: str, x: torch.Tensor) -> None:  # a forward hook must return None
+        observers[name].update(x)
+        reads.see(name, x)
+
+    hooks = [p.module.register_forward_hook(lambda m, i, o, name=p.name: record(name, i[0])) for p in plans]
+    try:
+        with torch.no_grad():
+            for batch in track(list(batches), label or "", enabled=label is not None):
+                reads.next_batch()
+                D.forward(model, D.split(batch)[0])
+    finally:
+        for h in hooks:
+            h.remove()
+        reads.next_batch()
+    return observers, reads.groups([p.name for p in plans])
