@@ -88,33 +88,41 @@ def test_bad_objective_or_budget(bad):
 
 
 def test_fitting_moves_of_a_round_are_taken_together_next():
-    from shrinktunnel.search.auto import _merge_moves, _plan_key, _search
+    from shrinktunnel.search.config import AutoConfig
+    from shrinktunnel.search.job import plan_key
+    from shrinktunnel.search.rounds import merge_moves, search
 
     options = {"a": [(None, 100.0, 0.0), ("s", 10.0, 0.001)], "b": [(None, 100.0, 0.0), ("s", 10.0, 0.001)],
                "c": [(None, 100.0, 0.0), ("s", 10.0, 0.5)]}
     best = {"plan": {}, "label": "original"}
     results = [{"plan": {"a": "s"}, "fits": True}, {"plan": {"b": "s"}, "fits": True}, {"plan": {"c": "s"}, "fits": False}]
-    assert _merge_moves(best, results, options) == [({"a": "s", "b": "s"}, "original + a:s + b:s")]
-    assert _merge_moves(best, results[1:], options) == []  # one fitting move: nothing to merge
-    # the moves phase alone (a hull holding only "keep everything"), two candidates a round, drops adding
-    # exactly: round 1 moves a and b, both fit; round 2 takes them together first, then the best next move
-    candidates, spent = [], [0]
+    assert merge_moves(best, results, options) == [({"a": "s", "b": "s"}, "original + a:s + b:s")]
+    assert merge_moves(best, results[1:], options) == []  # one fitting move: nothing to merge
 
-    def evaluate_round(plans):
-        out = []
-        for plan, label in plans:
-            assert not any(c["key"] == _plan_key(plan) for c in candidates)  # never the same plan twice
-            spent[0] += 1
-            drop = sum(0.001 if layer != "c" else 0.5 for layer in plan)
-            c = {"plan": plan, "label": label, "key": _plan_key(plan), "status": "ok", "fits": drop <= 0.01,
-                 "bytes": sum(10.0 if layer in plan else 100.0 for layer in options)}
-            candidates.append(c)
-            out.append(c)
-        return out
+    class FakeEvaluator:  # the moves phase alone, two candidates a round, drops adding exactly
+        config = AutoConfig(max_drop=0.01, probes=2, max_evaluations=4)
+        objective, limit, budget, spent, candidates = "size", 0.01, 4, 0, []
 
-    evaluate_round([({}, "original")])
-    spent[0] = 0
-    _search([({}, 300.0, 0.0)], options, "size", 0.01, 2, 4, spent, evaluate_round, candidates, uniform=False)
+        def left(self):
+            return self.budget - self.spent
+
+        def round(self, plans, count=True):
+            out = []
+            for plan, label in plans:
+                assert not any(c["key"] == plan_key(plan) for c in self.candidates)  # never the same plan twice
+                self.spent += count
+                drop = sum(0.001 if layer != "c" else 0.5 for layer in plan)
+                c = {"plan": plan, "label": label, "key": plan_key(plan), "status": "ok", "fits": drop <= 0.01,
+                     "bytes": sum(10.0 if layer in plan else 100.0 for layer in options)}
+                self.candidates.append(c)
+                out.append(c)
+            return out
+
+    ev = FakeEvaluator()
+    ev.round([({}, "original")], count=False)
+    search([({}, 300.0, 0.0)], options, ev, uniform=False)
+    candidates = ev.candidates
+    # round 1 moves a and b, both fit; round 2 takes them together first, then the best next move
     assert [c["plan"] for c in candidates[1:3]] == [{"a": "s"}, {"b": "s"}]
     assert candidates[3]["plan"] == {"a": "s", "b": "s"} and candidates[3]["label"] == "original + a:s + b:s"
     assert candidates[3]["fits"] and len(candidates) == 5
@@ -124,7 +132,7 @@ def test_objective_size_leaves_channel_actions_out_when_others_are_given():
     from types import SimpleNamespace
 
     from shrinktunnel.search import ACTIONS
-    from shrinktunnel.search.auto import _layer_options
+    from shrinktunnel.search.hull import layer_options as _layer_options
 
     layer = SimpleNamespace(name="conv", bytes=1000, macs=100, latency_ms=1.0)
     entry = lambda b, m: {"status": "ok", "bytes_after": b, "macs_after": m, "drop": 0.0}  # noqa: E731

@@ -203,6 +203,7 @@ def analyze(
     seed: int = 0,
     workers: int = 1,
     backend: str = "process",
+    ray_address: str | None = None,
 ) -> Analysis:
     """Measure every layer and its sensitivity to every action; `model` is not changed.
 
@@ -216,7 +217,7 @@ def analyze(
     are scored after `recovery.analysis_steps` steps of distillation from the original on `train_data`
     (default `data`), sharing after as many centroid-tuning steps; None: every action one shot.
     `workers` / `backend`: evaluations run in that many local processes ("process") or on Ray ("ray");
-    each is seeded from `seed`, so the figures are the same either way.
+    each is seeded from `seed`, so the figures are the same either way (`ray_address`: a running cluster).
     """
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -275,7 +276,7 @@ def analyze(
                                       totals["macs"], one, ctx=ctx, seed=seed)
         return entry
 
-    results_iter = run_all(one_pair, todo, workers=workers, backend=backend, threads=threads,
+    results_iter = run_all(one_pair, todo, workers=workers, backend=backend, threads=threads, address=ray_address,
                            description=f"analyze: {len(todo)} evaluations", progress=progress)
     for (lp, a), entry in zip(todo, results_iter):
         cache.put(key(lp, a), entry)
