@@ -141,32 +141,42 @@ def analyze(
 def auto_cmd(
     model: str = typer.Argument(..., help="MODEL: 'package.module:factory', 'file.py:factory' or an artifact directory."),
     data: str = typer.Option(..., "--data", "-d", help="DATA the model runs on (calibration, fidelity without --eval-data)."),
-    max_drop: str = typer.Option(..., "--max-drop", help="Largest metric drop allowed: a number in the metric's units, or '0.5%' / '0.5pt' (= 0.005)."),
-    objective: str = typer.Option("size", "--objective", help="size | latency | macs"),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory (plus auto.json and auto.html)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML of AutoConfig keys (docs/search.md); the flags below override it."),
+    max_drop: Optional[str] = typer.Option(None, "--max-drop", help="Largest metric drop allowed: a number in the metric's units, or '0.5%' / '0.5pt' (= 0.005)."),
+    objective: Optional[str] = typer.Option(None, "--objective", help="size | latency | macs (default size)"),
+    min_speedup: Optional[float] = typer.Option(None, "--min-speedup", help="Objective size / macs: only candidates at least this many times faster in ONNX Runtime."),
+    max_bytes: Optional[int] = typer.Option(None, "--max-bytes", help="Objective latency / macs: only candidates of at most this many bytes on disk."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled DATA: the metric becomes accuracy on it."),
     actions: Optional[str] = typer.Option(None, "--actions", help="Comma-separated action names (default: every available one)."),
-    max_evaluations: int = typer.Option(12, "--max-evaluations", min=1, help="Real candidate evaluations after the analysis."),
+    max_evaluations: Optional[int] = typer.Option(None, "--max-evaluations", min=1, help="Real candidate evaluations after the analysis (default 12)."),
+    time_budget: Optional[str] = typer.Option(None, "--time-budget", help="Wall time of the search after the analysis: '600', '90s', '10m', '1h'."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Evaluation cache (default: ~/.cache/shrinktunnel/analyze)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Batch size for .npz / .safetensors data."),
     verify_data: Optional[str] = typer.Option(None, "--verify-data", help="Held-out DATA the chosen model must also meet the budget on (labelled when --eval-data is)."),
-    margin: float = typer.Option(0.0, "--margin", min=0.0, help="Safety margin: candidates must fit max_drop - margin on the search data."),
-    train_data: Optional[str] = typer.Option(None, "--train-data", help="DATA for recovery (distillation from the original after structural actions); none: one shot."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Candidate evaluations in this many local processes."),
-    seed: int = typer.Option(0, "--seed", help="Seed of every candidate (same seed, same result, serial or parallel)."),
+    margin: Optional[float] = typer.Option(None, "--margin", min=0.0, help="Safety margin: candidates must fit max_drop - margin on the search data."),
+    train_data: Optional[str] = typer.Option(None, "--train-data", help="DATA for recovery after every lossy action (distillation, centroid tuning, QAT); none: one shot."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Candidate evaluations side by side (default 1)."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="process (local forks, default) | ray"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join ('auto', 'ray://host:10001'); default: a local one."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every candidate (same seed, same result, serial or parallel)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact at --out."),
     base: Optional[str] = _base_opt(),
     trust: bool = _trust_opt(),
 ) -> None:
     """Choose an action per layer under --max-drop for the --objective; write the model and its report.
     Exit code 3 when no candidate meets the budget (the best one is still written, marked fits=false)."""
-    from .cli_commands import EXIT_NO_CANDIDATE, run_auto
+    from .cli_commands import EXIT_NO_CANDIDATE, parse_drop, run_auto
 
-    fits = run_auto(model, data, max_drop, objective, out, eval_data, actions, max_evaluations, cache_dir, batch_size, force,
-                    console, verify_ref=verify_data, margin=margin, train_ref=train_data, workers=workers, seed=seed,
-                    base_ref=base, trust=trust)
+    flags = {"max_drop": None if max_drop is None else parse_drop(max_drop), "objective": objective,
+             "min_speedup": min_speedup, "max_bytes": max_bytes, "max_evaluations": max_evaluations,
+             "time_budget": time_budget, "margin": margin, "workers": workers, "backend": backend,
+             "ray_address": ray_address, "seed": seed}
+    fits = run_auto(model, data, out, {k: v for k, v in flags.items() if v is not None}, console, config_path=config,
+                    eval_ref=eval_data, actions=actions, cache_dir=cache_dir, batch_size=batch_size, force=force,
+                    verify_ref=verify_data, train_ref=train_data, base_ref=base, trust=trust)
     if not fits:
-        err_console.print(f"shrink auto: no candidate meets the budget --max-drop {max_drop}; the best one found is at "
+        err_console.print(f"shrink auto: no candidate meets the budget; the best one found is at "
                           f"{out} (fits=false); exit code {EXIT_NO_CANDIDATE}", highlight=False, soft_wrap=True, markup=False)
         raise typer.Exit(EXIT_NO_CANDIDATE)
 

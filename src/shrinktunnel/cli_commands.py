@@ -19,6 +19,7 @@ from .errors import ArtifactError, DataError, ExportError, UntrustedCodeError, o
 from .export import export_onnx
 from .measure import accuracy, artifact_bytes
 from .report import Table, fmt_bytes, fmt_pct, write_reports
+from .report.tables import print_fitted
 from .core.coverage import coverage_lines
 
 EXIT_NO_CANDIDATE = 3  # `shrink auto`: nothing met the budget (docs/cli.md)
@@ -263,7 +264,7 @@ def run_analyze(model_ref, data_ref, out, eval_ref, actions, layers, cache_dir, 
     with atomic_dir(out) as tmp:
         result.save(tmp, title=f"shrink analyze {model_ref}")
     jpath, hpath = out / ANALYSIS_MARKER, out / "analysis.html"
-    console.print(result.table().to_rich())
+    print_fitted(result.table(), console, full=hpath)
     for note in result.skipped_actions + result.warnings:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(f"{result.cache['evaluated']} evaluations run, {result.cache['hits']} read from the cache"
@@ -287,17 +288,24 @@ def parse_drop(text: str) -> float:
     return value
 
 
-def run_auto(model_ref, data_ref, max_drop, objective, out, eval_ref, actions, max_evaluations, cache_dir, batch_size,
-             force, console: Console, *, verify_ref=None, margin=0.0, train_ref=None, workers=1, seed=0,
+def run_auto(model_ref, data_ref, out, flags: dict, console: Console, *, config_path=None, eval_ref=None,
+             actions=None, cache_dir=None, batch_size=64, force=False, verify_ref=None, train_ref=None,
              base_ref=None, trust=False) -> bool:
-    """Returns whether the chosen model meets the budget (the CLI exits EXIT_NO_CANDIDATE when not)."""
+    """Returns whether the chosen model meets the budget (the CLI exits EXIT_NO_CANDIDATE when not).
+    `flags`: AutoConfig keys given on the command line; they override the --config file's."""
     from .search import auto
+    from .search.config import auto_config
 
-    drop = parse_drop(max_drop)
+    if actions:
+        flags["actions"] = [x.strip() for x in actions.split(",") if x.strip()]
+    cfg = auto_config(config_path, flags)  # checked before the model loads: a bad flag costs nothing
+    if train_ref and cfg.recovery is None:
+        cfg.recovery = {}
+    if cfg.cache_dir is None:
+        cfg.cache_dir = str(cache_dir or default_cache_dir())
     check_writable(out)
     out = check_output_dir(out, overwrite=force)
     model, data, eval_fn = _model_and_data(model_ref, base_ref, trust, data_ref, eval_ref, batch_size, console)
-    names = [x.strip() for x in actions.split(",") if x.strip()] if actions else None
     verify = D.reiterable(load_data(verify_ref, batch_size)) if verify_ref else None
     if verify is not None:
         check_data(model, verify, "--verify-data", labelled=eval_fn is not None, console=console)
@@ -305,13 +313,11 @@ def run_auto(model_ref, data_ref, max_drop, objective, out, eval_ref, actions, m
     train = D.reiterable(load_data(train_ref, batch_size)) if train_ref else None
     if train is not None:
         check_data(model, train, "--train-data")
-    result = auto(model, data, max_drop=drop, objective=objective, eval_fn=eval_fn, actions=names,
-                  cache_dir=cache_dir or default_cache_dir(), max_evaluations=max_evaluations,
-                  verify_fn=verify_fn, verify_data=verify if verify_fn is None else None, margin=margin,
-                  recovery={} if train is not None else None, train_data=train, workers=workers, seed=seed)
+    result = auto(model, data, cfg, eval_fn=eval_fn, verify_fn=verify_fn,
+                  verify_data=verify if verify_fn is None else None, train_data=train)
     with atomic_dir(out) as tmp:
         result.save(tmp)
-    console.print(result.analysis.table().to_rich())
+    print_fitted(result.analysis.table(), console, full=out / "auto.html")
     style = "green" if result.fits else "bold red"
     console.print(f"[{style}]{result.message}[/]", highlight=False)
     console.print(f"written: [bold]{out.resolve()}[/] (auto.json, auto.html beside the artifact)")

@@ -97,6 +97,19 @@ class AutoConfig(Config):
     progress: bool = True  # progress bars and the per-round line on stderr
     parallel: ParallelConfig = ParallelConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _named(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if "max_drop" not in data:
+                raise ValueError("max_drop is missing: give the largest metric drop allowed (--max-drop 0.5pt, or "
+                                 "max_drop: 0.005 in the config)")
+            objective = data.get("objective", "size")
+            if not isinstance(objective, Objective) and objective not in [o.value for o in Objective]:
+                raise ValueError(f"unknown objective {objective!r}; use one of: size, latency, macs (size: bytes on "
+                                 f"disk, latency: ONNX Runtime time, macs: multiply-accumulates)")
+        return data
+
     @field_validator("time_budget", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> float | None:

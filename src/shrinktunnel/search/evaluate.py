@@ -103,7 +103,7 @@ class Evaluator:
         out = [self._record(plan, label, cached=plan_key(plan) not in done) for plan, label in fresh]
         if todo and count:
             self.round_seconds.append(time.perf_counter() - t0)
-        if self.config.progress and todo:
+        if self.config.progress and todo and count:
             _console().print(self.progress_line(), highlight=False, soft_wrap=True)
         return out
 
