@@ -150,7 +150,7 @@ def _ray_get(ray, ref) -> Any:
     try:
         return ray.get(ref)
     except ray.exceptions.RayError as exc:  # the task never ran our function (it catches its own errors)
-        cause = getattr(exc, "cause", None) or exc
-        raise ModelError(f"a Ray worker could not run the evaluation: {one_line(cause)}; the model, data and "
+        cause = one_line(getattr(exc, "cause", None) or exc).split(" traceback:")[0].split(" Traceback")[0]
+        raise ModelError(f"a Ray worker could not run the evaluation: {cause}; the model, data and "
                          f"eval_fn travel by value, but the packages they import must be installed on every "
                          f"worker (or use --backend process)") from None
