@@ -28,6 +28,7 @@ from .manifest import (MAX_MANIFEST_BYTES, check_manifest, open_regular, parse_m
                        sha256_file, tensors_path)
 from .rebuild import (MAX_CHAIN, ST_DTYPES, build_transformers, is_builtin_ref, meta_copy, transformers_entry, untrusted,
                       wrap_model_error)
+from .factory import call_factory, file_ref_digest, is_file_ref
 from .registry import get_method
 
 FORMAT = "shrinktunnel-artifact"
@@ -60,8 +61,6 @@ def _model_entry(model: nn.Module, record: dict[str, Any]) -> dict[str, Any]:
     """`model` of the manifest: the reference (a file reference resolved to an absolute path, with the
     sha256 of the file's content so a reader can tell it changed), the class, and a Hugging Face
     model's config (what rebuilds it without running any code of the artifact's)."""
-    from .refs import file_ref_digest
-
     ref = record["model_ref"]
     entry: dict[str, Any] = {"ref": ref, "class": type(model).__name__}
     resolved = file_ref_digest(ref) if ref else None
@@ -277,8 +276,6 @@ def _state_dict_error(exc: RuntimeError) -> ArtifactError:
 def _base_model(root: Path, manifest: dict[str, Any], model: nn.Module | None, trust_code: bool,
                 chain: tuple[Path, ...]) -> tuple[nn.Module, str]:
     """The original architecture and where it came from (see core/rebuild.py for the consent rules)."""
-    from .refs import is_file_ref, load_model
-
     if model is not None:
         if not isinstance(model, nn.Module):
             raise ArtifactError(f"model= must be a torch.nn.Module (the original architecture), got {type(model).__name__}")
@@ -286,14 +283,14 @@ def _base_model(root: Path, manifest: dict[str, Any], model: nn.Module | None, t
     info = manifest["model"]
     ref, hf = info.get("ref"), info.get("transformers")
     if ref and is_builtin_ref(ref):
-        return _call(load_model, ref), "assets"
+        return _call(ref), "assets"
     if ref and trust_code:
         target = Path(ref) if not is_file_ref(ref) and ":" not in ref else None
         if target is not None and target.is_dir():  # another artifact, outside this one: same rules, chain kept
             if not (target / MANIFEST).exists():
                 raise ArtifactError(f"model.ref {ref[:200]!r} is a directory but not an artifact (no {MANIFEST})")
             return load_artifact(target, trust_code=trust_code, _chain=chain), "artifact"
-        return _call(load_model, ref, expect_sha256=info.get("ref_sha256")), "code"
+        return _call(ref, expect_sha256=info.get("ref_sha256")), "code"
     if hf:
         return build_transformers(hf, meta=False), "transformers"
     if ref:
@@ -304,9 +301,10 @@ def _base_model(root: Path, manifest: dict[str, Any], model: nn.Module | None, t
     )
 
 
-def _call(load_model, ref: str, **kw) -> nn.Module:
+def _call(ref: str, **kw) -> nn.Module:
+    """The base model from its factory, a factory's ModelError told as the artifact's."""
     try:
-        return load_model(ref, **kw)
+        return call_factory(ref, **kw)
     except ArtifactError:
         raise
     except ModelError as exc:

@@ -414,7 +414,7 @@ def canonicalize(model: nn.Module) -> tuple[nn.Module, dict[str, Any], dict[str,
     """(model, record, skipped): a COPY of `model` with every non-canonical weight layer replaced or
     wrapped (or `model` itself when there is none), the JSON record `restore` replays, and
     {name: reason} of the weight layers no method can reach."""
-    from .select import set_submodule
+    from .modtree import set_submodule
 
     plan = classify(model)
     todo = {n: v for n, v in plan.items() if v[0] != "skip"}
@@ -439,7 +439,7 @@ def canonicalize(model: nn.Module) -> tuple[nn.Module, dict[str, Any], dict[str,
 def restore(model: nn.Module, record: dict[str, Any] | None) -> nn.Module:
     """Redo a canonical record on the rebuilt base model IN PLACE (shapes only; values come from the
     artifact's tensors)."""
-    from .select import set_submodule
+    from .modtree import set_submodule
 
     for entry in (record or {}).get("layers", []):
         name = entry["name"]

@@ -11,7 +11,9 @@ from fnmatch import fnmatchcase
 from typing import Iterable, Sequence, TypeVar
 
 from torch import nn
-from .layers import visible_modules
+
+from .layers import logical_name, visible_modules
+from .modtree import get_submodule_parent, names_by_module, set_submodule  # noqa: F401  (re-exported: methods import them from here)
 
 T = TypeVar("T")
 
@@ -20,16 +22,12 @@ __all__ = ["matches", "select_modules", "resolve"]
 
 def matches(name: str, patterns: Iterable[str]) -> bool:
     """A wrapped layer (core/layers.py: `<module>.compute`) also matches under its module's name."""
-    from .layers import logical_name
-
     logical = logical_name(name)
     return any(fnmatchcase(name, p) or fnmatchcase(logical, p) for p in patterns)
 
 
 def resolve(name: str, rules: Sequence[tuple[str, T]], default: T) -> T:
     """The value of the last rule whose pattern matches `name`, else `default`."""
-    from .layers import logical_name
-
     value, logical = default, logical_name(name)
     for pattern, rule_value in rules:
         if fnmatchcase(name, pattern) or fnmatchcase(logical, pattern):
@@ -55,21 +53,3 @@ def unmatched_patterns(model: nn.Module, patterns: Iterable[str]) -> list[str]:
     """Patterns that match no module at all: almost always a typo worth reporting."""
     names = [n for n, _ in visible_modules(model) if n]
     return [p for p in patterns if p != "*" and not any(matches(n, [p]) for n in names)]
-
-
-def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, child = get_submodule_parent(model, name)
-    setattr(parent, child, module)
-
-
-def names_by_module(model: nn.Module) -> dict[int, list[str]]:
-    """Every name of every module, keyed by id: a module registered twice has two names."""
-    names: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-    return names
