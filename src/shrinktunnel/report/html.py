@@ -1,7 +1,7 @@
 """One self-contained HTML report beside the JSON: inline SVG plots (report/svg.py), inline CSS, no
 script, no external URL, so it opens from a mail attachment or an air-gapped machine as it is.
 
-`analysis_html(analysis_dict)` renders `st.analyze`'s result; `search_html(result_dict)` renders a
+`analysis_html(analysis_dict, table)` renders `st.analyze`'s result; `search_html(result_dict)` renders a
 search (`st.auto`): per-layer size before and after, the sensitivity heat map it started from, the
 Pareto frontiers with the chosen point, a weight histogram with its grid, the applied actions.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any, Sequence
 
-from ..search.pareto import pareto_front
+from ..core.pareto import pareto_front
 from . import svg
 from .tables import Table, fmt_bytes
 
@@ -117,13 +117,9 @@ def pareto_plots(points: list[dict[str, Any]], metric_name: str, *, chosen: int 
 
 # -- analysis --------------------------------------------------------------------------------------
 
-def _analysis_table(a: dict[str, Any]) -> Table:
-    from ..search.analysis import Analysis
-
-    return Analysis.from_dict(a).table()
-
-
-def analysis_html(a: dict[str, Any], *, title: str = "shrink analyze") -> str:
+def analysis_html(a: dict[str, Any], table: Table, *, title: str = "shrink analyze") -> str:
+    """`a`: st.analyze's result as a dict; `table`: its full table (search/analysis.py builds it, so
+    report/ needs nothing from search/)."""
     totals = a["totals"]
     layers = [lp["name"] for lp in a["layers"]]
     actions = [x["name"] for x in a["actions"]]
@@ -163,7 +159,7 @@ def analysis_html(a: dict[str, Any], *, title: str = "shrink analyze") -> str:
                 "second plot uses MACs", "pareto"),
         section("Weight histogram", histogram_plot(a.get("histogram")),
                 "the layer with the most parameters, one output channel, with the levels it would take", "histogram"),
-        section("Table", table_html(_analysis_table(a), "analysis-table")
+        section("Table", table_html(table, "analysis-table")
                 + _list(a.get("skipped_actions", []), "skipped") + _list(a.get("warnings", []), "warn"),
                 "", "table"),
     ]

@@ -100,7 +100,7 @@ class Analysis:
         directory.mkdir(parents=True, exist_ok=True)
         jpath, hpath = directory / "analysis.json", directory / "analysis.html"
         write_json(jpath, self.to_dict())
-        hpath.write_text(analysis_html(self.to_dict(), title=title))
+        hpath.write_text(analysis_html(self.to_dict(), self.table(), title=title))
         return jpath, hpath
 
 
