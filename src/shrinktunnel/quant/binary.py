@@ -6,6 +6,13 @@
 - Ternary weights (TWN, Li et al. 2016): threshold delta = 0.7 * mean |W| per channel (the paper's
   approximation of the optimal threshold for Gaussian / uniform weights), q = sign(W) where |W| > delta
   else 0, alpha = mean of |W| over the weights above delta. Stored as 2-bit integers in [-1, 1].
+- Stochastic binary weights (BinaryConnect's stochastic form, Courbariaux et al. 2015, eq. 2-3): during
+  training each weight is +1 with probability p = hard_sigmoid(w / H) = clip((w / H + 1) / 2, 0, 1), else
+  -1, so E[level] = w / H: the binarization noise is unbiased. H is the channel's (or tensor's) max |w|
+  (BinaryConnect's H is the bound it clips its weights to; recomputed here because QAT starts from a
+  trained network whose weights are far smaller than 1). The level is scaled by the same alpha as the
+  deterministic form, and inference (eval mode, conversion) uses the deterministic sign: the paper's
+  test-time choice for binary weights. The gradient is the clipped identity's, as for sign.
 - Binary activations (BNN, Hubara et al. 2016): two levels, offset +- scale: x_b = offset + scale *
   sign((x - offset) / scale). Symmetric: offset 0, i.e. scale * sign(x), BNN's sign with XNOR-Net's
   scale K = mean |x|. Asymmetric (the default): the threshold is learned too, which post-ReLU inputs
@@ -25,7 +32,7 @@ import torch
 from .fake_quant import sign_pm, sign_ste, ternary_levels, ternary_ste
 
 __all__ = ["TWN_THRESHOLD", "weight_meta", "binary_weight_params", "quantize_binary_weight",
-           "fake_binary_weight", "BinaryActivation", "binarize_activation"]
+           "fake_binary_weight", "stochastic_levels", "BinaryActivation", "binarize_activation"]
 
 TWN_THRESHOLD = 0.7  # delta = 0.7 * mean|W|: TWN's closed-form approximation of the optimal threshold
 _EPS = torch.finfo(torch.float32).tiny  # a scale is never zero
@@ -73,13 +80,29 @@ def quantize_binary_weight(w: torch.Tensor, fmt: str, granularity: str) -> tuple
     return levels.to(torch.int8), alpha, torch.zeros(alpha.shape, dtype=torch.int32)
 
 
-def fake_binary_weight(w: torch.Tensor, fmt: str, granularity: str) -> torch.Tensor:
+def fake_binary_weight(w: torch.Tensor, fmt: str, granularity: str, stochastic: bool = False,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
     """alpha * sign(w) (or alpha * ternary(w)): bit-identical to the converted layer's dequantized
     weight. The gradient reaches the latent weight through the clipped identity (1 where |w| <= 1),
-    times alpha, which is treated as a constant (as most XNOR-Net implementations do)."""
+    times alpha, which is treated as a constant (as most XNOR-Net implementations do). `stochastic`
+    (binary, training only): alpha * b with b sampled by `stochastic_levels`, the same gradient."""
     alpha, threshold = binary_weight_params(w, fmt, granularity)
     levels = sign_ste(w) if fmt == "binary" else ternary_ste(w, threshold)
+    if stochastic:
+        if fmt != "binary":
+            raise ValueError(f"stochastic binarization applies to binary weights, not {fmt}")
+        levels = levels + (stochastic_levels(w, granularity, generator) - levels).detach()
     return levels * _per_channel(alpha, w)
+
+
+def stochastic_levels(w: torch.Tensor, granularity: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """+1 with probability hard_sigmoid(w / H), else -1; H = max |w| per output channel (or tensor)."""
+    w = w.detach().float()
+    a = w.abs().reshape(w.shape[0], -1)
+    h = (a.amax(dim=1) if granularity != "per_tensor" else a.amax().expand(w.shape[0])).clamp_min(_EPS)
+    p = ((w / _per_channel(h, w) + 1) / 2).clamp(0, 1)
+    u = torch.rand(w.shape, generator=generator, dtype=w.dtype, device=w.device)
+    return torch.where(u < p, torch.ones_like(w), -torch.ones_like(w))
 
 
 def binarize_activation(x: torch.Tensor, offset: torch.Tensor, scale: torch.Tensor, ste: bool = False) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..core.config import Config, StrEnum
 
-__all__ = ["Granularity", "Calibrator", "Rounding", "WeightFormat", "WeightCoding", "ActivationFormat", "WeightQuant", "ActivationQuant", "LayerOverride", "QuantConfig"]
+__all__ = ["Granularity", "Calibrator", "Rounding", "WeightFormat", "WeightScale", "WeightCoding", "ActivationFormat", "WeightQuant", "ActivationQuant", "LayerOverride", "QuantConfig"]
 
 
 class Granularity(StrEnum):
@@ -21,6 +21,14 @@ class WeightFormat(StrEnum):
     INT = "int"  # integers of `bits` bits with scales (and zero points)
     TERNARY = "ternary"  # {-1, 0, +1} x a scale per channel (TWN), stored at 2 bits; needs training (qat)
     BINARY = "binary"  # {-1, +1} x mean|W| per channel (XNOR-Net), stored at 1 bit; needs training (qat)
+    LOG2 = "log2"  # 0 or +-2^e: 2^(bits-1) - 1 powers of two below a per-channel 2^e_max (Miyashita et al.
+    # 2016), so a multiply is a shift; bits 2-8 (4: 7 levels, 6 binades); PTQ or qat (INQ: qat's `inq`)
+
+
+class WeightScale(StrEnum):
+    FLOAT = "float"  # any float32 scale: max|w| / qmax, the finest grid that does not clip
+    POW2 = "pow2"  # a power of two (fixed-point accelerators shift instead of multiplying; Brevitas' po2
+    # scales): 2^floor or 2^ceil of the free scale, whichever has the smaller error; symmetric int only
 
 
 class WeightCoding(StrEnum):
@@ -76,6 +84,10 @@ class WeightQuant(Config):
     format: WeightFormat = WeightFormat.INT  # int: the integer grid above. ternary / binary: 2 / 1 bits
     # (bits is implied; bits: 1 alone means binary), scale per channel or tensor; trained with `qat`
     coding: WeightCoding = WeightCoding.PLAIN  # how the artifact stores the integers (format int only)
+    scale: WeightScale = WeightScale.FLOAT  # pow2: power-of-two scales (format int, symmetric); log2
+    # weights' scales are powers of two anyway
+    stochastic: bool = False  # format binary, qat only: during training each weight is +1 with probability
+    # hard_sigmoid(w / max|w| of its channel), else -1 (stochastic BinaryConnect); sign(w) at inference
 
     _bits = field_validator("bits")(_weight_bits)
 
@@ -88,13 +100,18 @@ class WeightQuant(Config):
             fmt = data.get("format")
             if fmt in _FORMAT_BITS and "bits" not in data:
                 data = {**data, "bits": _FORMAT_BITS[WeightFormat(fmt)]}
+            elif fmt == WeightFormat.LOG2 and "bits" not in data:
+                data = {**data, "bits": 4}  # 7 powers of two and zero: the usual log2 width
             elif data.get("bits") == 1 and "format" not in data:
                 data = {**data, "format": WeightFormat.BINARY}
         return data
 
     @model_validator(mode="after")
     def _check_combination(self) -> "WeightQuant":
-        if self.format != WeightFormat.INT:
+        self._check_new_formats()
+        if self.format == WeightFormat.LOG2:
+            pass
+        elif self.format != WeightFormat.INT:
             need = _FORMAT_BITS[self.format]
             if self.bits != need:
                 raise ValueError(f"format {self.format} weights are stored at {need} bit(s), not bits={self.bits}; "
@@ -117,10 +134,31 @@ class WeightQuant(Config):
         elif self.group_size is not None:
             raise ValueError(f"group_size={self.group_size} is only read with granularity: per_group "
                              f"(granularity is {self.granularity}); set granularity: per_group or remove group_size")
-        if self.reduce_range and self.bits != 8:
+        if self.reduce_range and self.bits != 8 and self.format == WeightFormat.INT:
             raise ValueError(f"reduce_range applies to 8-bit weights only (it keeps ONNX Runtime's u8s8 kernels "
                              f"from saturating); with bits={self.bits} remove it, or use bits: 7 for 7-bit weights")
         return self
+
+
+    def _check_new_formats(self) -> None:
+        """log2 weights, power-of-two scales and stochastic binarization (quant/log2.py, quant/binary.py)."""
+        if self.format == WeightFormat.LOG2:
+            if self.bits == 1:
+                raise ValueError("format log2 with bits: 1 leaves no bit for an exponent (one sign bit, and code 0 is "
+                                 "zero); use bits: 2 to 8 (bits: 4 gives 7 powers of two and zero), or format: binary "
+                                 "for 1-bit weights")
+            if self.granularity == Granularity.PER_GROUP or not self.symmetric or self.reduce_range or \
+                    self.coding != WeightCoding.PLAIN:
+                raise ValueError("format log2 weights are signed powers of two with one largest level per channel "
+                                 "or per tensor: use granularity per_channel or per_tensor, symmetric: true, and no "
+                                 "group_size, reduce_range or coding")
+        if self.scale == WeightScale.POW2 and (self.format != WeightFormat.INT or not self.symmetric):
+            raise ValueError(f"scale: pow2 rounds the scales of symmetric integer weights to powers of two (format "
+                             f"{self.format}, symmetric={self.symmetric}); use format: int with symmetric: true "
+                             "(log2 weights have power-of-two scales already: remove scale)")
+        if self.stochastic and self.format != WeightFormat.BINARY:
+            raise ValueError(f"stochastic applies to format binary (stochastic BinaryConnect), not format "
+                             f"{self.format}; set format: binary or remove stochastic")
 
 
 def _changed(cfg: Config, names: tuple[str, ...]) -> list[str]:
@@ -259,7 +297,22 @@ class QuantConfig(Config):
         rules = [("weights", self.weights, self.activations)]
         rules += [(f"overrides[{i}]", r.weights, r.activations) for i, r in enumerate(self.overrides)]
         for where, wq, aq in rules:
-            if wq is not None and wq.format != WeightFormat.INT:
+            if wq is not None and wq.stochastic:
+                raise ValueError(f"{where}: stochastic binarization samples the weights during training and has "
+                                 "nothing to sample without it: use the qat method (a `qat:` stage, or "
+                                 "st.qat(model, st.QATConfig(weights={'format': 'binary', 'stochastic': True}), "
+                                 "data=...)), or remove stochastic")
+            if wq is not None and wq.format == WeightFormat.LOG2:
+                if self.rounding != Rounding.NEAREST or self.awq:
+                    raise ValueError(f"{where}: log2 weights are rounded to the nearest power of two; gptq and awq "
+                                     "search an integer grid: set rounding: nearest and awq: false")
+                if aq is not None and aq.dynamic:
+                    raise ValueError(f"{where}: dynamic activations run an integer matmul with linear int8 weights; "
+                                     "log2 weights need static activations (or activations: null)")
+            if wq is not None and wq.scale == WeightScale.POW2 and (self.rounding != Rounding.NEAREST or self.awq):
+                raise ValueError(f"{where}: scale: pow2 is applied to nearest rounding; set rounding: nearest and "
+                                 "awq: false, or remove scale: pow2")
+            if wq is not None and wq.format not in (WeightFormat.INT, WeightFormat.LOG2):
                 raise ValueError(f"{where}: format {wq.format} weights need training: use the qat method "
                                  f"(st.qat(model, st.QATConfig(...), data=...), or a `qat:` recipe stage)")
             if aq is not None and aq.format != ActivationFormat.INT:

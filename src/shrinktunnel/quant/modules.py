@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..codec import huffman, pack, packed_nbytes, unpack
+from . import log2
 from .dynamic import dynamic_linear
 from .nbits import exports_as_nbits, matmul_nbits, nbits_layout
 from .ops import dequantize_weight, fake_quant_activation, lookup_dequantized
@@ -80,8 +81,15 @@ def _check_format(w: dict[str, Any], shape: list[int]) -> None:
     bits, dtype = w["bits"], w["dtype"]
     problems = []
     fmt = w.get("format", "int")
-    if fmt not in ("int", "ternary", "binary"):
-        problems.append(f"format={fmt!r} (int, ternary or binary)")
+    if fmt not in ("int", "ternary", "binary", "log2"):
+        problems.append(f"format={fmt!r} (int, ternary, binary or log2)")
+    elif fmt == "log2":  # codes in [-n, n], n = 2^(bits-1) - 1, signed and packed below 8 bits; quant/log2.py
+        n = (1 << (bits - 1)) - 1 if isinstance(bits, int) and 2 <= bits <= 8 else None
+        if n is None or (dtype, w["qmin"], w["qmax"], bool(w["packed"])) != ("int8", -n, n, bits < 8) \
+                or w["granularity"] == "per_group":
+            problems.append(f"log2 weights with bits/dtype/qmin/qmax/packed/granularity={bits!r}/{dtype!r}/"
+                            f"{w['qmin']!r}/{w['qmax']!r}/{w['packed']!r}/{w['granularity']!r} (bits 2 to 8, 'int8', "
+                            "-n, n = 2^(bits-1) - 1, packed below 8 bits, per_tensor or per_channel)")
     elif fmt == "binary":
         # Binary weights are q in {-1, +1}, stored one bit each (1: +1, 0: -1); quant/binary.py.
         if (bits, dtype, w["qmin"], w["qmax"], bool(w["packed"])) != (1, "int8", -1, 1, True):
@@ -291,6 +299,8 @@ class QuantizedLayer(nn.Module):
     def set_weight(self, q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         """Store integer weights (weight shape, in [qmin, qmax]) with their scales and zero points."""
         w = self._format
+        if w.get("format") == "log2" and not log2.is_pow2(scale):
+            raise ValueError("log2 weights need power-of-two scales (2^e_max per channel)")
         if w.get("format") == "binary":
             if not bool(((q == 1) | (q == -1)).all()):
                 raise ValueError("binary weights must be -1 or +1")
@@ -347,6 +357,8 @@ class QuantizedLayer(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """(q - zero_point) * scale, per output channel or per group: the float weight the layer uses."""
         w = self._format
+        if w.get("format") == "log2":
+            return log2.layer_weight(self)
         return dequantize_weight(self.integer_weight(), self.weight_scale, self.weight_zero_point, w["qmin"], w["qmax"])
 
     def prepare_export(self) -> str | None:
@@ -355,6 +367,8 @@ class QuantizedLayer(nn.Module):
         w = self._format
         if self._stored_coded:
             self.integer_weight()
+        if w.get("format") == "log2":
+            return log2.prepare_export(self)
         if self.kind == "embedding":
             return None  # any width or granularity: integer rows gathered, then dequantized (forward)
         if exports_as_nbits(self.kind, w["bits"], w["granularity"], w["group_size"]) and self.input_dynamic is None:
@@ -378,6 +392,8 @@ class QuantizedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._spec.get("input_smooth"):
             x = x * self.input_smooth
+        if self.kind == "embedding" and self._format.get("format") == "log2":
+            return apply_layer(self._spec, x, self.dequantized_weight(), None)
         if self.kind == "embedding":  # weight-only: look the integer rows up, then dequantize them
             w = self._format  # symmetric signed weights have zero points of 0 by construction
             zero_point = None if w["symmetric"] and w["dtype"] == "int8" else self.weight_zero_point

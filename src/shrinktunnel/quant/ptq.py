@@ -14,9 +14,11 @@ from torch import nn
 from ..core import data as D
 from ..core.progress import track
 from ..core.registry import Context, register_method
+from .search_hooks import QUANTIZE_SEARCH
 from ..core.select import names_by_module, matches, select_modules, set_submodule, unmatched_patterns
 from ..errors import ConfigError, DataError
-from .config import ActivationQuant, Granularity, QuantConfig, Rounding, WeightQuant
+from . import log2
+from .config import ActivationQuant, Granularity, QuantConfig, Rounding, WeightFormat, WeightQuant, WeightScale
 from .fallback import choose_fallback
 from .recipe_choice import per_token_under_budget
 from .gptq import HessianObserver, gptq_quantize
@@ -242,14 +244,20 @@ def _weight_grid(wq: WeightQuant) -> tuple[int, int, int | None]:
 
 def _weight_qparams(weight: torch.Tensor, wq: WeightQuant) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """The weight's format record (the spec's `weight` entry), scales and zero points."""
+    if wq.format == WeightFormat.LOG2:  # powers of two below 2^e_max per channel (quant/log2.py)
+        return (log2.log2_meta(wq.bits, str(wq.granularity)), *log2.log2_qparams(weight, str(wq.granularity)))
     qmin, qmax, group_size = _weight_grid(wq)
     scale, zero_point = weight_qparams(weight, qmin, qmax, wq.symmetric, str(wq.granularity), group_size)
+    if wq.scale == WeightScale.POW2:
+        scale = log2.pow2_scales(weight, scale, zero_point, qmin, qmax, str(wq.granularity), group_size)
     dtype = "int8" if wq.symmetric else "uint8"
     meta = {"bits": wq.bits, "dtype": dtype, "qmin": qmin, "qmax": qmax, "granularity": str(wq.granularity),
             "symmetric": wq.symmetric, "group_size": group_size, "packed": wq.bits < 8,
             # One zero point per group is a byte in the weight's own type (int32 would add 0.5 to 1 bit per
             # weight at groups of 64 to 32); per channel it stays int32, as artifacts have always stored it.
             "zero_point_dtype": dtype if group_size else "int32"}
+    if wq.scale == WeightScale.POW2:
+        meta["scale"] = "pow2"  # every weight_scale a power of two (docs/artifact-format.md)
     if wq.coding != "plain":
         meta.update(coding=str(wq.coding), code_bytes=0)  # the stream's length is set with the weights
     return meta, scale, zero_point
@@ -332,7 +340,9 @@ def _convert(plan: LayerPlan, observers: dict, rounded: dict | None = None) -> Q
         spec["output"] = _act_spec(plan.name, "output", out_obs, plan.activations) if plan.activations.outputs else None
     layer = QuantizedLayer.from_spec(spec)
     dtype = torch.int8 if meta["dtype"] == "int8" else torch.uint8
-    if q is None:
+    if q is None and meta.get("format") == "log2":
+        q = log2.quantize(weight, scale, meta["bits"])
+    elif q is None:
         q = quantize_weight(weight, scale, zero_point, meta["qmin"], meta["qmax"], dtype)
     layer.set_weight(q.to(dtype), scale, zero_point)
     if plan.smooth is not None:
@@ -342,7 +352,7 @@ def _convert(plan: LayerPlan, observers: dict, rounded: dict | None = None) -> Q
     return layer
 
 
-@register_method("quantize", QuantConfig, replay=replay_quantize)
+@register_method("quantize", QuantConfig, replay=replay_quantize, search=QUANTIZE_SEARCH)
 def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     """Post-training quantization of a copy of `model`: 2- to 8-bit weights per tensor, channel or group,
     activations calibrated (or weight-only)."""

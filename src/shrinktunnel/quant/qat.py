@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from typing import Literal
+
 from pydantic import Field, model_validator
 from torch import nn
 
@@ -30,6 +32,8 @@ from ..core.select import matches, set_submodule
 from ..core.train import FitConfig, fit
 from ..errors import ConfigError, DataError, ModelError
 from . import binary as B
+from . import log2 as L
+from .gradients import grad_quant
 from .config import ActivationFormat, ActivationQuant, LayerOverride, QuantConfig, WeightFormat, WeightQuant
 from .fake_quant import fake_quant_act, fake_quant_weight, lsq_grad_scale
 from .modules import QuantizedLayer, apply_layer
@@ -38,7 +42,7 @@ from .ptq import quantize_model, replay_quantize
 from ..core.layers import canonicalize, visible_modules
 from .modules import SpecAttributes
 
-__all__ = ["QATConfig", "ScaleMode", "QATLoss", "FakeQuantLayer", "prepare", "convert", "constrain", "qat_model"]
+__all__ = ["QATConfig", "ScaleMode", "QATLoss", "GradientFormat", "inq_freeze", "FakeQuantLayer", "prepare", "convert", "constrain", "qat_model"]
 
 _EPS = torch.finfo(torch.float32).tiny
 _DTYPES = {"int8": torch.int8, "uint8": torch.uint8}
@@ -49,6 +53,12 @@ class ScaleMode(StrEnum):
     OBSERVED = "observed"  # weight scales re-read from the weights every step (as PTQ computes them),
     # activation ranges fixed by the calibration: the artifact is PTQ's for the trained weights
     LSQ = "lsq"  # step sizes learned by gradient descent (Esser et al. 2020), initialised from PTQ's
+
+
+class GradientFormat(StrEnum):
+    FLOAT = "float"  # float32 gradients, as in ordinary training
+    INT8 = "int8"  # per-tensor int8 with stochastic rounding (Banner et al. 2018; quant/gradients.py)
+    FP8_E5M2 = "fp8_e5m2"  # per-tensor-scaled FP8 e5m2 with stochastic rounding (Wang et al. 2018)
 
 
 class QATLoss(StrEnum):
@@ -78,6 +88,13 @@ class QATConfig(Config):
     loss: QATLoss = QATLoss.CROSS_ENTROPY  # cross_entropy: labelled (inputs, target) batches
     clip_latent: bool = True  # binary / ternary: keep latent weights in [-1, 1] after each step
     # (BinaryConnect): beyond it the clipped-identity gradient is zero and a weight could never return
+    gradients: GradientFormat = GradientFormat.FLOAT  # int8 / fp8_e5m2: each quantized layer's output
+    # gradient and weight gradient on an 8-bit grid, one scale per tensor (8-bit training; float: as usual)
+    gradient_rounding: Literal["stochastic", "nearest"] = "stochastic"  # stochastic: unbiased (E[q] = g),
+    # what keeps 8-bit gradients training; nearest: the deterministic baseline, which loses small gradients
+    inq: list[float] | None = None  # log2 weights: INQ's schedule (Zhou et al. 2017), the fraction of each
+    # layer's weights frozen on powers of two at the start of each equal share of the steps, largest
+    # first, the rest trained in float; e.g. [0.5, 0.75, 0.875, 1.0]. None: every weight log2 from step 1
 
     @model_validator(mode="after")
     def _check(self) -> "QATConfig":
@@ -88,6 +105,18 @@ class QATConfig(Config):
                                  "(QAT with activations: null, then a quantize stage with dynamic: true)")
         if self.optimizer.lower() not in ("adam", "adamw", "sgd"):
             raise ValueError(f"optimizer {self.optimizer!r} is not known; use adam, adamw or sgd")
+        formats = [self.weights, *(r.weights for r in self.overrides if r.weights is not None)]
+        if self.scales == ScaleMode.LSQ and any(w.format == WeightFormat.LOG2 or w.scale == "pow2" for w in formats):
+            raise ValueError("scales: lsq learns free step sizes, which are not powers of two; log2 weights and "
+                             "scale: pow2 need scales: observed")
+        if self.inq is not None:
+            f = self.inq
+            if not f or f[-1] != 1.0 or any(not a < b for a, b in zip([0.0, *f], f)):
+                raise ValueError(f"inq={f} must be increasing fractions in (0, 1] ending at 1.0, e.g. "
+                                 "[0.5, 0.75, 0.875, 1.0] (INQ's schedule)")
+            if not any(w.format == WeightFormat.LOG2 for w in formats):
+                raise ValueError("inq quantizes weights incrementally onto powers of two; set weights: "
+                                 "{format: log2} (or remove inq)")
         return self
 
 
@@ -156,6 +185,9 @@ class FakeQuantLayer(SpecAttributes, nn.Module):
         self.bias = nn.Parameter(bias.detach().float().clone()) if bias is not None else None
         meta = spec["weight"]
         self.format = meta.get("format", "int")
+        self.stochastic = False  # stochastic BinaryConnect while training (set by prepare)
+        self.gradients: str | None = None  # int8 / fp8_e5m2: 8-bit gradients in the backward (prepare)
+        self.gradient_stochastic = True
         self.learn_weight_scale = learn and self.format == "int"
         if self.learn_weight_scale:
             scale, zero_point = self._observed_qparams()
@@ -174,8 +206,15 @@ class FakeQuantLayer(SpecAttributes, nn.Module):
 
     def _observed_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         m = self._spec["weight"]
+        if self.format == "log2":  # 2^e_max per channel; fixed once INQ has started
+            if hasattr(self, "inq_scale"):
+                return self.inq_scale, torch.zeros(self.inq_scale.shape, dtype=torch.int32)
+            return L.log2_qparams(self.weight.detach(), m["granularity"])
         gs = m["group_size"] if m["granularity"] == "per_group" else None
-        return weight_qparams(self.weight.detach(), m["qmin"], m["qmax"], m["symmetric"], m["granularity"], gs)
+        scale, zero_point = weight_qparams(self.weight.detach(), m["qmin"], m["qmax"], m["symmetric"], m["granularity"], gs)
+        if m.get("scale") == "pow2":
+            scale = L.pow2_scales(self.weight.detach(), scale, zero_point, m["qmin"], m["qmax"], m["granularity"], gs)
+        return scale, zero_point
 
     def _qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.learn_weight_scale:
@@ -187,8 +226,10 @@ class FakeQuantLayer(SpecAttributes, nn.Module):
 
     def fake_weight(self) -> torch.Tensor:
         m = self._spec["weight"]
+        if self.format == "log2":
+            return L.inq_weight(self, L.fake_log2_weight(self.weight, self._observed_qparams()[0], m["bits"]))
         if self.format != "int":
-            return B.fake_binary_weight(self.weight, self.format, m["granularity"])
+            return B.fake_binary_weight(self.weight, self.format, m["granularity"], self.stochastic and self.training)
         scale, zero_point = self._qparams()
         g = 1.0
         if self.learn_weight_scale:
@@ -198,7 +239,8 @@ class FakeQuantLayer(SpecAttributes, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:
             x = self.input_quant(x)
-        y = apply_layer(self._spec, x, self.fake_weight(), self.bias)
+        w = grad_quant(self.fake_weight(), self.gradients, self.gradient_stochastic)  # 8-bit weight gradient
+        y = grad_quant(apply_layer(self._spec, x, w, self.bias), self.gradients, self.gradient_stochastic)
         if self._spec.get("activation") == "relu":
             y = F.relu(y)
         if self.output_quant is not None:
@@ -214,7 +256,10 @@ class FakeQuantLayer(SpecAttributes, nn.Module):
         m = spec["weight"]
         spec["input"] = self.input_quant.to_spec(name) if self.input_quant is not None else None
         spec["output"] = self.output_quant.to_spec(name) if self.output_quant is not None else None
-        if self.format != "int":
+        if self.format == "log2":
+            scale, zero_point = (t.detach().clone() for t in self._observed_qparams())
+            q = L.quantize(self.weight, scale, m["bits"])
+        elif self.format != "int":
             q, scale, zero_point = B.quantize_binary_weight(self.weight, self.format, m["granularity"])
         else:
             scale, zero_point = (t.detach().clone() for t in self._qparams())
@@ -254,7 +299,9 @@ def _ptq_config(cfg: QATConfig) -> QuantConfig:
     """The PTQ that plans and calibrates for QAT: binary / ternary weights and binary activations,
     which PTQ does not produce, stand in as int8 (their parameters are set by `prepare` instead)."""
     def w(wq: WeightQuant | None) -> WeightQuant | None:
-        return wq if wq is None or wq.format == WeightFormat.INT else WeightQuant(granularity=wq.granularity)
+        if wq is None or wq.format in (WeightFormat.INT, WeightFormat.LOG2):
+            return wq
+        return WeightQuant(granularity=wq.granularity)
 
     def a(aq: ActivationQuant | None) -> ActivationQuant | None:
         return aq if aq is None or aq.format == ActivationFormat.INT else ActivationQuant()
@@ -288,13 +335,16 @@ def prepare(model: nn.Module, config: QATConfig | dict | None = None, *, data: A
     for name, spec in replay["layers"].items():
         wq, aq = _resolve(name, cfg)
         spec = copy.deepcopy(spec)
-        if wq.format != WeightFormat.INT:
+        if wq.format not in (WeightFormat.INT, WeightFormat.LOG2):  # log2: PTQ's spec already
             spec["weight"] = B.weight_meta(str(wq.format), str(wq.granularity))
         binary_input = aq is not None and aq.format == ActivationFormat.BINARY
         if binary_input:
             spec["output"] = None  # the next layer binarizes its own input
         layer = FakeQuantLayer(prepared.get_submodule(name), spec, cfg.scales == ScaleMode.LSQ, binary_input,
                                bool(aq.symmetric) if aq is not None else False)
+        layer.stochastic = wq.format == WeightFormat.BINARY and wq.stochastic
+        layer.gradients = None if cfg.gradients == GradientFormat.FLOAT else str(cfg.gradients)
+        layer.gradient_stochastic = cfg.gradient_rounding == "stochastic"
         set_submodule(prepared, name, layer)
         if binary_input:
             binary_inputs.append(layer)
@@ -358,6 +408,7 @@ def constrain(model: nn.Module) -> None:
                 m.weight.clamp_(-1.0, 1.0)
             if m.learn_weight_scale:
                 m.weight_scale.clamp_(min=_EPS)
+            L.inq_restore(m)
         if isinstance(m, (ActFakeQuant, BinaryActFakeQuant)) and isinstance(m.scale, nn.Parameter):
             m.scale.clamp_(min=1e-8)
 
@@ -420,5 +471,35 @@ def qat_model(model: nn.Module, cfg: QATConfig, ctx: Context) -> tuple[nn.Module
     teacher = copy.deepcopy(model).eval()
     fit_cfg = FitConfig(steps=cfg.steps, epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer,
                         weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, description="QAT", progress=ctx.progress)
-    fit(prepared, ctx.data, fit_cfg, loss_fn=_loss(cfg, teacher), after_step=constrain)
+    after_step = constrain
+    if cfg.inq:
+        after_step = _inq_schedule(prepared, cfg, ctx.data)
+    fit(prepared, ctx.data, fit_cfg, loss_fn=_loss(cfg, teacher), after_step=after_step)
+    if cfg.inq:
+        inq_freeze(prepared, 1.0)  # the last share: every weight on its power of two
     return _convert(prepared)
+
+
+def inq_freeze(model: nn.Module, fraction: float) -> None:
+    """INQ in your own loop: freeze `fraction` of every log2 layer's weights (largest first) on their powers
+    of two, the rest train in float; call it with 1.0 before `convert_qat` (quant/log2.inq_freeze)."""
+    for m in model.modules():
+        if isinstance(m, FakeQuantLayer) and m.format == "log2":
+            L.inq_freeze(m, fraction)
+
+
+def _inq_schedule(model: nn.Module, cfg: QATConfig, data: Any):
+    """INQ's steps: the first fraction frozen now, each next one after an equal share of the steps."""
+    total = cfg.steps if cfg.steps is not None else max(1, round(len(data) * cfg.epochs))
+    shares = [f for f in cfg.inq if f < 1.0] or [1.0]
+    at = {max(1, round(total * i / len(shares))): shares[i] for i in range(1, len(shares))}
+    inq_freeze(model, shares[0])
+    done = [0]
+
+    def after_step(m: nn.Module) -> None:
+        constrain(m)
+        done[0] += 1
+        if done[0] in at:
+            inq_freeze(m, at[done[0]])
+
+    return after_step

@@ -227,6 +227,8 @@ def _plan(layer: QuantizedLayer) -> tuple[str, Any]:
     """('static' | 'dynamic' | ('int4', group) | 'simulated', reason)."""
     spec, w = layer._spec, weight_format(layer._spec)
     kind = spec["kind"]
+    if w.get("format") == "log2":  # codes are exponents, not integers to multiply (quant/log2.py)
+        return "simulated", "log2 weights: no PyTorch shift kernel; simulated with the float powers of two"
     if kind == "embedding":
         return "embedding", None
     if layer.input_dynamic is not None:  # Linear, symmetric int8 per tensor / channel by construction
