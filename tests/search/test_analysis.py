@@ -14,7 +14,7 @@ from torch import nn
 from conftest import CASES
 from shrinktunnel.errors import ConfigError, ModelError
 from shrinktunnel.search import Action, Analysis, analyze
-from shrinktunnel.search.actions import quantize_action
+from shrinktunnel.search import ACTIONS
 from shrinktunnel.search.pareto import pareto_front
 
 FAST = dict(progress=False, latency_runs=2)
@@ -176,7 +176,7 @@ def test_actions_resolution_and_bad_input():
     with pytest.raises(ConfigError, match="unknown action 'quant5'.*known actions: quant8"):
         analyze(model, data, actions=["quant5"], **FAST)
     with pytest.raises(ConfigError, match="given twice"):
-        analyze(model, data, actions=["quant8", quantize_action(8)], **FAST)
+        analyze(model, data, actions=["quant8", ACTIONS["quant8"]], **FAST)
     by_name = analyze(model, data, actions=["quant4", "quant3"], **FAST)  # quant3: by name, not a default
     r = by_name.results["fc1"]
     assert 0 < by_name.drop("fc1", "quant4") < by_name.drop("fc1", "quant3")

@@ -11,16 +11,16 @@ from torch import nn
 
 from shrinktunnel.errors import ConfigError
 from shrinktunnel.search import ACTIONS, RecoveryConfig, auto, build_plan, plan_stages
-from shrinktunnel.search.actions import chain, channels_action, prune_action, share_action
+from shrinktunnel.core.registry import SearchAction
+from shrinktunnel.search.actions import from_search_action
 
 from test_analysis import wide_data, wide_mlp
 
-REC = RecoveryConfig(steps=7, share_steps=3, analysis_steps=2)
+REC = RecoveryConfig(steps=7, share_steps=3, qat_steps=3, analysis_steps=2)
 
 
 def test_stages_follow_the_sound_order_with_recovery_in_between():
-    actions = {**ACTIONS, "prune90+share2": chain("prune90+share2", prune_action(90), share_action(2)),
-               "chan50": channels_action(50)}
+    actions = dict(ACTIONS)  # every method's declared actions, and the chains over them
     plan = {"fc2": "int8", "fc1": "prune90+share2", "conv": "chan50", "lin": "lowrank1/2"}
     stages = plan_stages(plan, actions, REC)
     assert [m for m, _ in stages] == ["decompose", "prune_channels", "prune", "cluster", "quantize"]
@@ -40,7 +40,8 @@ def test_stages_follow_the_sound_order_with_recovery_in_between():
 
 def test_recovery_wins_back_what_channel_pruning_lost():
     model, data = wide_mlp(), wide_data(n=4)
-    actions = {"chan75": channels_action(75, round_to=1)}
+    chan75 = SearchAction("chan75", {"ratio": 0.0, "rules": [{"pattern": "{layer}", "ratio": 0.75}], "round_to": 1})
+    actions = {"chan75": from_search_action("prune_channels", chan75, "channels")}
 
     def fidelity(m):
         with torch.no_grad():

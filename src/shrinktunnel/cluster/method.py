@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import data as D
-from ..core.registry import Context, register_method
+from ..core.registry import Context, SearchAction, SearchHooks, merge_overrides, register_method
 from ..core.select import matches, names_by_module, resolve, set_submodule, unmatched_patterns
 from ..core.train import FitConfig, classification_loss, fit
 from ..errors import DataError
@@ -63,7 +63,18 @@ def _float_bits_if_clustered(n: int, bits: int) -> int:
     return 32 * min(1 << bits, n) + n * bits
 
 
-@register_method("cluster", ClusterConfig, replay=replay_cluster)
+def _recover_sharing(config: dict[str, Any], recovery: Any) -> tuple[str, dict[str, Any]] | None:
+    """The search's recovery after sharing: the centroids tuned on the data (indices fixed), as Deep Compression does."""
+    steps = getattr(recovery, "share_steps", 0)
+    return ("cluster", {**config, "tune": {"steps": steps, "lr": recovery.share_lr}}) if steps else None
+
+
+# the search's actions (a codebook of 2^bits values per layer) and plan rules (one stage, per-layer bits)
+CLUSTER_SEARCH = SearchHooks("share", order=30, merge=merge_overrides("overrides", "bits"), recover=_recover_sharing,
+                             actions=tuple(SearchAction(f"share{b}", {"bits": b}, float(b)) for b in (8, 4, 2)))
+
+
+@register_method("cluster", ClusterConfig, replay=replay_cluster, search=CLUSTER_SEARCH)
 def cluster_model(model: nn.Module, cfg: ClusterConfig, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     """Weight sharing on a copy of `model`: each selected layer's weights become indices into a k-means
     codebook of at most 2^bits float32 centroids, stored packed or Huffman-coded; pruned layers keep

@@ -17,7 +17,8 @@ from torch import nn
 from ..errors import ConfigError
 from .config import Config
 
-__all__ = ["Method", "Context", "register_method", "get_method", "method_for_config", "METHODS"]
+__all__ = ["Method", "Context", "register_method", "get_method", "method_for_config", "METHODS", "SearchAction",
+           "SearchHooks", "merge_overrides", "merge_rules", "searchable_methods"]
 
 
 @dataclass
@@ -58,21 +59,71 @@ class Context:
 
 
 @dataclass(frozen=True)
+class SearchAction:
+    """One action a method offers the search (`shrink analyze` / `shrink auto`): its stage config for
+    ONE layer. The string "{layer}" anywhere in `config` stands for the layer's name; a config without
+    it gets `layers: [layer]`."""
+
+    name: str  # short and unique across methods: a column of the sensitivity table, a key of the cache
+    config: dict[str, Any]
+    level: float = 0.0  # strength within the family (bits kept, fraction removed): ordering only
+    speed: float = 1.0  # predicted time per MAC of the changed layer relative to float (latency objective)
+    default: bool = True  # in the default action set; False: used when asked for by name
+
+    def config_for_layer(self, layer: str) -> dict[str, Any]:
+        import copy
+
+        def fill(v: Any) -> Any:
+            if isinstance(v, str):
+                return v.replace("{layer}", layer)
+            if isinstance(v, dict):
+                return {k: fill(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [fill(x) for x in v]
+            return v
+
+        config = fill(copy.deepcopy(self.config))
+        if "{layer}" not in repr(self.config):
+            config["layers"] = [layer]
+        return config
+
+
+@dataclass(frozen=True)
+class SearchHooks:
+    """What the search needs to know of a method, declared when it registers: its actions, where its
+    stages go in a plan, how several layers' steps become one stage, and its recovery."""
+
+    family: str  # actions of one kind ("quantize", "share"...): a plan's stages are grouped by family
+    order: int  # position of the family's stages in a plan, lowest first: structure before precision
+    actions: tuple[SearchAction, ...] = ()
+    structural: bool = False  # changes what the weights can express: distillation recovers it (with recovery)
+    merge: Callable[[list[tuple[str, dict[str, Any]]]], dict[str, Any]] | None = None  # the (layer, config)
+    # steps of several layers -> ONE stage config (per-layer overrides); None: one stage per distinct config
+    recover: Callable[[dict[str, Any], Any], tuple[str, dict[str, Any]]] | None = None  # (stage config,
+    # RecoveryConfig) -> (method, config) run instead when the search recovers: e.g. centroid tuning, QAT
+    recovers_structure: bool = False  # the recovered stage trains the whole model on the distillation loss,
+    # so it is the recovery of the structure before it (no separate distillation stage)
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     config_cls: type[Config]
     apply: Callable[[nn.Module, Config, Context], tuple[nn.Module, dict[str, Any]]]
     replay: Callable[[nn.Module, dict[str, Any]], nn.Module]
     summary: str = ""
+    search: SearchHooks | None = None  # None: the search never proposes this method
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, config_cls: type[Config], *, replay: Callable, summary: str = ""):
+def register_method(name: str, config_cls: type[Config], *, replay: Callable, summary: str = "",
+                    search: SearchHooks | None = None):
     """Decorator: `@register_method("quantize", QuantConfig, replay=replay_quantize)`. The stored
     replay first redoes the stage's canonical record (core/layers.py: the layers canonicalized before
-    the method ran), then calls the method's own."""
+    the method ran), then calls the method's own. `search`: the method's actions and plan rules, which
+    make it searchable by `st.analyze` / `st.auto` without touching search/."""
 
     def replay_canonical(model: nn.Module, record: dict[str, Any]) -> nn.Module:
         from .layers import restore
@@ -92,7 +143,10 @@ def register_method(name: str, config_cls: type[Config], *, replay: Callable, su
             except TypeError:
                 raise ConfigError(f"register_method({name!r}): {what} must take {arity} positional arguments "
                                   f"({'model, config, ctx' if arity == 3 else 'model, replay'}), got {inspect.signature(f)}") from None
-        METHODS[name] = Method(name, config_cls, fn, replay_canonical, summary or (fn.__doc__ or "").split("\n")[0])
+        if search is not None and not isinstance(search, SearchHooks):
+            raise ConfigError(f"register_method({name!r}): search= must be a SearchHooks, got {type(search).__name__}")
+        METHODS[name] = Method(name, config_cls, fn, replay_canonical, summary or (fn.__doc__ or "").split("\n")[0],
+                               search)
         return fn
 
     return wrap
@@ -114,6 +168,32 @@ def method_for_config(config: Config) -> Method:
         if type(config) is method.config_cls:
             return method
     raise ConfigError(f"no method takes a {type(config).__name__}; pass one of the method configs")
+
+
+def searchable_methods() -> list[Method]:
+    """The registered methods that declare search hooks, builtin ones loaded first, in registration order."""
+    _load_builtin_methods()
+    return [m for m in METHODS.values() if m.search is not None]
+
+
+def merge_overrides(key: str, value_key: str, base: dict[str, Any] | None = None) -> Callable:
+    """A merge rule: one stage for several layers whose configs differ only in `value_key`, written
+    as per-layer `key` entries `{pattern: layer, value_key: value}` (prune's and cluster's overrides)."""
+
+    def merge(items: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+        config = {k: v for k, v in items[0][1].items() if k not in ("layers", key)}
+        config["layers"] = [layer for layer, _ in items]
+        config[key] = [{"pattern": layer, value_key: c[value_key]} for layer, c in items]
+        return {**config, **(base or {})}
+
+    return merge
+
+
+def merge_rules(items: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """A merge rule: one stage whose `rules` list holds every layer's rules (prune_channels)."""
+    config = {k: v for k, v in items[0][1].items() if k != "rules"}
+    config["rules"] = [rule for _, c in items for rule in c.get("rules", [])]
+    return config
 
 
 def _load_builtin_methods() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..core import data as D
-from ..core.registry import Context, register_method
+from ..core.registry import Context, SearchAction, SearchHooks, register_method
 from ..core.select import matches, names_by_module, set_submodule, unmatched_patterns
 from ..errors import ArtifactError, DataError
 from ..measure import count_macs, count_weights
@@ -247,7 +247,13 @@ def _choose_by_budget(model, plans, fixed, cfg, ctx, cache, batches, inputs, thr
     return out
 
 
-@register_method("decompose", DecomposeConfig, replay=replay_decompose)
+# the search's actions: factors holding 1/2 or 1/4 of the layer's weights, kept even where slower (the
+# analysis measures the action itself; the latency objective measures every candidate)
+DECOMPOSE_SEARCH = SearchHooks("decompose", order=0, structural=True, actions=tuple(
+    SearchAction(f"lowrank1/{d}", {"ratio": 1 / d, "keep_if_slower": False}, 1 / d) for d in (2, 4)))
+
+
+@register_method("decompose", DecomposeConfig, replay=replay_decompose, search=DECOMPOSE_SEARCH)
 def decompose_model(model: nn.Module, cfg: DecomposeConfig, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     """Low-rank decomposition of a copy of `model`: Linear -> two Linears, Conv -> thin convolutions."""
     model = copy.deepcopy(model).eval()

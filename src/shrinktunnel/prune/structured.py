@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import data as D
-from ..core.registry import Context, register_method
+from ..core.registry import Context, SearchAction, SearchHooks, merge_rules, register_method
 from ..core.select import unmatched_patterns
 from ..core.train import FitConfig, classification_loss, fit
 from ..errors import ConfigError, DataError, ModelError
@@ -46,7 +46,14 @@ def replay_prune_channels(model: nn.Module, replay: dict[str, Any]) -> nn.Module
     return surgery.apply(model, replay["layers"], replay.get("attrs", {}))
 
 
-@register_method("prune_channels", ChannelPruneConfig, replay=replay_prune_channels)
+# the search's actions: the channel group rooted at the layer loses that share, kept counts multiples of 8 (the
+# channel block of ONNX Runtime's NCHWc convs); one stage holds every layer's rules
+CHANNELS_SEARCH = SearchHooks("channels", order=10, structural=True, merge=merge_rules, actions=tuple(
+    SearchAction(f"chan{p}", {"ratio": 0.0, "rules": [{"pattern": "{layer}", "ratio": p / 100}], "round_to": 8}, p / 100)
+    for p in (25, 50, 75)))
+
+
+@register_method("prune_channels", ChannelPruneConfig, replay=replay_prune_channels, search=CHANNELS_SEARCH)
 def prune_channels(model: nn.Module, cfg: ChannelPruneConfig, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     """Structured pruning of a copy of `model`: channels, FFN neurons and attention heads removed, layers
     rewritten smaller; then optional fine-tuning."""

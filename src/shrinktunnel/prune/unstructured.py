@@ -20,7 +20,7 @@ from torch import nn
 
 from ..core import data as D
 from ..core.progress import track
-from ..core.registry import Context, register_method
+from ..core.registry import Context, SearchAction, SearchHooks, merge_overrides, register_method
 from ..core.select import matches, names_by_module, resolve, select_modules, set_submodule, unmatched_patterns
 from ..core.train import FitConfig, classification_loss, fit
 from ..errors import ConfigError, DataError
@@ -193,7 +193,19 @@ def replay_prune(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
     return tie(model, replay.get("tied", {}))
 
 
-@register_method("prune", PruneConfig, replay=replay_prune)
+def _recover_pruning(config: dict[str, Any], recovery: Any) -> tuple[str, dict[str, Any]] | None:
+    """The search's recovery: prune's own fine-tuning (masks held) on the distillation loss of the context."""
+    return ("prune", {**config, "steps": recovery.steps, "lr": recovery.lr}) if getattr(recovery, "steps", 0) else None
+
+
+# the search's actions (one-shot magnitude pruning of one layer) and plan rules (one stage, per-layer sparsity)
+PRUNE_SEARCH = SearchHooks("prune", order=20, structural=True, recover=_recover_pruning, recovers_structure=True,
+                           merge=merge_overrides("overrides", "sparsity", {"schedule": "oneshot"}),
+                           actions=tuple(SearchAction(f"prune{p}", {"sparsity": p / 100}, p / 100, default=p <= 75)
+                                         for p in (25, 50, 75, 90, 95)))  # 90, 95: by name, and in chains with sharing
+
+
+@register_method("prune", PruneConfig, replay=replay_prune, search=PRUNE_SEARCH)
 def prune_model(model: nn.Module, cfg: PruneConfig, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     """Prune a copy of `model` (unstructured), fine-tune it if asked, store the pruned layers sparse."""
     model = copy.deepcopy(model).eval()

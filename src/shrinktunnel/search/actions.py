@@ -2,25 +2,24 @@
 
 An action is plain data plus a function that writes the stage config for a layer name:
 `Action("quant4", "quantize", config_for_layer)`, where `config_for_layer("fc1")` returns the config
-`run_stage(model, "quantize", config, ctx)` takes. Analysis and search never call a method directly:
-they go through the registry, so a method registered tomorrow becomes searchable by adding its
-actions here (or passing them in), and an action whose method is not registered yet is skipped with a
-note naming the method.
-
-The config keys of the methods other engineers are building (prune, cluster, decompose) are written
-here against their issue's config names; if a method's config differs, the action fails to parse and
-is skipped with the ConfigError's message (never silently).
+`run_stage(model, "quantize", config, ctx)` takes. Analysis and search never call a method directly,
+and never name one: each method declares its actions when it registers (`register_method(...,
+search=SearchHooks(actions=(SearchAction("quant4", {...}), ...)))`, core/registry.py), and ACTIONS is
+read from the registry, so a method registered tomorrow is searchable without touching search/. The
+one thing defined here is the search's own composition: chains of two methods' actions on one layer
+(Deep Compression's prune, then share), built when both actions exist.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence as SequenceABC
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from ..core.registry import METHODS, _load_builtin_methods
+from ..core.registry import METHODS, SearchAction, searchable_methods
 from ..errors import ConfigError
 
-__all__ = ["Action", "ACTIONS", "DEFAULT_ACTIONS", "resolve_actions", "quantize_action", "gptq_action"]
+__all__ = ["Action", "ACTIONS", "DEFAULT_ACTIONS", "CHAINS", "resolve_actions", "chain", "from_search_action"]
 
 
 @dataclass(frozen=True)
@@ -57,102 +56,9 @@ class Action:
         return config
 
 
-def _coded(weights: dict[str, Any], huffman: bool) -> dict[str, Any]:
-    return {**weights, "coding": "huffman"} if huffman else weights
-
-
-def quantize_action(bits: int, huffman: bool = False) -> Action:
-    """Weight-only quantization of one layer to `bits` (symmetric, one scale per output channel):
-    the weights carry the size; activation formats are a separate, later choice of the search.
-    `huffman`: the integers Huffman-coded in the artifact (name suffix "h"): the same model, fewer
-    bytes (about 3.1 bits per weight at 4 bits, 5.2 at 6 on a transformer), decoded once at load."""
-
-    def config(layer: str) -> dict[str, Any]:
-        return {"weights": _coded({"bits": bits, "granularity": "per_channel", "symmetric": True}, huffman),
-                "activations": None, "layers": [layer]}
-
-    return Action(f"quant{bits}" + ("h" if huffman else ""), "quantize", config, "quantize", float(bits))
-
-
-def gptq_action(bits: int, huffman: bool = False) -> Action:
-    """Weight-only quantization of one Linear to `bits` per output channel, rounded by GPTQ (later input
-    columns absorb earlier rounding errors, from the layer's input Hessian on the data): the same bytes
-    as `quant{bits}` (no extra scales), less damage at 4 bits and below on transformers. Embeddings
-    and convolutions are rounded to nearest by quantize (it warns), so there it equals quant{bits}."""
-
-    def config(layer: str) -> dict[str, Any]:
-        return {"weights": _coded({"bits": bits, "granularity": "per_channel", "symmetric": True}, huffman),
-                "activations": None, "rounding": "gptq", "layers": [layer]}
-
-    return Action(f"gptq{bits}" + ("h" if huffman else ""), "quantize", config, "quantize", float(bits))
-
-
-def prune_action(percent: int) -> Action:
-    """Unstructured magnitude pruning of one layer, one shot (no fine-tuning)."""
-
-    def config(layer: str) -> dict[str, Any]:
-        return {"sparsity": percent / 100, "layers": [layer]}
-
-    return Action(f"prune{percent}", "prune", config, "prune", percent / 100)
-
-
-def decompose_action(denominator: int) -> Action:
-    """Low-rank factors holding 1/denominator of the layer's weights (DecomposeConfig.ratio: the
-    largest rank that fits). Kept even where the factors run slower: the analysis measures the
-    action itself; the search weighs latency separately."""
-
-    def config(layer: str) -> dict[str, Any]:
-        return {"ratio": 1 / denominator, "layers": [layer], "keep_if_slower": False}
-
-    return Action(f"lowrank1/{denominator}", "decompose", config, "decompose", 1 / denominator)
-
-
-def share_action(bits: int) -> Action:
-    """Weight sharing: a codebook of 2^bits centroids for the layer."""
-
-    def config(layer: str) -> dict[str, Any]:
-        return {"bits": bits, "layers": [layer]}
-
-    return Action(f"share{bits}", "cluster", config, "share", float(bits))
-
-
-def channels_action(percent: int, round_to: int = 8) -> Action:
-    """Structured pruning of the channel group whose root is the layer (its output channels, and the
-    inputs of every layer reading them): the layers are rewritten smaller, so dense kernels do less
-    work. A group whose channels reach the model's output is left whole (the method warns: skipped).
-    round_to 8: kept counts stay multiples of 8, the channel block ONNX Runtime's NCHWc convs use."""
-
-    def config(layer: str) -> dict[str, Any]:
-        return {"ratio": 0.0, "rules": [{"pattern": layer, "ratio": percent / 100}], "round_to": round_to}
-
-    return Action(f"chan{percent}", "prune_channels", config, "channels", percent / 100)
-
-
-def static_int8_action() -> Action:
-    """W8A8: int8 weights and calibrated uint8 activations, the form ONNX Runtime runs on integer
-    kernels (QLinearConv / QGemm). Predicted speed 1.0 (no gain): measured on the MNIST CNN at batch 64,
-    2 threads, int8 on every layer ran only 1.2-1.6x faster than fp32 in ONNX Runtime, int8 on some layers
-    of a channel-pruned net made it slower (the QDQ pairs between float layers), docs/search.md; the
-    latency objective measures every candidate, so a real gain is still found."""
-
-    def config(layer: str) -> dict[str, Any]:
-        return {"weights": {"bits": 8}, "activations": {}, "layers": [layer]}
-
-    return Action("int8", "quantize", config, "quantize", 8.0, speed=1.0)
-
-
-def dynamic_int8_action() -> Action:
-    """W8A8 with dynamic activations: int8 weights per output channel, each input quantized per tensor
-    at run time, SmoothQuant factors chosen per layer (`smooth: auto`; layers reading one tensor share
-    them). ONNX Runtime runs it as DynamicQuantizeMatMul, the transformer path: on all-MiniLM-L6-v2 its
-    36 Linears took 12 ms of int8 kernels against 61 ms of fp32 MatMul (docs/benchmarks.md), so the
-    predicted speed is 0.3; no calibration ranges to go wrong on inputs the data did not show."""
-
-    def config(layer: str) -> dict[str, Any]:
-        return {"weights": {"bits": 8, "granularity": "per_channel", "symmetric": True},
-                "activations": {"dynamic": True, "per_token": False}, "smooth": "auto", "layers": [layer]}
-
-    return Action("dyn8", "quantize", config, "quantize", 8.0, speed=0.3)
+def from_search_action(method: str, spec: SearchAction, family: str) -> Action:
+    """The search's Action for one action a method declared."""
+    return Action(spec.name, method, spec.config_for_layer, family, spec.level, spec.speed)
 
 
 def chain(name: str, *steps: Action) -> Action:
@@ -164,37 +70,86 @@ def chain(name: str, *steps: Action) -> Action:
     return Action(name, "+".join(s.method for s in steps), config, steps[0].family, steps[0].level, steps=tuple(steps))
 
 
-# The issue's candidate set, in table order. Quantization exists now; the others are enabled as soon
-# as their method is registered (see `resolve_actions`).
-DEFAULT_ACTIONS: tuple[Action, ...] = (
-    *(quantize_action(b) for b in (8, 6, 4, 2)),
-    *(prune_action(p) for p in (25, 50, 75)),
-    *(decompose_action(d) for d in (2, 4)),
-    *(share_action(b) for b in (8, 4, 2)),
-    *(channels_action(p) for p in (25, 50, 75)),
-    static_int8_action(),
-    chain("prune50+share4", prune_action(50), share_action(4)),
-    chain("prune75+share4", prune_action(75), share_action(4)),
-    chain("prune75+share2", prune_action(75), share_action(2)),
-    chain("prune90+share2", prune_action(90), share_action(2)),
-    chain("prune95+share2", prune_action(95), share_action(2)),  # Deep Compression kept 8 % of LeNet-5's fc1
+# The search's compositions: (name, actions applied in order), in the default set when every step exists.
+CHAINS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("prune50+share4", ("prune50", "share4")),
+    ("prune75+share4", ("prune75", "share4")),
+    ("prune75+share2", ("prune75", "share2")),
+    ("prune90+share2", ("prune90", "share2")),
+    ("prune95+share2", ("prune95", "share2")),  # Deep Compression kept 8 % of LeNet-5's fc1
 )
-# By name: the defaults, and actions asked for by name only (not in the default set, which stays the
-# issue's): quant3, between 4 and 2 bits, where a size objective needs sub-4-bit layers (MiniLM at 8x);
-# gptq4/3/2, the same bytes rounded by GPTQ (they need the data for the layers' input Hessians);
-# dyn8, int8 with dynamic activations, the fast form of a transformer's Linears in ONNX Runtime;
-# quant8h..quant3h and gptq6h..gptq3h, the same Huffman-coded (a size objective's finest steps).
-ACTIONS: dict[str, Action] = {a.name: a for a in (
-    *DEFAULT_ACTIONS, quantize_action(3), *(gptq_action(b) for b in (4, 3, 2)), dynamic_int8_action(),
-    *(quantize_action(b, huffman=True) for b in (8, 6, 5, 4, 3)), *(gptq_action(b, huffman=True) for b in (6, 5, 4, 3)))}
+
+
+def _build() -> tuple[dict[str, Action], list[Action]]:
+    """Every action the registered methods declare (and the chains over them): by name, and the default set."""
+    by_name: dict[str, Action] = {}
+    default: list[Action] = []
+    for method in searchable_methods():
+        hooks = method.search
+        for spec in hooks.actions:
+            if spec.name in by_name:
+                raise ConfigError(f"action {spec.name!r} is declared by methods {by_name[spec.name].method!r} and "
+                                  f"{method.name!r}; action names must be unique")
+            by_name[spec.name] = from_search_action(method.name, spec, hooks.family)
+            if spec.default:
+                default.append(by_name[spec.name])
+    for name, parts in CHAINS:
+        if all(p in by_name for p in parts):
+            by_name[name] = chain(name, *(by_name[p] for p in parts))
+            default.append(by_name[name])
+    return by_name, default
+
+
+class _Registered(Mapping):
+    """ACTIONS: read from the registry when first used (and again after a method registers)."""
+
+    def __init__(self) -> None:
+        self._seen: tuple = ()
+        self._by_name: dict[str, Action] = {}
+        self._default: list[Action] = []
+
+    def _fresh(self) -> None:
+        seen = tuple((m.name, id(m.search)) for m in searchable_methods())
+        if self._seen != seen:
+            self._by_name, self._default = _build()
+            self._seen = seen
+
+    def __getitem__(self, name: str) -> Action:
+        self._fresh()
+        return self._by_name[name]
+
+    def __iter__(self) -> Iterator[str]:
+        self._fresh()
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        self._fresh()
+        return len(self._by_name)
+
+    def default(self) -> list[Action]:
+        self._fresh()
+        return list(self._default)
+
+
+class _Default(SequenceABC):
+    """DEFAULT_ACTIONS: the actions every registered method declares as default, then the chains."""
+
+    def __getitem__(self, i):
+        return ACTIONS.default()[i]
+
+    def __len__(self) -> int:
+        return len(ACTIONS.default())
+
+
+ACTIONS: _Registered = _Registered()
+DEFAULT_ACTIONS: Sequence[Action] = _Default()
 
 
 def resolve_actions(actions: Iterable[Action | str] | None) -> tuple[list[Action], list[str]]:
     """The actions to run and notes on those skipped. `None`: every default action whose method is
     registered; names are looked up in ACTIONS; an Action is taken as given. A name that is unknown,
     or a duplicate name, is a ConfigError."""
-    _load_builtin_methods()
-    requested: Sequence[Action | str] = list(DEFAULT_ACTIONS if actions is None else actions)
+    requested: Sequence[Action | str] = list(ACTIONS.default() if actions is None else actions)
     chosen: list[Action] = []
     notes: list[str] = []
     for item in requested:

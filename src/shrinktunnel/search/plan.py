@@ -1,14 +1,16 @@
 """A plan (layer -> action) turned into stages, in a sound order, with recovery in between.
 
-Order (the issue's): structure first (decompose, channel pruning, unstructured pruning), then
-recovery by distillation from the original, then sharing (k-means codebooks, their centroids tuned),
-then quantization; encoding is each method's own storage (Huffman streams, packed integers).
+Every rule here is read from the methods' declared search hooks (core/registry.SearchHooks), never
+from their names: the stages go in the order of their family's `order` (the built-in methods declare
+decompose 0, channels 10, prune 20, share 30, quantize 40: structure first, precision last); steps of
+one method on several layers become ONE stage where the method declares a `merge` rule (per-layer
+overrides or rules), so one fine-tuning pass recovers every pruned layer with its mask held; the
+others get one stage per distinct config.
 
-Steps of one method on several layers become ONE stage where the method takes per-layer settings
-(`prune` overrides, `cluster` overrides, `prune_channels` rules), so a single fine-tuning pass
-recovers every pruned layer with its mask held; the other methods get one stage per distinct config.
-Recovery: when unstructured pruning is in the plan, its own fine-tuning (masks held) trains the whole
-model on a distillation loss from the original; otherwise a `distill` stage follows the structure.
+Recovery (with a RecoveryConfig): each stage whose method declares `recover` runs as it says (prune's
+own fine-tuning with masks held on the distillation loss, which `recovers_structure`; the codebooks'
+centroid tuning after sharing; QAT after low-bit quantization); after structural families a
+`distill` stage from the original follows unless a stage already recovered them.
 """
 
 from __future__ import annotations
@@ -23,16 +25,27 @@ from torch import nn
 
 from ..core import data as D
 from ..core.config import Config
-from ..core.registry import Context
+from ..core.registry import Context, SearchHooks, searchable_methods
 from ..distill.losses import hinton_loss
 from .actions import Action
 
-__all__ = ["RecoveryConfig", "FAMILY_ORDER", "STRUCTURE", "plan_stages", "build_plan", "kd_loss"]
+__all__ = ["RecoveryConfig", "family_order", "plan_stages", "build_plan", "kd_loss"]
 
 Plan = dict[str, str]
 
-FAMILY_ORDER = ("decompose", "channels", "prune", "share", "quantize")  # structure first, precision last
-STRUCTURE = ("decompose", "channels", "prune")  # families that change what the weights can express
+
+def family_order() -> list[str]:
+    """The families of the searchable methods, in their declared order (structure first)."""
+    orders: dict[str, int] = {}
+    for m in searchable_methods():
+        orders[m.search.family] = min(orders.get(m.search.family, m.search.order), m.search.order)
+    return sorted(orders, key=lambda f: (orders[f], f))
+
+
+def _hooks(method: str) -> SearchHooks:
+    from ..core.registry import get_method
+
+    return get_method(method).search or SearchHooks(family="", order=10**6)
 
 
 class RecoveryConfig(Config):
@@ -46,6 +59,10 @@ class RecoveryConfig(Config):
     # the batches carry labels
     share_steps: int = Field(default=100, ge=0)  # centroid tuning after sharing (indices fixed), cluster's own
     share_lr: float = Field(default=1e-4, gt=0)  # each centroid step moves every weight of its cluster
+    qat_steps: int = Field(default=100, ge=0)  # QAT after a weight-only quantization stage of qat_bits or fewer
+    # (0: rounding only); 100 steps of fake-quantized training win back most of a 4-bit layer's loss
+    qat_bits: int = Field(default=4, ge=1, le=8)  # the widest quantization trained through (8 bits rarely needs it)
+    qat_lr: float = Field(default=1e-4, gt=0)  # Adam on a trained model: 10x below a from-scratch rate
     analysis_steps: int = Field(default=50, ge=0)  # the analysis scores structural actions after this many
     # recovery steps (0: one shot): a one-shot drop of channel pruning says little about the drop after recovery
 
@@ -68,69 +85,54 @@ def kd_loss(teacher: nn.Module, temperature: float, alpha: float) -> Callable[[n
     return loss
 
 
-def _merge_overrides(key: str, value_key: str, base: dict[str, Any]) -> Callable:
-    def merge(items: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-        config = {k: v for k, v in items[0][1].items() if k not in ("layers", key)}
-        config["layers"] = [layer for layer, _ in items]
-        config[key] = [{"pattern": layer, value_key: c[value_key]} for layer, c in items]
-        return {**config, **base}
-
-    return merge
-
-
-def _merge_rules(items: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
-    config = {k: v for k, v in items[0][1].items() if k != "rules"}
-    config["rules"] = [rule for _, c in items for rule in c.get("rules", [])]
-    return config
-
-
-# method -> how the steps of several layers become one stage
-_MERGE: dict[str, Callable[[list[tuple[str, dict[str, Any]]]], dict[str, Any]]] = {
-    "prune": _merge_overrides("overrides", "sparsity", {"schedule": "oneshot"}),
-    "cluster": _merge_overrides("overrides", "bits", {}),
-    "prune_channels": _merge_rules,
-}
-
-
 def plan_stages(plan: Plan, actions: dict[str, Action], recovery: RecoveryConfig | None) -> list[tuple[str, dict[str, Any]]]:
-    """(method, config) stages that apply `plan`, in FAMILY_ORDER, with recovery where it belongs."""
+    """(method, config) stages that apply `plan`, in the declared family order, with recovery where it belongs."""
     by_family: dict[str, list[tuple[str, Action]]] = {}
     for layer in sorted(plan):
         action = actions[plan[layer]]
         for step in action.steps or (action,):
             by_family.setdefault(step.family, []).append((layer, step))
+    order = family_order()
     stages: list[tuple[str, dict[str, Any]]] = []
-    structural = False
-    for family in [*FAMILY_ORDER, *sorted(set(by_family) - set(FAMILY_ORDER))]:
-        items = by_family.get(family, [])
-        if not items:
+    structural = False  # a structural stage ran and nothing has recovered it yet
+    recovering = recovery is not None
+    for family in [*order, *sorted(set(by_family) - set(order))]:
+        groups = _groups(by_family.get(family, []))
+        if not groups:
             continue
-        groups: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
-        for layer, step in items:
-            config = step.config(layer)
-            key = (step.method, "merge" if step.method in _MERGE else repr(sorted((k, v) for k, v in config.items() if k != "layers")))
-            groups.setdefault(key, []).append((layer, config))
-        if family not in STRUCTURE and structural and recovery is not None and recovery.steps:
+        if structural and recovering and recovery.steps and not any(_hooks(m).structural for m, _ in groups):
             stages.append(("distill", _distill_config(recovery)))  # recovery before sharing and quantization
             structural = False
         for (method, _), group in groups.items():
-            if method in _MERGE:
-                config = _MERGE[method](group)
+            hooks = _hooks(method)
+            if hooks.merge is not None:
+                config = hooks.merge(group)
             else:
                 config = copy.deepcopy(group[0][1])
                 if "layers" in config:
                     config["layers"] = [layer for layer, _ in group]
-            if method == "prune" and recovery is not None and recovery.steps:
-                config.update(steps=recovery.steps, lr=recovery.lr)  # masks held; KD loss from the context
-                structural = False
-            elif family in STRUCTURE:
+            recovered = hooks.recover(config, recovery) if recovering and hooks.recover is not None else None
+            if recovered is not None:
+                method, config = recovered
+            if recovered is not None and hooks.recovers_structure:
+                structural = False  # this stage trained the whole model on the distillation loss
+            elif hooks.structural:
                 structural = True
-            if method == "cluster" and recovery is not None and recovery.share_steps:
-                config["tune"] = {"steps": recovery.share_steps, "lr": recovery.share_lr}
             stages.append((method, config))
-    if structural and recovery is not None and recovery.steps:
+    if structural and recovering and recovery.steps:
         stages.append(("distill", _distill_config(recovery)))
     return stages
+
+
+def _groups(items: list[tuple[str, Action]]) -> dict[tuple[str, str], list[tuple[str, dict[str, Any]]]]:
+    """The steps of one family by stage: one group per method with a merge rule, else per distinct config."""
+    groups: dict[tuple[str, str], list[tuple[str, dict[str, Any]]]] = {}
+    for layer, step in items:
+        config = step.config(layer)
+        merged = _hooks(step.method).merge is not None
+        key = (step.method, "merge" if merged else repr(sorted((k, v) for k, v in config.items() if k != "layers")))
+        groups.setdefault(key, []).append((layer, config))
+    return groups
 
 
 def _distill_config(recovery: RecoveryConfig) -> dict[str, Any]:
@@ -188,4 +190,5 @@ def analysis_recovery(recovery: RecoveryConfig | dict | None) -> RecoveryConfig 
     if recovery is None or recovery.analysis_steps == 0:
         return None
     return recovery.model_copy(update={"steps": recovery.analysis_steps,
-                                       "share_steps": min(recovery.share_steps, recovery.analysis_steps)})
+                                       "share_steps": min(recovery.share_steps, recovery.analysis_steps),
+                                       "qat_steps": min(recovery.qat_steps, recovery.analysis_steps)})
