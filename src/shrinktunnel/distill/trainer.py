@@ -6,8 +6,8 @@ stopping and a resumable checkpoint.
 
 from __future__ import annotations
 
-import copy
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -100,6 +100,112 @@ def _fingerprint(student: nn.Module, cfg: DistillConfig, total: int) -> dict[str
     return {"config": config, "total_steps": total, "student": shapes}
 
 
+class _Sides:
+    """Both models' hooks (hints, relation projections) and the teacher's targets per batch, cached
+    for a list of batches when `cache_teacher` is on."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig) -> None:
+        self.teacher, self.cfg = teacher, cfg
+        self.hints, self.relations = list(cfg.hints), list(cfg.relations)
+        # Relations: the query / key / value projections of each named attention module, hooked like hints.
+        self.s_proj = [projection_names(student, r.student, "the student") for r in self.relations]
+        self.t_proj = [projection_names(teacher, r.teacher, "the teacher") for r in self.relations]
+        self.caps: list[_Capture] = []
+        try:  # no hook of a failed call stays behind on either model
+            self.s_cap = self._capture(student, [h.student for h in self.hints], "the student")
+            self.t_cap = self._capture(teacher, [h.teacher for h in self.hints], "the teacher")
+            self.s_rel = self._capture(student, sorted({n for names in self.s_proj for n in names}), "the student")
+            self.t_rel = self._capture(teacher, sorted({n for names in self.t_proj for n in names}), "the teacher")
+        except ConfigError:
+            self.close()
+            raise
+        # {id(batch): (batch, teacher outputs)}: the batch itself is kept, so its id cannot be reused by
+        # another batch while the entry lives, and a hit is checked by identity (a DataLoader yields new
+        # batches whose ids may be those of freed ones: keyed by id alone they got another batch's targets).
+        self.cache: dict[int, tuple[Any, tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]]] = {}
+        self.cacheable = False
+
+    def _capture(self, model: nn.Module, names: list[str], who: str) -> _Capture:
+        cap = _Capture(model, names, who)
+        self.caps.append(cap)
+        return cap
+
+    def close(self) -> None:
+        for cap in self.caps:
+            cap.close()
+
+    def relation_targets(self, cap: _Capture, proj: list[tuple[str, str, str]], mask) -> list[torch.Tensor]:
+        return [relation_logits(tuple(cap.outputs[n] for n in names), kind, r.heads, mask)
+                for r, names in zip(self.relations, proj) for kind in r.kinds]
+
+    def teacher_targets(self, batch: Any, inputs: D.Inputs) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
+        cfg, key = self.cfg, id(batch)
+        if cfg.cache_teacher and key in self.cache and self.cache[key][0] is batch:
+            return self.cache[key][1]
+        mask = inputs[1].get("attention_mask")
+        with torch.no_grad():
+            out = _output(self.teacher, inputs)
+            rels = self.relation_targets(self.t_rel, self.t_proj, mask)
+        t_out = None if cfg.loss == OutputLoss.NONE else pool(out, mask, cfg.pooling, cfg.loss).detach()
+        feats = [self.t_cap.outputs[h.teacher].detach() for h in self.hints]
+        if cfg.cache_teacher and self.cacheable:
+            self.cache[key] = (batch, (t_out, feats, rels))
+        return t_out, feats, rels
+
+    def adapters(self, student: nn.Module, data: Any) -> nn.ModuleList:
+        """Probe one batch: output shapes are checked and hint adapters built before any training."""
+        cfg = self.cfg
+        first = next(D.batches(data))
+        inputs, _ = D.split(first)
+        t_out, t_feats, _ = self.teacher_targets(first, inputs)
+        was_training = student.training
+        student.eval()
+        with torch.no_grad():
+            s_out = _output(student, inputs)
+        student.train(was_training)
+        if t_out is not None:
+            check_output_shapes(pool(s_out, inputs[1].get("attention_mask"), cfg.pooling, cfg.loss), t_out, cfg.loss)
+        adapters = nn.ModuleList(make_adapter(self.s_cap.outputs[h.student].shape, f.shape, f"{h.student} -> {h.teacher}")
+                                 for h, f in zip(self.hints, t_feats))
+        ref = next(student.parameters(), None)
+        if ref is not None:
+            adapters.to(device=ref.device, dtype=ref.dtype)
+        self.cache.clear()  # the probe ran the student in eval mode; nothing of it is kept
+        return adapters
+
+    def loss_fn(self, adapters: nn.ModuleList, warn: Callable[[str], None]) -> Callable[[nn.Module, Any], torch.Tensor]:
+        cfg, warned_no_target = self.cfg, [False]
+
+        def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+            inputs, target = D.split(batch)
+            t_out, t_feats, t_rels = self.teacher_targets(batch, inputs)
+            if not cfg.dropout:
+                model.eval()  # fit sets train mode once per run and evaluation restores it: set it per step
+            out = _output(model, inputs)
+            loss = out.new_zeros(())
+            mask = inputs[1].get("attention_mask")
+            if t_out is not None:
+                s = pool(out, mask, cfg.pooling, cfg.loss)
+                if cfg.loss != OutputLoss.KL:
+                    loss = loss + embedding_loss(s, t_out, cfg.loss)
+                else:
+                    if target is None and cfg.alpha < 1 and not warned_no_target[0]:
+                        warned_no_target[0] = True
+                        warn(f"distill: the data has no targets, so the hard-label term (weight 1 - alpha = "
+                             f"{1 - cfg.alpha:g}) is dropped; only the teacher's soft targets train the student")
+                    loss = loss + hinton_loss(s, t_out, target, cfg.temperature, cfg.alpha)
+            for h, adapter, t_feat in zip(self.hints, adapters, t_feats):
+                loss = loss + h.weight * feature_loss(adapter(self.s_cap.outputs[h.student]), t_feat, mask, h.loss)
+            if self.relations:
+                s_rels = self.relation_targets(self.s_rel, self.s_proj, mask)
+                weights = [r.weight for r in self.relations for _ in r.kinds]
+                for w, s_r, t_r in zip(weights, s_rels, t_rels):
+                    loss = loss + w * relation_loss(s_r, t_r, mask)
+            return loss
+
+        return loss_fn
+
+
 def distill_train(
     student: nn.Module,
     teacher: nn.Module,
@@ -112,201 +218,140 @@ def distill_train(
 ) -> DistillLog:
     """Distill `teacher` into `student` IN PLACE; the teacher is only run (eval mode, no grad)."""
     data = D.reiterable(data)
-    warn = warn or (lambda m: None)
-    hints = list(cfg.hints)
-    # Relations: the query / key / value projections of each named attention module, hooked like hints.
-    relations = list(cfg.relations)
-    s_proj = [projection_names(student, r.student, "the student") for r in relations]
-    t_proj = [projection_names(teacher, r.teacher, "the teacher") for r in relations]
-    s_cap = _Capture(student, [h.student for h in hints], "the student")
-    try:
-        t_cap = _Capture(teacher, [h.teacher for h in hints], "the teacher")
-    except ConfigError:
-        s_cap.close()  # no hook of a failed call stays behind on either model
-        raise
-    s_rel = _Capture(student, sorted({n for names in s_proj for n in names}), "the student")
-    t_rel = _Capture(teacher, sorted({n for names in t_proj for n in names}), "the teacher")
+    sides = _Sides(student, teacher, cfg)
+    sides.cacheable = isinstance(data, (list, tuple))  # only a list yields the same batch objects again
     teacher_was_training = teacher.training
     teacher.eval()  # for the run only: its mode is restored at the end
-    # {id(batch): (batch, teacher outputs)}: the batch itself is kept, so its id cannot be reused by another
-    # batch while the entry lives, and a hit is checked by identity (a DataLoader yields new batches whose
-    # ids may be those of freed ones: keyed by id alone they silently got another batch's targets).
-    cache: dict[int, tuple[Any, tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]]] = {}
-    cacheable = isinstance(data, (list, tuple))  # only a list yields the same batch objects again
-    warned_no_target = [False]
-
-    def relation_targets(cap: _Capture, proj: list[tuple[str, str, str]], mask) -> list[torch.Tensor]:
-        return [relation_logits(tuple(cap.outputs[n] for n in names), kind, r.heads, mask)
-                for r, names in zip(relations, proj) for kind in r.kinds]
-
-    def teacher_side(batch: Any, inputs: D.Inputs) -> tuple[torch.Tensor | None, list[torch.Tensor], list[torch.Tensor]]:
-        key = id(batch)
-        if cfg.cache_teacher and key in cache and cache[key][0] is batch:
-            return cache[key][1]
-        mask = inputs[1].get("attention_mask")
-        with torch.no_grad():
-            out = _output(teacher, inputs)
-            rels = relation_targets(t_rel, t_proj, mask)
-        t_out = None if cfg.loss == OutputLoss.NONE else pool(out, mask, cfg.pooling, cfg.loss).detach()
-        feats = [t_cap.outputs[h.teacher].detach() for h in hints]
-        if cfg.cache_teacher and cacheable:
-            cache[key] = (batch, (t_out, feats, rels))
-        return t_out, feats, rels
-
     try:
-        # Probe one batch: shapes are checked and hint adapters built before any training.
-        first = next(D.batches(data))
-        inputs, _ = D.split(first)
-        t_out, t_feats, _ = teacher_side(first, inputs)
-        was_training = student.training
-        student.eval()
-        with torch.no_grad():
-            s_out = _output(student, inputs)
-        student.train(was_training)
-        if t_out is not None:
-            check_output_shapes(pool(s_out, inputs[1].get("attention_mask"), cfg.pooling, cfg.loss), t_out, cfg.loss)
-        ref = next(student.parameters(), None)
-        adapters = nn.ModuleList(
-            make_adapter(s_cap.outputs[h.student].shape, f.shape, f"{h.student} -> {h.teacher}") for h, f in zip(hints, t_feats)
-        )
-        if ref is not None:
-            adapters.to(device=ref.device, dtype=ref.dtype)
-        cache.clear()  # the probe ran the student in eval mode; nothing of it is kept
-
-        def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
-            inputs, target = D.split(batch)
-            t_out, t_feats, t_rels = teacher_side(batch, inputs)
-            if not cfg.dropout:
-                model.eval()  # fit sets train mode once per run and evaluation restores it: set it per step
-            out = _output(model, inputs)
-            loss = out.new_zeros(())
-            if t_out is not None:
-                s = pool(out, inputs[1].get("attention_mask"), cfg.pooling, cfg.loss)
-                if cfg.loss == OutputLoss.KL:
-                    if target is None and cfg.alpha < 1 and not warned_no_target[0]:
-                        warned_no_target[0] = True
-                        warn(f"distill: the data has no targets, so the hard-label term (weight 1 - alpha = "
-                             f"{1 - cfg.alpha:g}) is dropped; only the teacher's soft targets train the student")
-                    loss = loss + hinton_loss(s, t_out, target, cfg.temperature, cfg.alpha)
-                else:
-                    loss = loss + embedding_loss(s, t_out, cfg.loss)
-            mask = inputs[1].get("attention_mask")
-            for h, adapter, t_feat in zip(hints, adapters, t_feats):
-                s_feat = adapter(s_cap.outputs[h.student])
-                loss = loss + h.weight * feature_loss(s_feat, t_feat, mask, h.loss)
-            if relations:
-                s_rels = relation_targets(s_rel, s_proj, mask)
-                weights = [r.weight for r in relations for _ in r.kinds]
-                for w, s_r, t_r in zip(weights, s_rels, t_rels):
-                    loss = loss + w * relation_loss(s_r, t_r, mask)
-            return loss
-
-        return _run(student, adapters, data, cfg, loss_fn, eval_fn, progress)
+        adapters = sides.adapters(student, data)
+        loss_fn = sides.loss_fn(adapters, warn or (lambda m: None))
+        return _Run(student, adapters, data, cfg, eval_fn, progress).train(loss_fn)
     finally:
-        for cap in (s_cap, t_cap, s_rel, t_rel):
-            cap.close()
+        sides.close()
         teacher.train(teacher_was_training)
 
 
-def _run(student, adapters, data, cfg: DistillConfig, loss_fn, eval_fn, progress) -> DistillLog:
-    scheduled = cfg.schedule != Schedule.CONSTANT or cfg.warmup > 0
-    total = _num_steps(data, FitConfig(steps=cfg.steps, epochs=cfg.epochs))
-    # fit builds the optimiser with the first step's lr; on_step sets each following step's
-    first_lr = cfg.lr * lr_factor(0, total, cfg.schedule, cfg.warmup) if scheduled else cfg.lr
-    fit_cfg = FitConfig(steps=cfg.steps, epochs=cfg.epochs, lr=first_lr, optimizer=cfg.optimizer,
-                        weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, description="distilling",
-                        progress=progress)
-    fingerprint = _fingerprint(student, cfg, total)
-    log = DistillLog()
-    best_state: dict[str, torch.Tensor] | None = None
-    bad_evals = 0
-    resume = None
+class _Run:
+    """One training run: learning-rate schedule, evaluation with patience and best-state restore, and a
+    resumable checkpoint (a finished run's checkpoint returns at once)."""
 
-    ckpt = load_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
-    if ckpt is not None:
+    def __init__(self, student, adapters, data, cfg: DistillConfig, eval_fn, progress) -> None:
+        self.student, self.adapters, self.data, self.cfg, self.eval_fn = student, adapters, data, cfg, eval_fn
+        self.scheduled = cfg.schedule != Schedule.CONSTANT or cfg.warmup > 0
+        self.total = _num_steps(data, FitConfig(steps=cfg.steps, epochs=cfg.epochs))
+        # fit builds the optimiser with the first step's lr; on_step sets each following step's
+        first_lr = cfg.lr * lr_factor(0, self.total, cfg.schedule, cfg.warmup) if self.scheduled else cfg.lr
+        self.fit_cfg = FitConfig(steps=cfg.steps, epochs=cfg.epochs, lr=first_lr, optimizer=cfg.optimizer,
+                                 weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, description="distilling",
+                                 progress=progress)
+        self.fingerprint = _fingerprint(student, cfg, self.total)
+        self.log = DistillLog()
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.bad_evals = 0
+        self.evaluating = eval_fn is not None and cfg.eval_every is not None
+        self.last_opt: torch.optim.Optimizer | None = None
+
+    def restore(self) -> tuple[int, Any] | None | bool:
+        """Continue from the checkpoint: (step, optimizer state), None when there is none, True when it
+        holds a finished run (nothing left to train)."""
+        cfg, log = self.cfg, self.log
+        ckpt = load_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+        if ckpt is None:
+            return None
         state = ckpt["state"]
-        if state["fingerprint"] != fingerprint:
-            differs = [k for k in fingerprint if fingerprint[k] != state["fingerprint"].get(k)]
+        if state["fingerprint"] != self.fingerprint:
+            differs = [k for k in self.fingerprint if self.fingerprint[k] != state["fingerprint"].get(k)]
             raise ConfigError(f"distill: the checkpoint at {cfg.checkpoint!r} was written by a different run "
                               f"(its {', '.join(differs)} differ); delete it to start over, or set another checkpoint path")
-        student.load_state_dict(ckpt["student"])
-        adapters.load_state_dict(ckpt["adapters"])
+        self.student.load_state_dict(ckpt["student"])
+        self.adapters.load_state_dict(ckpt["adapters"])
         if ckpt["rng"] is not None:
             torch.set_rng_state(ckpt["rng"])
         log.steps, log.losses = state["step"], list(state["losses"])
         log.evals = [tuple(e) for e in state["evals"]]
-        log.best_step, log.best_metric, bad_evals = state["best_step"], state["best_metric"], state["bad_evals"]
+        log.best_step, log.best_metric, self.bad_evals = state["best_step"], state["best_metric"], state["bad_evals"]
         log.resumed_from = state["step"]
-        best_state = ckpt["best"]
+        self.best_state = ckpt["best"]
         if state["finished"]:
             log.stopped_early = state["stopped_early"]
-            student.eval()
-            return log
-        resume = (state["step"], ckpt["optimizer"])
+            return True
+        return state["step"], ckpt["optimizer"]
 
-    def evaluate(step: int) -> bool:
+    def evaluate(self, step: int) -> bool:
         """Evaluate; True when patience is exhausted."""
-        nonlocal best_state, bad_evals
+        student, log = self.student, self.log
         was_training = student.training
         student.eval()
         try:
-            metric = float(eval_fn(student))
+            metric = float(self.eval_fn(student))
         finally:
             student.train(was_training)
         log.evals.append((step, metric))
         if log.best_metric is None or metric > log.best_metric:
-            log.best_metric, log.best_step, bad_evals = metric, step, 0
-            best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+            log.best_metric, log.best_step, self.bad_evals = metric, step, 0
+            self.best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
         else:
-            bad_evals += 1
-        return cfg.patience is not None and bad_evals >= cfg.patience
+            self.bad_evals += 1
+        return self.cfg.patience is not None and self.bad_evals >= self.cfg.patience
 
-    def write(opt: torch.optim.Optimizer, finished: bool) -> None:
-        if cfg.checkpoint:
-            save_checkpoint(cfg.checkpoint, student=student, adapters=adapters, optimizer=opt, best=best_state, state={
-                "step": log.steps, "fingerprint": fingerprint, "losses": log.losses, "evals": log.evals,
-                "best_step": log.best_step, "best_metric": log.best_metric, "bad_evals": bad_evals,
-                "finished": finished, "stopped_early": log.stopped_early})
+    def write(self, opt: torch.optim.Optimizer, finished: bool) -> None:
+        if self.cfg.checkpoint:
+            log = self.log
+            save_checkpoint(self.cfg.checkpoint, student=self.student, adapters=self.adapters, optimizer=opt,
+                            best=self.best_state, state={
+                                "step": log.steps, "fingerprint": self.fingerprint, "losses": log.losses,
+                                "evals": log.evals, "best_step": log.best_step, "best_metric": log.best_metric,
+                                "bad_evals": self.bad_evals, "finished": finished, "stopped_early": log.stopped_early})
 
-    evaluating = eval_fn is not None and cfg.eval_every is not None
-    if evaluating and resume is None:
-        evaluate(0)
-    last_opt: list[torch.optim.Optimizer] = []
-
-    def on_step(step: int, loss: float, opt: torch.optim.Optimizer) -> bool:
-        if not last_opt:
-            last_opt.append(opt)
+    def on_step(self, step: int, loss: float, opt: torch.optim.Optimizer) -> bool:
+        cfg, log, total = self.cfg, self.log, self.total
+        self.last_opt = self.last_opt or opt
         log.steps = step
         log.losses.append(loss)
-        if scheduled and step < total:
+        if self.scheduled and step < total:
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, total, cfg.schedule, cfg.warmup)
-        stop = evaluating and (step % cfg.eval_every == 0 or step == total) and evaluate(step)
+        stop = self.evaluating and (step % cfg.eval_every == 0 or step == total) and self.evaluate(step)
         log.stopped_early = bool(stop) and step < total
         if step % cfg.checkpoint_every == 0 or stop or step == total:
-            write(opt, finished=False)
+            self.write(opt, finished=False)
         return bool(stop)
 
-    frozen = [n for n, p in student.named_parameters() if matches(n, cfg.freeze)]
-    if cfg.freeze and not frozen:
-        raise ConfigError(f"distill: freeze {cfg.freeze} matches no parameter; names look like "
+    def train(self, loss_fn) -> DistillLog:
+        student, cfg = self.student, self.cfg
+        resume = self.restore()
+        if resume is True:
+            student.eval()
+            return self.log
+        if self.evaluating and resume is None:
+            self.evaluate(0)
+        with _frozen(student, cfg.freeze):
+            params = [p for p in student.parameters() if p.requires_grad] + list(self.adapters.parameters())
+            if resume is None or resume[0] < self.total:
+                fit(student, self.data, self.fit_cfg, loss_fn=loss_fn, params=params, on_step=self.on_step, resume=resume)
+        if cfg.restore_best and self.best_state is not None:
+            student.load_state_dict(self.best_state)
+        if self.last_opt is not None:
+            self.write(self.last_opt, finished=True)
+        student.eval()
+        return self.log
+
+
+@contextmanager
+def _frozen(student: nn.Module, patterns: list[str]):
+    """Parameters matching `patterns` get no gradient at all (not merely no update) for the block:
+    their backward is skipped."""
+    frozen = [n for n, p in student.named_parameters() if matches(n, patterns)]
+    if patterns and not frozen:
+        raise ConfigError(f"distill: freeze {patterns} matches no parameter; names look like "
                           f"{', '.join(n for n, _ in list(student.named_parameters())[:3])}")
-    # Frozen parameters get no gradient at all (not merely no update): their backward is skipped.
     was = {n: p.requires_grad for n, p in student.named_parameters() if n in frozen}
     for n, p in student.named_parameters():
         if n in was:
             p.requires_grad_(False)
     try:
-        params = [p for p in student.parameters() if p.requires_grad] + list(adapters.parameters())
-        if resume is None or resume[0] < total:
-            fit(student, data, fit_cfg, loss_fn=loss_fn, params=params, on_step=on_step, resume=resume)
+        yield
     finally:
         for n, p in student.named_parameters():
             if n in was:
                 p.requires_grad_(was[n])
-    if cfg.restore_best and best_state is not None:
-        student.load_state_dict(best_state)
-    if last_opt:
-        write(last_opt[0], finished=True)
-    student.eval()
-    return log
