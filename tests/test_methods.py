@@ -59,6 +59,12 @@ CONFIGS: dict[str, tuple[dict, float]] = {
     "cluster": ({"bits": 4}, 1e-5),
     "prune": ({"sparsity": 0.5}, 1e-5),
     "prune_channels": ({"ratio": 0.5}, 1e-5),
+    # Further configurations of a method: "method[what]" (issue 18's formats).
+    "quantize[log2, pow2 scales]": ({"weights": {"format": "log2"},
+                                     "overrides": [{"pattern": "head", "weights": {"bits": 8, "scale": "pow2"}}]}, 2e-2),
+    "qat[log2 INQ, stochastic binary, int8 gradients]": (
+        {"weights": {"format": "log2"}, "inq": [0.5, 1.0], "gradients": "int8", "steps": 3,
+         "overrides": [{"pattern": "blocks.*", "weights": {"format": "binary", "stochastic": True}}]}, 2e-2),
 }
 NOT_STAGES = {"fuse_networks": "st.fuse takes several models; tests/fuse/test_networks.py covers it"}
 
@@ -80,13 +86,15 @@ def _data(n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def test_every_registered_method_is_covered():
     get_method("quantize")  # loads the built-in packages
-    assert set(METHODS) == set(CONFIGS) | set(NOT_STAGES), "add the new method to CONFIGS (or NOT_STAGES, with why)"
+    methods = {key.split("[")[0] for key in CONFIGS}
+    assert set(METHODS) == methods | set(NOT_STAGES), "add the new method to CONFIGS (or NOT_STAGES, with why)"
 
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_method_conformance(method, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     config, tolerance = CONFIGS[method]
+    method = method.split("[")[0]
     cfg = METHODS[method].config_cls.parse(config)
     assert METHODS[method].config_cls.parse(cfg.to_dict()).to_dict() == cfg.to_dict()  # JSON round trip
 
