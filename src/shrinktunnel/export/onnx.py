@@ -52,6 +52,9 @@ def export_onnx(
         raise ExportError(f"export_onnx needs an nn.Module or a Result, got {type(model).__name__}")
     if example_inputs is None:
         raise ExportError("export_onnx needs example_inputs: one batch the model accepts, e.g. torch.randn(2, 1, 28, 28)")
+    if getattr(module, "onnx_original", None) is not None and dynamic_dims is None:  # read by st.load_onnx
+        from ..onnx_input.export_back import export_like_original  # its own input / output names and dynamic dims
+        return export_like_original(module, path, example_inputs, opset=opset)
     (args, kwargs), _ = D.split(example_inputs)
     args, kwargs = _batch_at_least_two(args, kwargs)
     module = module.eval()
@@ -310,13 +313,16 @@ def _quiet():
 def _postprocess(path: Path) -> None:
     """Drop the exporter's per-node metadata (Python stack traces with this machine's absolute
     paths, FX node text): about 10 % of a small model's file, and nothing a runtime reads; then
-    fold constant scales into earlier constant factors (graph_passes.fold_constant_scales)."""
+    fold constant scales into earlier constant factors (graph_passes.fold_constant_scales), and
+    write what makes the file fast in a default ONNX Runtime session (default_session)."""
     import onnx
 
+    from .default_session import for_default_session
     from .graph_passes import fold_constant_scales
 
     proto = onnx.load(str(path))
     fold_constant_scales(proto)
+    for_default_session(proto)
     graphs = [proto.graph] + [f for f in proto.functions]
     for graph in graphs:
         for node in graph.node:

@@ -16,18 +16,17 @@ __all__ = ["ort_session", "OrtModel", "SLOW_FUSIONS", "weights_only_qdq"]
 # Runtime 1.32, AMD EPYC with AVX-512, 2 threads): SkipLayerNormalization, fused from Add + LayerNorm in
 # every BERT block, takes 0.91 ms on a 32 x 32 x 384 tensor where Add + LayerNormalization take 0.12 ms;
 # on all-MiniLM-L6-v2 it is 13 % of the fp32 model's time (82 -> 71 ms without it) and 15 % of int8's.
+# The exported file avoids it (export.default_session writes that Add as Sum), so a default session runs
+# the fast graph; `ort_session(..., disabled_optimizers=SLOW_FUSIONS)` does the same for other files.
 SLOW_FUSIONS = ("SkipLayerNormFusion",)
 
 
 def weights_only_qdq(path: str | os.PathLike) -> bool:
     """True when the ONNX model dequantizes constant convolution weights but quantizes no activation
-    (no QuantizeLinear): weight-only convs, maybe beside dynamic-activation Linears. ONNX Runtime keeps
-    every DequantizeLinear out of constant folding, for QDQ fusion into integer kernels; with no
-    quantized activation there is nothing to fuse, and a conv whose weight is not a constant has it
-    repacked on every run: the MNIST CNN's weight-only int8 convs ran 2.6x slower than fp32. Such
-    sessions fold those weights (`session.disable_quant_qdq`) and run at float speed. Models without
-    a conv are left as they are (their DequantizeLinear on a MatMul weight or an embedding costs
-    little, and folding an embedding table would hold it in float)."""
+    (no QuantizeLinear): the files that `export.default_session.fold_weight_dequantize` rewrites (files
+    exported before it, or by other tools, still hold such DequantizeLinear nodes). ONNX Runtime keeps
+    every DequantizeLinear out of constant folding for QDQ fusion, so such a conv repacks its weight on
+    every run; `ort_session(..., fold_weights=True)` folds them in the session instead."""
     import onnx
 
     try:
@@ -46,14 +45,18 @@ def ort_session(
     path: str | os.PathLike,
     *,
     threads: int = 2,
-    disabled_optimizers: tuple[str, ...] = SLOW_FUSIONS,
+    disabled_optimizers: tuple[str, ...] = (),
+    fold_weights: bool = False,
     optimized_model_path: str | os.PathLike | None = None,
     profile_prefix: str | os.PathLike | None = None,
 ) -> ort.InferenceSession:
-    """A CPU session with all graph optimisations (QDQ fusion into integer kernels) except the slow
-    ones in `disabled_optimizers`, and a fixed number of intra-op threads. `optimized_model_path`
-    writes the graph ONNX Runtime actually runs (after its fusions), to inspect it; `profile_prefix`
-    turns on ONNX Runtime's profiler (`session.end_profiling()` writes its JSON, see op_profile)."""
+    """A CPU session as a user builds it (`ort.InferenceSession(path)`: every graph optimisation on),
+    with a fixed number of intra-op threads, so that what the project measures is what users run. The
+    exported file carries what makes it fast there (export.default_session). For other files:
+    `disabled_optimizers` (e.g. SLOW_FUSIONS) leaves fusions out; `fold_weights` sets
+    `session.disable_quant_qdq` where `weights_only_qdq(path)`. `optimized_model_path` writes the graph
+    ONNX Runtime actually runs (after its fusions), to inspect it; `profile_prefix` turns on ONNX
+    Runtime's profiler (`session.end_profiling()` writes its JSON, see op_profile)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -61,7 +64,7 @@ def ort_session(
     opts.log_severity_level = 3
     if optimized_model_path is not None:
         opts.optimized_model_filepath = str(optimized_model_path)
-    if weights_only_qdq(path):
+    if fold_weights and weights_only_qdq(path):
         opts.add_session_config_entry("session.disable_quant_qdq", "1")  # fold the weights' DequantizeLinear
     if profile_prefix is not None:
         opts.enable_profiling = True

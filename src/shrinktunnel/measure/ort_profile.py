@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export.runtime import SLOW_FUSIONS, ort_session
+from ..export.runtime import ort_session
 
 __all__ = ["OpProfile", "op_profile"]
 
@@ -38,7 +38,7 @@ class OpProfile:
 
 
 def op_profile(path: str | os.PathLike, feed: dict[str, np.ndarray], *, runs: int = 30, warmup: int = 5,
-               threads: int = 2, disabled_optimizers: tuple[str, ...] = SLOW_FUSIONS) -> OpProfile:
+               threads: int = 2, disabled_optimizers: tuple[str, ...] = ()) -> OpProfile:
     """Kernel time per operator type of the ONNX model at `path` on `feed`, in a session built as
     `ort_session` builds it (so the graph profiled is the graph measured). Warm-up runs are left out."""
     if runs < 1:
