@@ -7,7 +7,7 @@ object as its child `layer`, so the table is stored once: the artifact writes te
 storage once (core/artifact.py: aliases), and the state dict names both (`lm_head.qweight` and
 `transformer.wte.layer.qweight`). The lookup reads the shared layer's stored form:
 
-- quantized: the integer rows are looked up, then dequantized with their own scales (`lookup_dequantized`):
+- quantized: the integer rows are looked up, then dequantized with their own scales (`QuantizedLayer.lookup_rows`):
   the Linear's per-channel (or per-group) scales are per vocabulary row, exactly an embedding's per-row
   scales. SmoothQuant's factors (the Linear holds W * s) are divided out again per column.
 - sparse / clustered: rows of the decoded dense weight are gathered (ONNX: Gather on the dense weight).
@@ -57,16 +57,8 @@ class TiedEmbedding(nn.Module):
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        if hasattr(layer, "integer_weight") and hasattr(layer, "weight_scale"):  # quant/modules.QuantizedLayer
-            fmt = layer._format
-            # Symmetric signed weights have zero points of 0 by construction (as QuantizedLayer's own lookup).
-            zero_point = None if fmt["symmetric"] and fmt["dtype"] == "int8" else layer.weight_zero_point
-            from ..quant.ops import lookup_dequantized
-
-            rows = lookup_dequantized(index, layer.integer_weight(), layer.weight_scale, zero_point)
-            if layer.spec().get("input_smooth"):  # the Linear holds W * s per input column; 1 / s is stored
-                rows = rows * layer.input_smooth
-            return rows
+        if hasattr(layer, "lookup_rows"):  # quant/modules.QuantizedLayer: integer rows first, then dequantized
+            return layer.lookup_rows(index)
         return F.embedding(index, _dense(layer), self.padding_idx)
 
     def extra_repr(self) -> str:

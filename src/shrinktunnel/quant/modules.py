@@ -389,15 +389,24 @@ class QuantizedLayer(nn.Module):
                     "for QDQ graphs and runs them with its 8-bit kernels, or in float when activations are not quantized")
         return None
 
+    def lookup_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` of the weight the layer stands for: an embedding's lookup, or a tied head read as
+        its embedding (core/tied.py). Integer rows are gathered first and only they are dequantized."""
+        w = self._format
+        if w.get("format") == "log2":
+            rows = self.dequantized_weight()[index]
+        else:  # symmetric signed weights have zero points of 0 by construction
+            zero_point = None if w["symmetric"] and w["dtype"] == "int8" else self.weight_zero_point
+            rows = lookup_dequantized(index, self.integer_weight(), self.weight_scale, zero_point)
+        if self._spec.get("input_smooth"):  # a Linear holding W * s per input column stores 1 / s
+            rows = rows * self.input_smooth
+        return rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._spec.get("input_smooth"):
             x = x * self.input_smooth
-        if self.kind == "embedding" and self._format.get("format") == "log2":
-            return apply_layer(self._spec, x, self.dequantized_weight(), None)
         if self.kind == "embedding":  # weight-only: look the integer rows up, then dequantize them
-            w = self._format  # symmetric signed weights have zero points of 0 by construction
-            zero_point = None if w["symmetric"] and w["dtype"] == "int8" else self.weight_zero_point
-            return lookup_dequantized(x, self.integer_weight(), self.weight_scale, zero_point)
+            return self.lookup_rows(x)
         if self.input_dynamic is not None:
             y = dynamic_linear(x, self.integer_weight(), self.weight_scale, self.bias, self.input_dynamic["per_token"])
         else:
