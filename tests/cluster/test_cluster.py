@@ -45,7 +45,7 @@ def test_every_tiny_net_round_trips_bit_exactly(case, coding, tmp_path):
     assert layers, "something must be clustered"
     for layer in layers.values():
         assert layer.codebook.numel() <= 16
-        w = layer.weight()
+        w = layer.dense_weight()
         assert torch.equal(w.reshape(-1), layer.codebook[layer.indices])  # every weight is a centroid
     with torch.no_grad():
         y_ref, y = model(x), clustered(x)
@@ -62,7 +62,7 @@ def test_packed_and_huffman_store_the_same_weights(tmp_path):
     a = quiet_cluster(model, {"bits": 3, "coding": "packed"})
     b = quiet_cluster(model, {"bits": 3, "coding": "huffman"})
     for (na, la), (nb, lb) in zip(clustered_layers(a).items(), clustered_layers(b).items()):
-        assert na == nb and torch.equal(la.weight(), lb.weight())
+        assert na == nb and torch.equal(la.dense_weight(), lb.dense_weight())
     for la, lb in zip(clustered_layers(a).values(), clustered_layers(b).values()):
         # 256 near-uniform indices: Huffman beats 3-bit packing by nothing, and pays a 16-bit chunk table.
         sa, sb = la.storage()["stream_bits_per_weight"], lb.storage()["stream_bits_per_weight"]
@@ -86,7 +86,7 @@ def test_decoding_gives_back_exactly_the_shared_weights(bits, sparsity, coding, 
     if not isinstance(layer, ClusteredLayer):  # too small to pay for its codebook: kept, and said so
         assert (1 << bits) * 32 + bits * int((lin.weight != 0).sum()) >= 32 * int((lin.weight != 0).sum())
         return
-    w = layer.weight()
+    w = layer.dense_weight()
     # Zeros of a pruned layer stay exactly zero, and nothing else becomes zero unless a centroid is 0.
     if layer.sparse:
         assert torch.equal(w == 0, lin.weight == 0) or bool((layer.codebook == 0).any())
@@ -94,7 +94,7 @@ def test_decoding_gives_back_exactly_the_shared_weights(bits, sparsity, coding, 
     # A fresh layer built from the stored tensors alone decodes the same weights, bit for bit.
     fresh = ClusteredLayer.from_spec(layer.spec())
     fresh.load_state_dict(layer.state_dict())
-    assert torch.equal(fresh.weight(), w)
+    assert torch.equal(fresh.dense_weight(), w)
     assert torch.equal(fresh.indices, layer.indices)
 
 
@@ -110,7 +110,7 @@ def test_pruned_layers_are_stored_sparse_with_their_zeros(tmp_path):
     clustered = quiet_cluster(pruned, {"bits": 5})
     layer = clustered[0]
     assert isinstance(layer, ClusteredLayer) and layer.sparse
-    assert torch.equal(layer.weight() != 0, pruned[0].weight != 0)
+    assert torch.equal(layer.dense_weight() != 0, pruned[0].weight != 0)
     report = layer.storage()
     assert report["streams"]["positions"]["symbols"] >= report["kept"]
     # Far below 5 bits per weight: only a tenth of the weights carry an index.
@@ -158,7 +158,7 @@ def test_fewer_distinct_weights_than_clusters():
         model[0].weight.copy_(torch.tensor([-0.5, 0.25, 1.0])[torch.randint(0, 3, (40, 30))])
     with pytest.warns(UserWarning, match="only 3 distinct"):
         out = st.cluster(model, {"bits": 6}, progress=False)
-    assert out[0].codebook.numel() == 3 and torch.equal(out[0].weight(), model[0].weight)
+    assert out[0].codebook.numel() == 3 and torch.equal(out[0].dense_weight(), model[0].weight)
 
 
 def test_nan_weights_are_a_data_error():
@@ -211,7 +211,7 @@ def test_onnx_export_holds_dense_weights_and_matches(name, tmp_path):
     path = st.export_onnx(clustered, tmp_path / "m.onnx", example_inputs=x)
     inits = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
     for layer in clustered_layers(clustered).values():  # each weight is a dense float initializer, no gather
-        w = layer.weight().detach().numpy()
+        w = layer.dense_weight().detach().numpy()
         assert any((a.shape == w.shape and (a == w).all()) or (a.shape == w.T.shape and (a == w.T).all())
                    for a in inits if a.dtype == w.dtype)
     with torch.no_grad():

@@ -56,9 +56,9 @@ def test_centroid_gradient_is_the_sum_of_its_weights_gradients():
     c = cluster(model, {"bits": 3})
     layer = c[0]
     # Reference: the dense weight as a leaf; its gradient summed per cluster.
-    dense = layer.weight().detach().clone().requires_grad_(True)
+    dense = layer.dense_weight().detach().clone().requires_grad_(True)
     with torch.no_grad():
-        head = c[3].weight().clone()
+        head = c[3].dense_weight().clone()
     F.cross_entropy(F.linear(c[2](c[1](F.linear(x, dense, layer.bias))), head, c[3].bias), y).backward()
     expected = torch.zeros_like(layer.codebook).index_add_(0, layer.indices, dense.grad.reshape(-1))
     c.train()

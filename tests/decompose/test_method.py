@@ -146,6 +146,20 @@ def test_tucker2_rank_pair_is_checked_per_mode():
         st.decompose(model, {"rank": [2, 4], **NO_TIMING}, progress=False)
 
 
+@pytest.mark.parametrize("config", [{"ratio": 0.5}, {"ratio": 0.3}, {"rank": [20, 1]}])
+def test_tucker2_ranks_stay_within_what_the_core_can_hold(config):
+    # A thin input side (3 channels, 3 x 3 kernel): with r_in = 1 the core (r_out, 1, 3, 3) has room for 9
+    # output directions, not more (timm's efficientnet_b0 stem failed with ranks [10, 1]).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, stride=2, padding=1, bias=False)).eval()
+    out, _ = _decompose(model, {"conv_scheme": "tucker2", **config, **NO_TIMING})
+    (layer,) = _lowrank(out).values()
+    r_out, r_in = layer.ranks
+    assert r_out <= 9 * r_in and r_in <= 9 * r_out
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(nn.functional.conv2d(x, layer.weight, None, 2, 1), out(x), atol=1e-5, rtol=1e-5)
+
+
 def test_budget_without_data_is_a_data_error():
     with pytest.raises(st.DataError, match="budget needs data"):
         st.decompose(CASES["residual"].model(), {"budget": 0.5}, progress=False)

@@ -34,7 +34,9 @@ def _sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
 def test_cast_keeps_outputs_and_stores_the_format(fmt, tmp_path):
     model, x = _net(), torch.randn(4, 3, 8, 8)
     c = st.cast(model, {"format": fmt})
-    assert isinstance(c[0], FloatWeightLayer) and c[0].weight.dtype == getattr(torch, fmt)
+    assert isinstance(c[0], FloatWeightLayer) and c[0].stored_weight.dtype == getattr(torch, fmt)
+    # `weight` answers as the original layer's would: float32, the values the layer computes with
+    assert c[0].weight.dtype == torch.float32 and torch.equal(c[0].weight, c[0].float_weight())
     assert _sqnr(model(x), c(x)) > FLOORS[fmt]
     assert torch.equal(model[0].weight, _net()[0].weight)  # the input model is untouched
     path = st.save(c, tmp_path / "a")
@@ -57,7 +59,7 @@ def test_cast_exports_and_runs_in_onnx_runtime(fmt, tmp_path):
 def test_fp8_scale_maps_each_channel_max_to_the_format_max():
     model = _net()
     c = st.cast(model, {"format": "float8_e4m3fn"})
-    w = c[3].weight.float().abs().reshape(10, -1).amax(dim=1)
+    w = c[3].stored_weight.float().abs().reshape(10, -1).amax(dim=1)
     assert torch.all(w == torch.finfo(torch.float8_e4m3fn).max)  # 448: the largest magnitude lands exactly on it
 
 

@@ -169,7 +169,13 @@ class ClusteredLayer(SpecAttributes, nn.Module):
             values = torch.zeros(self._n, dtype=values.dtype, device=values.device).scatter(0, self.positions, values)
         return values.view(self.dense.shape)
 
+    @property
     def weight(self) -> torch.Tensor:
+        """The dense weight, as the replaced layer's `weight` attribute: model code reads it outside the
+        forward (transformers' ViT casts its pixels to `projection.weight.dtype`)."""
+        return self.dense_weight()
+
+    def dense_weight(self) -> torch.Tensor:
         """The dense weight. With gradients on (training) it is rebuilt each call, so that the codebook
         gets its gradient; otherwise the cache is used while the codebook is unchanged."""
         if torch.compiler.is_exporting():
@@ -189,15 +195,15 @@ class ClusteredLayer(SpecAttributes, nn.Module):
     def prepare_export(self) -> str | None:
         """Called by st.export_onnx: the dense weight goes into the graph as a plain initializer."""
         with torch.no_grad():
-            self.weight()
+            self.dense_weight()
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self._spec
         if s["kind"] == "embedding":
-            return F.embedding(x, self.weight(), s.get("padding_idx"), None, 2.0, s.get("scale_grad_by_freq", False),
+            return F.embedding(x, self.dense_weight(), s.get("padding_idx"), None, 2.0, s.get("scale_grad_by_freq", False),
                                s.get("sparse_grad", False))
-        return apply_layer(s, x, self.weight(), self.bias)
+        return apply_layer(s, x, self.dense_weight(), self.bias)
 
     # -- figures ------------------------------------------------------------------------------
     def storage(self) -> dict[str, Any]:

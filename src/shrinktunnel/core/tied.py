@@ -71,8 +71,7 @@ def _dense(layer: nn.Module) -> torch.Tensor:
         return layer.dequantized_weight()
     if hasattr(layer, "float_weight"):  # quant/float_formats.FloatWeightLayer: stored in 16 / 8 bits
         return layer.float_weight()
-    w = layer.weight
-    return w() if callable(w) else w  # ClusteredLayer.weight() is a method; SparseLayer.weight a buffer
+    return layer.weight  # ClusteredLayer's dense weight; SparseLayer's buffer
 
 
 def tie_groups(model: nn.Module) -> list[tuple[str | None, list[str]]]:

@@ -12,26 +12,73 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..quant.modules import QuantizedLayer, SpecAttributes
 from . import factorize as F
 from .config import ConvScheme
 
-__all__ = ["LowRank", "layer_kind", "build", "decompose_layer", "full_rank", "weights_per_rank", "decomposed_weights",
+__all__ = ["LowRank", "dense_weight", "layer_kind", "build", "decompose_layer", "full_rank", "weights_per_rank", "decomposed_weights",
            "schemes_for"]
 
 KINDS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d"}
 
 
-class LowRank(nn.Sequential):
+class LowRank(SpecAttributes, nn.Sequential):
     """A decomposed layer: computes what the original layer computed, through thin layers in sequence.
-    `scheme` and `ranks` say how it was built (they are also in the artifact's replay)."""
+    `scheme` and `ranks` say how it was built (they are also in the artifact's replay).
 
-    def __init__(self, *layers: nn.Module, scheme: str, ranks: list[int]) -> None:
+    It answers the replaced layer's attributes as the other methods' layers do (SpecAttributes):
+    `in_features`, `stride`, `kernel_size`, ... from `_spec` (the original's geometry), and `weight`, the
+    dense weight the chain computes (model code reads it outside the forward: transformers' ViT casts its
+    pixels to `projection.weight.dtype`, T5 reads `wo.weight.dtype`)."""
+
+    def __init__(self, *layers: nn.Module, scheme: str, ranks: list[int], spec: dict[str, Any] | None = None) -> None:
         super().__init__(*layers)
         self.scheme = scheme
         self.ranks = list(ranks)
+        self._spec = spec
+        self._dense: torch.Tensor | None = None
+        self._dense_from: tuple | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (original shape) the chain computes: rebuilt while training or exporting,
+        else cached while the chain's weights are unchanged."""
+        ws = [layer.weight for layer in self]
+        if torch.is_grad_enabled() and any(w.requires_grad for w in ws) or torch.compiler.is_exporting():
+            return dense_weight(self.scheme, ws)
+        key = tuple((w.data_ptr(), w._version, w.device) for w in ws)
+        if self._dense_from != key:
+            with torch.no_grad():
+                self._dense = dense_weight(self.scheme, ws)
+            self._dense_from = key
+        return self._dense
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self[-1].bias
 
     def extra_repr(self) -> str:
         return f"scheme={self.scheme}, ranks={self.ranks}"
+
+
+def dense_weight(scheme: str, ws: list[torch.Tensor]) -> torch.Tensor:
+    """The weight of the one layer that the chain of layers with weights `ws` computes (their dtype)."""
+    if scheme == "svd":
+        first, second = ws  # (r, in), (out, r)
+        return second @ first
+    if scheme == "channel":
+        first, second = ws  # (r, in, *k), (out, r, 1...)
+        return torch.einsum("tr,rs...->ts...", second.flatten(1), first)
+    if scheme == "spatial":
+        vertical, horizontal = ws  # (r, in, kh, 1), (out, r, 1, kw)
+        return torch.einsum("rsh,trw->tshw", vertical[..., 0], horizontal[:, :, 0])
+    if scheme == "tucker2":
+        u_in, core, u_out = ws  # (r_in, in, 1...), (r_out, r_in, *k), (out, r_out, 1...)
+        return torch.einsum("ab...,ta,bs->ts...", core, u_out.flatten(1), u_in.flatten(1))
+    if scheme == "cp":
+        b, c, d, a = ws  # (r, in, 1, 1), (r, 1, kh, 1), (r, 1, 1, kw), (out, r, 1, 1)
+        return torch.einsum("tr,rs,rh,rw->tshw", a.flatten(1), b.flatten(1), c.flatten(1), d.flatten(1))
+    raise ValueError(f"unknown scheme {scheme!r}")
 
 
 def layer_kind(module: nn.Module) -> str | None:
@@ -73,6 +120,17 @@ def full_rank(module: nn.Module, scheme: str) -> list[int]:
     for d in dims[:-1]:
         prod *= d
     return [prod]
+
+
+def tucker2_ranks(module: nn.Module, r_out: int, r_in: int) -> list[int]:
+    """[r_out, r_in] made consistent: a core (r_out, r_in, *k) has a mode-0 unfolding of r_in * prod(k)
+    columns, so HOOI finds at most r_in * prod(k) output directions (and r_out * prod(k) input ones). A
+    larger rank would only hold zeros, and the factors would not fill the layer built for it (timm's
+    efficientnet_b0 stem, 32 x 3 x 3 x 3 at ratio 0.5: [10, 1] has room for 9 output directions)."""
+    _, _, k = _dims(module)
+    kprod = _prod(k)
+    r_out = min(r_out, r_in * kprod)
+    return [r_out, min(r_in, r_out * kprod)]
 
 
 def original_weights(module: nn.Module) -> int:
@@ -160,7 +218,8 @@ def build(module: nn.Module, scheme: str, ranks: list[int]) -> LowRank:
     else:
         raise ValueError(f"unknown scheme {scheme!r}")
     w = module.weight
-    return LowRank(*layers, scheme=scheme, ranks=ranks).to(device=w.device, dtype=w.dtype)
+    spec = {**QuantizedLayer.geometry(module), "scheme": scheme, "ranks": list(ranks)}
+    return LowRank(*layers, scheme=scheme, ranks=ranks, spec=spec).to(device=w.device, dtype=w.dtype)
 
 
 def factors(module: nn.Module, scheme: str, ranks: list[int], *, tucker_iterations: int = 2,

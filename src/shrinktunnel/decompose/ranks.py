@@ -59,7 +59,7 @@ def check_rank(name: str, module: nn.Module, scheme: str, rank: int | list[int])
         # One integer for both channel modes: a thin side (a first conv's 1 or 3 input channels) keeps its
         # full rank; only a rank above both modes' full ranks is out of range.
         if 1 <= ranks[0] <= max(full):
-            return [min(ranks[0], f) for f in full]
+            return L.tucker2_ranks(module, *(min(ranks[0], f) for f in full))
         full = [max(full)]  # the error below names the largest rank one integer may take
     if len(ranks) != len(full):
         raise ConfigError(f"decompose: rank={rank} for {name} ({scheme}) has {len(ranks)} entries; {scheme} takes "
@@ -73,7 +73,7 @@ def check_rank(name: str, module: nn.Module, scheme: str, rank: int | list[int])
                 f"decompose: rank={rank} is out of range for {name} ({type(module).__name__} "
                 f"{tuple(module.weight.shape)}, scheme {scheme}): {what} {shown}; give a rank from 1 to {shown}, "
                 f"or a ratio, or set this layer's rank with an override {{pattern: {name!r}, rank: ...}}")
-    return ranks
+    return L.tucker2_ranks(module, *ranks) if scheme == "tucker2" else ranks
 
 
 def ranks_for_ratio(module: nn.Module, scheme: str, ratio: float) -> list[int]:
@@ -87,9 +87,9 @@ def ranks_for_ratio(module: nn.Module, scheme: str, ratio: float) -> list[int]:
     # such as a first conv of 1 or 3 channels keeps its full rank).
     best = [1, 1]
     for r_out in range(1, full[0] + 1):
-        r_in = max(1, min(full[1], round(r_out * full[1] / full[0])))
-        if L.decomposed_weights(module, scheme, [r_out, r_in]) <= allowed:
-            best = [r_out, r_in]
+        ranks = L.tucker2_ranks(module, r_out, max(1, min(full[1], round(r_out * full[1] / full[0]))))
+        if L.decomposed_weights(module, scheme, ranks) <= allowed:
+            best = ranks
     return best
 
 
@@ -108,7 +108,8 @@ def ranks_for_energy(module: nn.Module, scheme: str, energy: float, cache: SVDCa
     w = module.weight.detach()
     if scheme == "tucker2":
         per_mode = 1 - (1 - energy) / 2
-        return [F.energy_rank(F.mode_singular_values(w, 0), per_mode), F.energy_rank(F.mode_singular_values(w, 1), per_mode)]
+        return L.tucker2_ranks(module, F.energy_rank(F.mode_singular_values(w, 0), per_mode),
+                               F.energy_rank(F.mode_singular_values(w, 1), per_mode))
     lo, hi = 1, max(1, min(L.full_rank(module, scheme)[0], math.ceil(w.numel() / L.weights_per_rank(module, scheme))))
     target = math.sqrt(max(0.0, 1 - energy))
     while lo < hi:

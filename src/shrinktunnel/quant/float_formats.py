@@ -48,7 +48,13 @@ class CastConfig(Config):
 
 class FloatWeightLayer(SpecAttributes, nn.Module):
     """Linear or convolution whose weight is stored as `format` (plus a per-channel float32 scale for
-    FP8) and computed in float32."""
+    FP8) and computed in float32.
+
+    The stored tensor is the buffer `weight` of the state dict (the artifact's name for it), read as
+    `stored_weight`. The attribute `weight` answers as the replaced layer's would: the float32 weight the
+    layer computes with, as QuantizedLayer's does. Model code reads it outside the forward (transformers'
+    ViT casts its pixels to `projection.weight.dtype`, T5 its hidden states to `wo.weight.dtype`): a
+    float16 answer would make them compute in float16 against float32 biases and fail."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__()
@@ -70,24 +76,37 @@ class FloatWeightLayer(SpecAttributes, nn.Module):
         if not torch.isfinite(w).all():
             raise DataError(f"cast: a weight holds NaN or Inf; fix the model or skip the layer")
         if layer.weight_scale is not None:
-            fmax = torch.finfo(layer.weight.dtype).max
+            fmax = torch.finfo(layer.stored_weight.dtype).max
             amax = w.reshape(w.shape[0], -1).abs().amax(dim=1)
             scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
             layer.weight_scale.copy_(scale)
             w = w / scale.view(-1, *([1] * (w.dim() - 1)))
-        layer.weight.copy_(w.to(layer.weight.dtype))
+        layer.stored_weight.copy_(w.to(layer.stored_weight.dtype))
         if getattr(module, "bias", None) is not None:
             layer.bias.data.copy_(module.bias.detach().float())
         return layer
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "weight" and "weight" in self.__dict__.get("_buffers", {}):
+            return self.float_weight()
+        return super().__getattr__(name)
+
+    @property
+    def stored_weight(self) -> torch.Tensor:
+        """The weight as stored: `format` (float16, bfloat16, float8), scaled per channel for FP8."""
+        return self._buffers["weight"]
 
     def spec(self) -> dict[str, Any]:
         return dict(self._spec)
 
     def num_weights(self) -> int:
-        return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)
+        return self.stored_weight.numel() + (self.bias.numel() if self.bias is not None else 0)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.float_weight()
 
     def float_weight(self) -> torch.Tensor:
-        w = self.weight.float()
+        w = self.stored_weight.float()
         if self.weight_scale is not None:
             w = w * self.weight_scale.view(-1, *([1] * (w.dim() - 1)))
         return w
@@ -96,7 +115,7 @@ class FloatWeightLayer(SpecAttributes, nn.Module):
         return apply_layer(self._spec, x, self.float_weight(), self.bias)
 
     def extra_repr(self) -> str:
-        return f"{self._spec['kind']}, weight={tuple(self.weight.shape)} {self._spec['format']}"
+        return f"{self._spec['kind']}, weight={tuple(self.stored_weight.shape)} {self._spec['format']}"
 
 
 def replay_cast(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
