@@ -56,6 +56,25 @@ def test_recovery_wins_back_what_channel_pruning_lost():
     assert all(torch.equal(a, b) for a, b in zip(recovered.state_dict().values(), again.state_dict().values()))  # seeded
 
 
+def test_low_bit_quantization_recovers_by_qat_and_ends_as_quantize_layers():
+    from shrinktunnel.quant import QuantizedLayer
+
+    stages = plan_stages({"a": "quant2", "b": "quant8", "c": "quant4h"}, dict(ACTIONS), REC)
+    assert [m for m, _ in stages] == ["qat", "quantize", "qat"]  # 8 bits: above qat_bits (4), rounding only
+    assert stages[0][1]["steps"] == REC.qat_steps and stages[0][1]["loss"] == "mse_to_float"
+    assert stages[2][1]["weights"]["coding"] == "huffman"  # the stored format is unchanged
+    model, data = wide_mlp(), wide_data(n=4)
+
+    def fidelity(m):
+        with torch.no_grad():
+            return sum(torch.cosine_similarity(m(x), model(x), dim=-1).mean().item() for x in data) / len(data)
+
+    one_shot = build_plan(model, {"fc1": "quant2"}, dict(ACTIONS), data, seed=0)
+    trained = build_plan(model, {"fc1": "quant2"}, dict(ACTIONS), data, seed=0,
+                         recovery=RecoveryConfig(steps=0, qat_steps=15, qat_lr=3e-3))
+    assert isinstance(trained.fc1, QuantizedLayer) and isinstance(one_shot.fc1, QuantizedLayer)
+    assert fidelity(trained) > fidelity(one_shot) + 0.005
+
 def _summary(r):
     return [(c["label"], c["status"], c.get("metric"), c.get("bytes")) for c in r.candidates], r.chosen, r.fits
 
