@@ -1,0 +1,110 @@
+"""Benchmark: training with 8-bit gradients (`qat: {gradients: int8 | fp8_e5m2}`) beside float gradients.
+
+    flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/int8_gradients.py     # ~6 min on 2 loaded cores
+
+LeNet-300-100 trained FROM SCRATCH (random init: the hard case, where gradients are large and change fast)
+with W8A8 fake quantization for `--epochs` (Adam lr 1e-3, batch 64, 50,000 MNIST training images), once per
+gradient format: float32, int8 with stochastic rounding, int8 rounded to nearest (the baseline the 8-bit
+training papers show failing), FP8 e5m2 with stochastic rounding. Reported: accuracy of the converted
+model on the 10,000 test images, the mean loss of the last 100 steps, and whether training stayed stable
+(no non-finite loss, and the last 100 steps' mean loss below the first 100's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import shrinktunnel as st
+from shrinktunnel import assets
+from shrinktunnel.core.train import FitConfig, fit
+from shrinktunnel.measure import accuracy
+from shrinktunnel.quant.qat import constrain
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, git_state, machine_info, today, write_results  # noqa: E402
+from _lenet import LeNet300100  # noqa: E402
+
+NAME = "int8_gradients"
+THREADS = 1  # accuracy only, nothing timed: 2-thread OpenMP stalls on this oversubscribed machine
+# (measured 780 ms a LeNet QAT step at 2 threads, 60 ms at 1, load average 10)
+MODES = {"float32": {}, "int8, stochastic rounding": {"gradients": "int8"},
+         "int8, nearest rounding": {"gradients": "int8", "gradient_rounding": "nearest"},
+         "fp8 e5m2, stochastic rounding": {"gradients": "fp8_e5m2"}}
+
+
+def log(message: str) -> None:
+    print(f"[{NAME}] {message}", file=sys.stderr, flush=True)
+
+
+def run(seeds: list[int], epochs: float) -> dict[str, Any]:
+    train, test, calib = assets.mnist_split("train"), assets.mnist_test(), assets.mnist_calibration()
+    rows: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
+    for seed in seeds:
+        for mode, extra in MODES.items():
+            torch.manual_seed(seed)
+            model = LeNet300100().eval()
+            prepared = st.prepare_qat(model, {"weights": {"bits": 8}, **extra}, data=calib, progress=False)
+            started = time.perf_counter()
+            try:
+                flog = fit(prepared, train, FitConfig(epochs=epochs, lr=1e-3, progress=False), after_step=constrain)
+                losses = flog.losses
+                acc = accuracy(st.convert_qat(prepared), test)
+                finite = all(math.isfinite(v) for v in losses)
+            except Exception as exc:  # a diverged run (non-finite loss) is a result, not a crash
+                losses, acc, finite = [], float("nan"), False
+                log(f"seed {seed} {mode}: failed: {exc}")
+            first = statistics.mean(losses[:100]) if losses else float("nan")
+            last = statistics.mean(losses[-100:]) if losses else float("nan")
+            rows[mode].append({"accuracy": acc, "first_loss": first, "last_loss": last,
+                               "stable": bool(finite and last < first), "seconds": round(time.perf_counter() - started, 1)})
+            log(f"seed {seed} {mode}: {100 * acc:.2f} %, loss {first:.3f} -> {last:.3f} "
+                f"({time.perf_counter() - started:.0f} s)")
+    return {"rows": rows, "setup": {"seeds": seeds, "epochs": epochs, "lr": 1e-3, "batch": 64}}
+
+
+def render(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [f"Measured {res['date']} on {m['cpu']}, {m['threads']} threads, load average {res['load']}; "
+             f"LeNet-300-100 from scratch, W8A8 fake quantization, {res['setup']['epochs']:g} epoch, seeds "
+             f"{res['setup']['seeds']}. Reproduce with `{res['command']}`.", "",
+             "| gradients | test accuracy (mean) | per seed | last-100-step loss | stable | time per run |",
+             "|---|---:|---|---:|---|---:|"]
+    for k, runs in res["rows"].items():
+        accs = [r["accuracy"] for r in runs]
+        lines.append(f"| {k} | {100 * statistics.mean(accs):.2f} % | {', '.join(f'{100 * a:.2f}' for a in accs)} | "
+                     f"{statistics.mean(r['last_loss'] for r in runs):.4f} | "
+                     f"{'yes' if all(r['stable'] for r in runs) else 'no'} | "
+                     f"{statistics.mean(r['seconds'] for r in runs):.0f} s |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--epochs", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(THREADS)
+    warnings.simplefilter("ignore")
+    started = time.perf_counter()
+    res = run(args.seeds, args.epochs)
+    res.update(benchmark=NAME, date=today(), machine=machine_info(THREADS), source=git_state(),
+               command="flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/int8_gradients.py",
+               load=" ".join(f"{x:.1f}" for x in os.getloadavg()), wall_s=round(time.perf_counter() - started, 1))
+    markdown = render(res)
+    write_results(RESULTS_DIR / f"{NAME}.json", res, markdown)
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
