@@ -30,6 +30,7 @@ from .api import prune  # noqa: E402  (st.prune: the function, shrinktunnel.prun
 from .api import distill, fuse  # noqa: E402  (st.distill / st.fuse: the functions; shrinktunnel.distill / .fuse: the packages)
 from .api import decompose  # noqa: E402  (st.decompose: the function, shrinktunnel.decompose: the package)
 from .api import compile  # noqa: E402,A004  (st.compile: real int8 kernels in PyTorch, quant/torch_int8.py)
+from .onnx_input import load_onnx  # noqa: E402  (an .onnx file as a PyTorch module, docs/onnx-input.md)
 
 __all__ = [
     "__version__", "measure", "quantize", "cast", "compress", "load", "save", "export_onnx", "load_recipe", "set_model_ref",
@@ -39,6 +40,6 @@ __all__ = [
     "analyze", "auto", "Action", "Analysis", "AutoResult", "RecoveryConfig",
     "prune", "ChannelPruneConfig", "PruneConfig", "LayerSparsity",
     "distill", "DistillConfig", "Hint", "KeepLayersConfig", "Relation", "fuse", "FuseConfig", "FuseOpsConfig",
-    "decompose", "DecomposeConfig", "ConvScheme", "compile",
+    "decompose", "DecomposeConfig", "ConvScheme", "compile", "load_onnx",
     "ShrinkError", "ConfigError", "DataError", "ModelError", "ArtifactError", "ExportError",
 ]

@@ -31,7 +31,12 @@ def load_model(ref: str, *, base: nn.Module | None = None, trust_code: bool = Fa
     'file.py:factory'), or an artifact directory (st.load: the model as a recipe left it, so one run's
     output is the next one's input, e.g. attention fused before `shrink auto`). For an artifact, `base`
     and `trust_code` are st.load's `model=` and `trust_code=` (no code the artifact names runs without
-    them). A factory named here is the caller's choice, so it runs."""
+    them). A factory named here is the caller's choice, so it runs. An `.onnx` file is read as data
+    (onnx_input.load_onnx: no code runs)."""
+    if str(ref).lower().endswith(".onnx"):
+        from ..onnx_input import load_onnx
+
+        return load_onnx(ref, expect_sha256=expect_sha256)
     path = Path(ref)
     if path.is_dir():
         from .artifact import MANIFEST, load_artifact

@@ -19,16 +19,20 @@ def is_onnx_ref(ref: str) -> bool:
     return str(ref).lower().endswith(".onnx")
 
 
-def load_onnx(path: str | os.PathLike) -> OnnxModule:
+def load_onnx(path: str | os.PathLike, *, expect_sha256: str | None = None) -> OnnxModule:
     """A NEW PyTorch module computing what the ONNX model at `path` computes (eval mode). Reading runs
     no code: the file is parsed as data, external data is read only from the model's directory.
     Raises OnnxFileError (not ONNX, truncated, opset outside 11..21, unsafe external data) or
-    UnsupportedOpError (naming the operators the importer lacks); both are ModelError."""
-    from ..core.history import get_record, set_model_ref
+    UnsupportedOpError (naming the operators the importer lacks); both are ModelError.
+    `expect_sha256`: the digest the file must have (an artifact's record of the file it was made from)."""
+    from ..core.history import set_model_ref, update_record
 
     model = read_onnx(path)
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    if expect_sha256 is not None and digest != expect_sha256:
+        raise OnnxFileError(f"ONNX file {str(path)!r} changed since the artifact was made (sha256 {digest[:12]}..., recorded "
+                            f"{expect_sha256[:12]}...); pass the original file with --model (model=...)")
     module = build_module(model, sha256=digest)
     set_model_ref(module, str(Path(path).resolve()))
-    get_record(module)["ref_sha256"] = digest
+    update_record(module, ref_sha256=digest)
     return module

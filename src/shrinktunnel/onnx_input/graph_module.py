@@ -192,6 +192,7 @@ def build_module(model, *, sha256: str = "") -> OnnxModule:
             continue
         nodes.append(Node(n.op_type, n.name or f"{n.op_type.lower()}_{i}", list(n.input), list(n.output), attrs, opset))
     nodes = _fold_constants(nodes, consts, set(io.output_names))
+    _static_arguments(nodes, consts)
     nodes = _fold_batch_norm(nodes, consts, set(io.output_names))
     layers = _make_layers(nodes, consts, set(io.output_names))
     return _assemble(nodes, consts, io, layers)
@@ -213,6 +214,20 @@ def _fold_constants(nodes: list[Node], consts: dict[str, torch.Tensor], outputs:
             if name:
                 consts[name] = tensor(v) if isinstance(v, Dims) else v
     return kept
+
+
+def _static_arguments(nodes: list[Node], consts: dict[str, torch.Tensor]) -> None:
+    """Constant float arguments that torch takes as Python numbers (Resize scales, Clip bounds) moved
+    into the node's attributes: read from a tensor they would be data to torch.export."""
+    for node in nodes:
+        if node.op == "Resize" and len(node.inputs) > 2 and node.inputs[2] in consts and consts[node.inputs[2]].numel():
+            node.attrs["_scales"] = [float(v) for v in consts[node.inputs[2]].reshape(-1).tolist()]
+            node.inputs[2] = ""
+        if node.op == "Clip":
+            for k, key in ((1, "min"), (2, "max")):
+                if len(node.inputs) > k and node.inputs[k] in consts and consts[node.inputs[k]].numel() == 1:
+                    node.attrs[key] = consts[node.inputs[k]].reshape(-1)[0].item()
+                    node.inputs[k] = ""
 
 
 def _consumers(nodes: list[Node]) -> dict[str, list[Node]]:

@@ -315,13 +315,15 @@ def _resize(m, node, ins):
     a = node.attrs
     mode = a.get("mode", "nearest")
     scales = sizes = None
-    if node.op == "Upsample" or (len(ins) == 2):
+    if "_scales" in a:
+        scales = a["_scales"]
+    elif node.op == "Upsample":
         scales = as_list(tensor(ins[1]).float()) if len(ins) > 1 else a.get("scales")
     else:
         if len(ins) > 2 and ins[2] is not None and tensor(ins[2]).numel():
             scales = tensor(ins[2]).float().tolist()
-        if len(ins) > 3 and ins[3] is not None:
-            sizes = as_list(ins[3])
+    if len(ins) > 3 and ins[3] is not None:
+        sizes = as_list(ins[3])
     spatial = x.dim() - 2
     transform = a.get("coordinate_transformation_mode", "half_pixel" if node.opset >= 11 else "asymmetric")
     kw = {}
