@@ -29,16 +29,15 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from .ops import weight_qparams
 
-__all__ = ["HessianObserver", "gptq_quantize", "find_blocks", "sequential_round", "ROUND_THREADS"]
+__all__ = ["HessianObserver", "gptq_quantize", "find_blocks", "sequential_round", "inverse_factor"]
 
-ROUND_THREADS = 1  # threads for the column loop: thousands of (out,)-sized ops, for which a second thread
-# only adds synchronisation, and on a loaded machine every extra thread waits for a core (issue 20:
-# 49 s quiet, 1,134 s loaded with the default thread count). The per-block matmuls use the default.
+ROUND_THREADS_GEMM = 2  # threads for the per-block GEMM of the column loop: more only waits for busy cores
 
 
 class HessianObserver:
@@ -67,6 +66,51 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
+def inverse_factor(h: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor U of H^-1 (H^-1 = U^T U) of a positive definite H (float64): with J the
+    reversal, J H J = L L^T gives H = (J L J)(J L J)^T, J L J upper, so U = (J L J)^-1 (upper as well):
+    one Cholesky and one triangular solve, the same factor as chol(cholesky_inverse(chol(H))) (that
+    route's LAPACK potri took 0.4-0.6 s for a 576 x 576 H here, a third of GPTQ's whole time)."""
+    up = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)
+    return torch.linalg.solve_triangular(up, torch.eye(h.shape[0], dtype=h.dtype), upper=True)
+
+
+def _round_columns(wt: np.ndarray, hinv: np.ndarray, qmin: int, qmax: int, block: int,
+                   params: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """GPTQ's loop on the transposed weight wt (k, out), float32, updated in place (column j is the
+    contiguous row wt[j]); hinv (k, k) the upper factor; params(j) -> (scale, zero point) (out,) of
+    column j, called when column j is reached. Returns the integers (k, out).
+
+    The column loop is thousands of ops on vectors of `out` floats: in numpy each costs ~1 us, in torch
+    ~5-10 us plus the thread pool's synchronisation (issue 20: the torch loop took 49 s quiet, 1,134 s
+    on a loaded machine). numpy's elementwise ops run on one thread; the per-block update, a real GEMM,
+    runs in torch with its thread setting."""
+    k, out = wt.shape
+    q = np.empty_like(wt)
+    err = np.empty((block, out), np.float32)
+    tmp = np.empty(out, np.float32)
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        w1, h1 = wt[i1:i2], hinv[i1:i2, i1:i2]  # views: updates land in wt
+        for i in range(i2 - i1):
+            s, z = params(i1 + i)
+            x, qi, e = w1[i], q[i1 + i], err[i]
+            np.divide(x, s, out=qi)
+            np.round(qi, out=qi)  # half to even, as torch.round
+            qi += z
+            np.clip(qi, qmin, qmax, out=qi)
+            np.subtract(qi, z, out=tmp)
+            tmp *= s
+            np.subtract(x, tmp, out=e)
+            e /= h1[i, i]
+            if i + 1 < i2 - i1:
+                w1[i + 1:] -= np.outer(h1[i, i + 1:], e)
+        if i2 < k:  # the lazy batch update: the block's errors reach the remaining columns at once
+            rest = torch.from_numpy(wt[i2:])
+            rest.sub_(torch.from_numpy(hinv[i1:i2, i2:]).t() @ torch.from_numpy(err[:i2 - i1]))
+    return q
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -80,7 +124,8 @@ def gptq_quantize(
     act_order: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(integers in [qmin, qmax] (float tensor, weight's shape), scale, zero_point) of a Linear weight
-    (out, in); scale and zero point shaped as `ops.weight_qparams` gives them."""
+    (out, in); scale and zero point shaped as `ops.weight_qparams` gives them. Rows are independent
+    given H: Linears reading one input may be stacked into one call (the same result, one loop)."""
     w = weight.detach().float().clone()
     out, k = w.shape
     h = hessian.detach().double().clone()
@@ -93,54 +138,48 @@ def gptq_quantize(
         scale, zero_point = weight_qparams(w, qmin, qmax, symmetric, granularity)
     elif act_order:  # static groups: scales from the original weights, natural column order
         scale, zero_point = weight_qparams(w, qmin, qmax, symmetric, granularity, group_size)
-        static = (scale.double(), zero_point.double())
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
     h += torch.eye(k, dtype=h.dtype) * (damp * torch.diag(h).mean())
-    # The upper Cholesky factor of H^-1 (the paper's reformulation: numerically stable, no per-column
-    # inverse updates); computed in float64, used in float32 as the reference implementation does.
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    if per_group and not act_order:
-        block = max(group_size, block // group_size * group_size)  # groups never straddle two blocks
-        scales, zps = [], []
-    cols = perm.tolist() if perm is not None else range(k)
+    # Computed in float64, used in float32 as the reference implementation does.
+    hinv = inverse_factor(h).float().numpy()
+    wt = w.t().contiguous().numpy()
     if not per_group:
-        col_scale, col_zp = scale.float().unsqueeze(1), zero_point.float().unsqueeze(1)
-    q = torch.zeros_like(w)
-    for i1 in range(0, k, block):
-        i2 = min(i1 + block, k)
-        w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        with _threads(ROUND_THREADS):
-            for i in range(i2 - i1):
-                if static is not None:
-                    g = cols[i1 + i] // group_size
-                    col_scale = static[0][:, g:g + 1].float()
-                    col_zp = static[1][:, g:g + 1].float()
-                elif per_group and (i1 + i) % group_size == 0:
-                    s, z = weight_qparams(w1[:, i:i + group_size], qmin, qmax, symmetric, "per_channel")
-                    scales.append(s)
-                    zps.append(z)
-                    col_scale, col_zp = s.float().unsqueeze(1), z.float().unsqueeze(1)
-                x = w1[:, i:i + 1]
-                qi = torch.clamp(torch.round(x / col_scale) + col_zp, qmin, qmax)  # round half to even
-                q1[:, i:i + 1] = qi
-                err = (x - (qi - col_zp) * col_scale) / hinv1[i, i]
-                w1[:, i + 1:].sub_(err @ hinv1[i:i + 1, i + 1:])
-                err1[:, i:i + 1] = err
-        q[:, i1:i2] = q1
-        if i2 < k:  # the lazy batch update: the block's errors reach the remaining columns at once
-            w[:, i2:].sub_(err1 @ hinv[i1:i2, i2:])
+        col = (np.ascontiguousarray(np.broadcast_to(scale.float().reshape(-1).numpy(), (out,))),
+               np.ascontiguousarray(np.broadcast_to(zero_point.float().reshape(-1).numpy(), (out,))))
+
+        def params(j):
+            return col
+    elif act_order:
+        g = (perm // group_size).tolist()
+        s_cols, z_cols = scale.float().t().contiguous().numpy(), zero_point.float().t().contiguous().numpy()
+
+        def params(j):
+            return s_cols[g[j]], z_cols[g[j]]
+    else:
+        # Scales when a group's first column is reached, from the weights as the earlier corrections left
+        # them: a group must lie in one block, or start at a block's start (then the columns past the block
+        # are current: every earlier block's update has reached them).
+        block = max(group_size, block // group_size * group_size)
+        scales, zps, cur = [], [], [None]
+
+        def params(j):
+            if j % group_size == 0:
+                s, z = weight_qparams(torch.from_numpy(wt[j:j + group_size]).t(), qmin, qmax, symmetric, "per_channel")
+                scales.append(s)
+                zps.append(z)
+                cur[0] = (s.numpy(), z.float().numpy())
+            return cur[0]
+    with _threads(ROUND_THREADS_GEMM):
+        qt = _round_columns(wt, hinv, qmin, qmax, block, params)
+    q = torch.from_numpy(qt).t()
     if perm is not None:
         q = q[:, torch.argsort(perm)]
-    if static is not None:
-        scale, zero_point = static[0].float(), static[1].to(torch.int32)
-    elif per_group:
+    q = q.contiguous()
+    if per_group and not act_order:
         scale, zero_point = torch.stack(scales, dim=1), torch.stack(zps, dim=1)
-    return q, scale, zero_point
+    return q, scale.float(), zero_point.to(torch.int32)
 
 
 # -- true-sequential calibration over a stack of blocks ------------------------------------------------
@@ -321,31 +360,54 @@ def weight_only_round(model: nn.Module, plans: list, batches: list, forward: Cal
                 p.smooth = s
                 report[p.name] = dict(info, shared_with=[q.name for q in members if q is not p])
         new = {}
-        for p in group:
-            (qmin, qmax, gs), sym = formats[p.name]
-            w = p.weight()  # W * s when scaled
-            x_obs = [p.observed(x) for x in x_rows]
+        for batch in _stacks(group, formats, gptq):
+            p0 = batch[0]
+            (qmin, qmax, gs), sym = formats[p0.name]
+            granularity = "per_group" if gs else str(p0.weights.granularity)
+            x_obs = [p0.observed(x) for x in x_rows]  # one input for the stack: its members share s
+            ws = [p.weight() for p in batch]  # W * s when scaled
             if awq and not gptq:
-                w = A.search_clip(w, A.sample_rows(x_obs, A.CLIP_ROWS), qmin, qmax, sym, gs)
-            granularity = "per_group" if gs else str(p.weights.granularity)
+                ws = [A.search_clip(w, A.sample_rows(x_obs, A.CLIP_ROWS), qmin, qmax, sym, gs) for w in ws]
+            results = None
             if gptq:
-                obs = HessianObserver(w.shape[1])
+                obs = HessianObserver(ws[0].shape[1])
                 for x in x_obs:
                     obs.update(x)
-                try:
-                    q, scale, zp = gptq_quantize(w, obs.h, qmin, qmax, sym, granularity, gs, damp=damp,
-                                                 act_order=act_order)
+                try:  # one Hessian, one factor, one column loop for the stack (rows are independent)
+                    q, scale, zp = gptq_quantize(torch.cat(ws), obs.h, qmin, qmax, sym, granularity, gs,
+                                                 damp=damp, act_order=act_order)
+                    bounds = torch.tensor([0] + [w.shape[0] for w in ws]).cumsum(0).tolist()
+                    results = [(q[a:b], scale[a:b], zp[a:b]) for a, b in zip(bounds, bounds[1:])]
                 except torch.linalg.LinAlgError:
-                    warn(f"quantize: gptq: the input Hessian of {p.name} is not positive definite even with "
-                         f"gptq_damp={damp}; rounded to nearest instead (raise gptq_damp to retry)")
-                    q = None
-            if not gptq or q is None:
-                scale, zp = weight_qparams(w, qmin, qmax, sym, granularity, gs)
-                q = quantize_weight(w, scale, zp, qmin, qmax, torch.int8 if sym else torch.uint8).float()
-            rounded[p.name] = (q, scale, zp)
-            deq = dequantize_weight(q.to(torch.int8 if sym else torch.uint8), scale, zp, qmin, qmax)
-            new[p.name] = deq if p.smooth is None else deq / p.smooth
+                    warn(f"quantize: gptq: the input Hessian of {', '.join(p.name for p in batch)} is not positive "
+                         f"definite even with gptq_damp={damp}; rounded to nearest instead (raise gptq_damp to retry)")
+            if results is None:
+                results = []
+                for w in ws:
+                    scale, zp = weight_qparams(w, qmin, qmax, sym, granularity, gs)
+                    results.append((quantize_weight(w, scale, zp, qmin, qmax, torch.int8 if sym else torch.uint8).float(),
+                                    scale, zp))
+            for p, (q, scale, zp) in zip(batch, results):
+                rounded[p.name] = (q, scale, zp)
+                deq = dequantize_weight(q.to(torch.int8 if sym else torch.uint8), scale, zp, qmin, qmax)
+                new[p.name] = deq if p.smooth is None else deq / p.smooth
         return new
 
     sequential_round(model, plans, batches, forward, round_group, progress)
     return rounded, report
+
+
+def _stacks(group: list, formats: dict, gptq: bool) -> list[list]:
+    """The group's Linears (one input) cut into stacks rounded together: GPTQ rows are independent given
+    the Hessian, so members with the same format and the same AWQ scale object share one Hessian and one
+    loop (q / k / v, gate / up). Per-tensor scales span the whole matrix: never stacked."""
+    stacks: list[list] = []
+    for p in group:
+        last = stacks[-1][0] if stacks else None
+        if (gptq and last is not None and repr(formats[p.name]) == repr(formats[last.name])
+                and p.smooth is last.smooth and str(p.weights.granularity) != "per_tensor"
+                and p.module.weight.shape[1] == last.module.weight.shape[1]):
+            stacks[-1].append(p)
+        else:
+            stacks.append([p])
+    return stacks
