@@ -101,7 +101,8 @@ def test_parse_none_gives_defaults_and_parse_instance_returns_it():
 def test_to_dict_is_plain_json_data():
     d = QuantConfig().to_dict()
     assert d["weights"] == {"bits": 8, "format": "int", "granularity": "per_channel", "symmetric": True,
-                            "reduce_range": False, "group_size": None, "coding": "plain"}
+                            "reduce_range": False, "group_size": None, "coding": "plain", "scale": "float",
+                            "stochastic": False}
     assert d["activations"] == {"bits": 8, "format": "int", "symmetric": False, "calibrator": "minmax",
                                 "percentile": 99.99, "bins": 2048, "outputs": True, "dynamic": False, "per_token": True}
     assert type(d["weights"]["granularity"]) is str  # the enum became its value
