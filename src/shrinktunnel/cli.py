@@ -60,7 +60,7 @@ def demo(
 
 @app.command()
 def compress(
-    model: str = typer.Argument(..., help="MODEL: 'package.module:factory', 'file.py:factory' or an artifact directory."),
+    model: str = typer.Argument(..., help="MODEL: 'package.module:factory', 'file.py:factory', an artifact directory or an .onnx file."),
     recipe: str = typer.Option(..., "--recipe", "-r", help="Recipe YAML file."),
     data: str = typer.Option(..., "--data", "-d", help="Calibration DATA: 'pkg.mod:factory', 'file.py:factory', .npz or .safetensors."),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory to write."),
@@ -69,11 +69,15 @@ def compress(
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact at --out."),
     base: Optional[str] = _base_opt(),
     trust: bool = _trust_opt(),
+    seq_len: int = typer.Option(512, "--seq-len", min=2, help="Text DATA (.txt, MODEL a Hugging Face directory): tokens per window."),
+    samples: int = typer.Option(128, "--samples", min=1, help="Text DATA: at most this many calibration windows."),
+    eval_text: Optional[str] = typer.Option(None, "--eval-text", help="A .txt file: perplexity before and after (MODEL a Hugging Face directory)."),
 ) -> None:
     """Run a recipe on MODEL and write the artifact (plus report.json and report.md) to --out."""
     from .cli_commands import run_compress
 
-    run_compress(model, recipe, data, out, eval_data, batch_size, force, console, base_ref=base, trust=trust)
+    run_compress(model, recipe, data, out, eval_data, batch_size, force, console, base_ref=base, trust=trust,
+                 text={"seq_len": seq_len, "samples": samples, "eval_text": eval_text})
 
 
 @app.command()
@@ -116,7 +120,7 @@ def eval_cmd(
 
 @app.command()
 def analyze(
-    model: str = typer.Argument(..., help="MODEL: 'package.module:factory', 'file.py:factory' or an artifact directory."),
+    model: str = typer.Argument(..., help="MODEL: 'package.module:factory', 'file.py:factory', an artifact directory or an .onnx file."),
     data: str = typer.Option(..., "--data", "-d", help="DATA the model runs on (profiling, and fidelity without --eval-data)."),
     out: Path = typer.Option(Path("shrink-out/analyze"), "--out", "-o", help="Folder for analysis.json and analysis.html."),
     eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled DATA: the metric becomes accuracy on it."),
@@ -139,7 +143,7 @@ def analyze(
 
 @app.command("auto")
 def auto_cmd(
-    model: str = typer.Argument(..., help="MODEL: 'package.module:factory', 'file.py:factory' or an artifact directory."),
+    model: str = typer.Argument(..., help="MODEL: 'package.module:factory', 'file.py:factory', an artifact directory or an .onnx file."),
     data: str = typer.Option(..., "--data", "-d", help="DATA the model runs on (calibration, fidelity without --eval-data)."),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact directory (plus auto.json and auto.html)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML of AutoConfig keys (docs/search.md); the flags below override it."),
