@@ -393,16 +393,7 @@ def prose(part: str = "evaluation") -> str:
 
 
 def token_windows(tokenizer, text: str | list[str], seq_len: int, samples: int | None = None) -> torch.Tensor:
-    """(n, seq_len) token ids: `text` (strings joined by blank lines) tokenized once and cut into
-    consecutive windows; the remainder shorter than a window is dropped. Fewer tokens than one window:
-    DataError."""
-    if not isinstance(text, str):
-        text = "\n\n".join(text)
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    n = ids.numel() // seq_len
-    if n == 0:
-        raise DataError(f"the text tokenizes to {ids.numel()} tokens, fewer than one window of seq_len={seq_len}; "
-                        "give more text or a smaller seq_len")
-    if samples is not None:
-        n = min(n, samples)
-    return ids[: n * seq_len].reshape(n, seq_len)
+    """hf_input.token_windows: (n, seq_len) consecutive windows of the tokenized text."""
+    from .hf_input import token_windows as windows
+
+    return windows(tokenizer, text, seq_len, samples)

@@ -110,11 +110,14 @@ def check_data(model, data, what: str, *, labelled: bool | None = False, console
                       f"(0 to {classes - 1}); samples with other labels always count as wrong", highlight=False)
 
 
-def _model_and_data(model_ref, base_ref, trust, data_ref, eval_ref, batch_size, console: Console):
+def _model_and_data(model_ref, base_ref, trust, data_ref, eval_ref, batch_size, console: Console, text=None):
     """(model, data, eval_fn) of compress / analyze / auto, every data argument checked on its first batch
-    before any work; eval_fn is accuracy on --eval-data, or None."""
+    before any work; eval_fn is accuracy on --eval-data, or None. `text`: .txt DATA options (hf_input)."""
     model = open_model(model_ref, base_ref, trust)
-    data = D.reiterable(load_data(data_ref, batch_size))
+    from .hf_input import is_hf_model_dir
+
+    text = dict(text or {}, tokenizer=model_ref if is_hf_model_dir(model_ref) else None)
+    data = D.reiterable(load_data(data_ref, batch_size, text=text))
     check_data(model, data, "--data")
     eval_data = D.reiterable(load_data(eval_ref, batch_size)) if eval_ref else None
     if eval_data is not None:
@@ -124,13 +127,17 @@ def _model_and_data(model_ref, base_ref, trust, data_ref, eval_ref, batch_size, 
 
 
 def run_compress(model_ref, recipe, data_ref, out, eval_ref, batch_size, force, console: Console, *,
-                 base_ref=None, trust=False) -> None:
+                 base_ref=None, trust=False, text=None) -> None:
     from .core.recipe import load_recipe
 
     check_writable(out)
     out = check_output_dir(out, overwrite=force)  # fail before any work, never after
     stages = load_recipe(Path(recipe) if not Path(recipe).suffix == "" else recipe)
-    model, data, eval_fn = _model_and_data(model_ref, base_ref, trust, data_ref, eval_ref, batch_size, console)
+    model, data, eval_fn = _model_and_data(model_ref, base_ref, trust, data_ref, eval_ref, batch_size, console, text)
+    if text and text.get("eval_text"):
+        from .hf_input import perplexity_fn
+
+        eval_fn = perplexity_fn(model_ref, text["eval_text"], text["seq_len"], eval_fn)
     result = compress(model, [(s.method, s.config) for s in stages], data=data, eval_fn=eval_fn)
     with atomic_dir(out) as tmp:
         result.save(tmp)

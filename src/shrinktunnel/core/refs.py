@@ -38,6 +38,10 @@ def load_model(ref: str, *, base: nn.Module | None = None, trust_code: bool = Fa
 
         return load_onnx(ref, expect_sha256=expect_sha256)
     path = Path(ref)
+    from ..hf_input import is_hf_model_dir, load_hf_model
+
+    if is_hf_model_dir(path):  # a Hugging Face model directory: config.json + safetensors, no code runs
+        return load_hf_model(path)
     if path.is_dir():
         from .artifact import MANIFEST, load_artifact
 
@@ -48,8 +52,18 @@ def load_model(ref: str, *, base: nn.Module | None = None, trust_code: bool = Fa
     return call_factory(ref, expect_sha256=expect_sha256)
 
 
-def load_data(ref: str, batch_size: int = 64) -> Any:
+def load_data(ref: str, batch_size: int = 64, *, text: dict | None = None) -> Any:
+    """`text`: for a .txt DATA, {tokenizer (a model directory or a tokenizer), seq_len, samples}
+    (hf_input.text_batches)."""
     path = Path(ref)
+    if path.suffix == ".txt":
+        from ..hf_input import text_batches
+
+        if not text or text.get("tokenizer") is None:
+            raise DataError(f"text DATA {ref!r} needs a tokenizer: MODEL must be a Hugging Face model directory "
+                            "holding one (tokenizer.json)")
+        # Windows of hundreds of tokens: batches of 4 (the logits of 64 windows would not fit in memory).
+        return text_batches(path, text["tokenizer"], text.get("seq_len", 512), text.get("samples", 128), 4)
     if path.suffix in (".npz", ".safetensors"):
         if not path.is_file():
             raise DataError(f"data file {ref!r} does not exist; check the path (relative to {Path.cwd()})")
