@@ -187,23 +187,11 @@ def evaluate_candidate(model: nn.Module, stages: list[tuple[str, dict[str, Any]]
 
 
 def analyze(
-    model: nn.Module,
-    data: Any,
-    *,
-    eval_fn: Callable[[nn.Module], float] | None = None,
-    actions: Iterable[Action | str] | None = None,
-    cache_dir: str | Path | None = None,
-    progress: bool = True,
-    layers: Sequence[str] = ("*",),
-    skip: Sequence[str] = (),
-    threads: int = 2,
-    latency_runs: int = 10,
-    recovery: "RecoveryConfig | dict | None" = None,
-    train_data: Any = None,
-    seed: int = 0,
-    workers: int = 1,
-    backend: str = "process",
-    ray_address: str | None = None,
+    model: nn.Module, data: Any, *, eval_fn: Callable[[nn.Module], float] | None = None,
+    actions: Iterable[Action | str] | None = None, cache_dir: str | Path | None = None, progress: bool = True,
+    layers: Sequence[str] = ("*",), skip: Sequence[str] = (), threads: int = 2, latency_runs: int = 10,
+    recovery: "RecoveryConfig | dict | None" = None, train_data: Any = None, seed: int = 0, workers: int = 1,
+    backend: str = "process", ray_address: str | None = None,
 ) -> Analysis:
     """Measure every layer and its sensitivity to every action; `model` is not changed.
 
@@ -237,24 +225,10 @@ def analyze(
     if not names:
         raise ModelError(f"no layer with a weight matches layers={list(layers)} skip={list(skip)}; "
                          f"layers with weights: {', '.join(candidate_layers(model)[:20]) or 'none'}")
-    base = fingerprint(model_hash(model), data_hash(data), fn_hash(eval_fn), __version__, list(layers), list(skip),
-                       *(() if recovery is None else (recovery.model_dump(mode="json"), seed,
-                                                      data_hash(train_data) if train_data is not None else "data")))
+    base = _cache_key(model, data, eval_fn, layers, skip, recovery, seed, train_data)
     cache = EvalCache(cache_dir, base)
     metric_name = "eval_fn" if eval_fn is not None else "cosine to the original outputs"
-    profile = cache.profile
-    if profile is None or profile.get("layers_analyzed") != names:
-        profiles, totals = profile_layers(model, inputs, names, runs=latency_runs, threads=threads, mac_inputs=one)
-        with torch.no_grad():
-            baseline = float(eval_fn(model)) if eval_fn is not None else 1.0
-        if math.isnan(baseline):
-            raise ModelError("eval_fn returned NaN on the original model; it must return a number (higher is better)")
-        totals["artifact_bytes"] = artifact_size(model)
-        profile = {"layers": [p.to_dict() for p in profiles], "totals": totals, "baseline": baseline,
-                   "layers_analyzed": names}
-        cache.set_profile(profile)
-    profiles = [LayerProfile(**p) for p in profile["layers"]]
-    totals, baseline = profile["totals"], profile["baseline"]
+    profiles, totals, baseline = _profile(cache, model, inputs, names, eval_fn, latency_runs, threads, one)
 
     metric = eval_fn
     by_name = {a.name: a for a in chosen}
@@ -272,19 +246,58 @@ def analyze(
 
     def one_pair(pair) -> dict[str, Any]:
         lp, a = pair
-        entry, _ = evaluate_candidate(model, stages[(lp.name, a.name)], data, metric, totals["artifact_bytes"],
-                                      totals["macs"], one, ctx=ctx, seed=seed)
-        return entry
+        return evaluate_candidate(model, stages[(lp.name, a.name)], data, metric, totals["artifact_bytes"],
+                                  totals["macs"], one, ctx=ctx, seed=seed)[0]
 
-    results_iter = run_all(one_pair, todo, workers=workers, backend=backend, threads=threads, address=ray_address,
-                           description=f"analyze: {len(todo)} evaluations", progress=progress)
-    for (lp, a), entry in zip(todo, results_iter):
+    for (lp, a), entry in zip(todo, run_all(one_pair, todo, workers=workers, backend=backend, threads=threads,
+                                            address=ray_address, progress=progress,
+                                            description=f"analyze: {len(todo)} evaluations")):
         cache.put(key(lp, a), entry)
 
+    results, warnings = _collect(pairs, lambda lp, a: cache.get(key(lp, a)), baseline)
+    histogram = _histogram(model, profiles, chosen)
+    return Analysis(metric_name, baseline, profiles, totals,
+                    [{"name": a.name, "method": a.method, "family": a.family, "level": a.level} for a in chosen],
+                    results, skipped_actions, warnings, histogram,
+                    {"dir": None if cache.dir is None else str(cache.dir), "hits": hits, "evaluated": len(todo)},
+                    time.perf_counter() - t_start)
+
+
+def _cache_key(model, data, eval_fn, layers, skip, recovery, seed: int, train_data) -> str:
+    """What an analysis's figures depend on: the model, data, eval_fn, toolkit, layers and recovery."""
+    return fingerprint(model_hash(model), data_hash(data), fn_hash(eval_fn), __version__, list(layers), list(skip),
+                       *(() if recovery is None else (recovery.model_dump(mode="json"), seed,
+                                                      data_hash(train_data) if train_data is not None else "data")))
+
+
+def _histogram(model: nn.Module, profiles: list[LayerProfile], chosen: list[Action]) -> dict[str, Any]:
+    layer = max(profiles, key=lambda p: p.params).name
+    return layer_histogram(model.get_submodule(layer), layer, bits=_grid_bits(chosen))
+
+
+def _profile(cache: EvalCache, model: nn.Module, inputs, names: list[str], eval_fn, latency_runs: int, threads: int,
+             one) -> tuple[list[LayerProfile], dict[str, Any], float]:
+    """The per-layer figures and the baseline metric: from the cache, or measured once and cached."""
+    profile = cache.profile
+    if profile is None or profile.get("layers_analyzed") != names:
+        profiles, totals = profile_layers(model, inputs, names, runs=latency_runs, threads=threads, mac_inputs=one)
+        with torch.no_grad():
+            baseline = float(eval_fn(model)) if eval_fn is not None else 1.0
+        if math.isnan(baseline):
+            raise ModelError("eval_fn returned NaN on the original model; it must return a number (higher is better)")
+        totals["artifact_bytes"] = artifact_size(model)
+        profile = {"layers": [p.to_dict() for p in profiles], "totals": totals, "baseline": baseline,
+                   "layers_analyzed": names}
+        cache.set_profile(profile)
+    return [LayerProfile(**p) for p in profile["layers"]], profile["totals"], profile["baseline"]
+
+
+def _collect(pairs, entry_of: Callable, baseline: float) -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
+    """Each (layer, action)'s cached entry as the analysis reports it: drop, bytes and MACs after."""
     results: dict[str, dict[str, dict[str, Any]]] = {}
     warnings: list[str] = []
     for lp, a in pairs:
-        e = cache.get(key(lp, a))
+        e = entry_of(lp, a)
         metric_value = e.get("metric") if isinstance(e.get("metric"), (int, float)) else None
         ok = e["status"] == "ok" and metric_value is not None
         results.setdefault(lp.name, {})[a.name] = {
@@ -295,13 +308,7 @@ def analyze(
             "note": e.get("note", ""), "seconds": e.get("seconds", 0.0)}
         if e["status"] == "failed":
             warnings.append(f"analyze: {a.name} on {lp.name} failed: {e.get('note')}")
-    hist_layer = max(profiles, key=lambda p: p.params).name
-    histogram = layer_histogram(model.get_submodule(hist_layer), hist_layer, bits=_grid_bits(chosen))
-    return Analysis(metric_name, baseline, profiles, totals,
-                    [{"name": a.name, "method": a.method, "family": a.family, "level": a.level} for a in chosen],
-                    results, skipped_actions, warnings, histogram,
-                    {"dir": None if cache.dir is None else str(cache.dir), "hits": hits, "evaluated": len(todo)},
-                    time.perf_counter() - t_start)
+    return results, warnings
 
 
 def _grid_bits(actions: list[Action]) -> int | None:
