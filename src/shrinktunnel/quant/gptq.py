@@ -49,10 +49,12 @@ class HessianObserver:
         self.count = 0
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
+        # Each batch's X^T X in float32 (as the reference implementation's whole Hessian; float64 GEMMs ran at
+        # half the speed and were a fifth of GPTQ's time on SmolLM2), the running mean in float64.
+        x = x.detach().reshape(-1, x.shape[-1]).float()
         n = x.shape[0]
         total = self.count + n
-        self.h.mul_(self.count / total).addmm_(x.t(), x, alpha=2.0 / total)
+        self.h.mul_(self.count / total).add_((x.t() @ x).double(), alpha=2.0 / total)
         self.count = total
 
 
