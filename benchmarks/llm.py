@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, machine_info, today, write_results  # noqa: E402
 
 THREADS = 2
-G64 = {"granularity": "per_group", "group_size": 64}
 METHODS = {  # name: (bits, config extras)
     "rtn4": (4, {}),
     "gptq4": (4, {"rounding": "gptq"}),
@@ -42,6 +41,17 @@ METHODS = {  # name: (bits, config extras)
     "gptq3": (3, {"rounding": "gptq"}),
     "awq_gptq3": (3, {"awq": True, "rounding": "gptq"}),
     "gptq4_noseq": (4, {"rounding": "gptq", "gptq_act_order": False, "one_pass": True}),
+    # groups of 128, and the 2- and 8-bit rows
+    "rtn4_asym_g128": (4, {"asym": True, "group": 128}),
+    "gptq4_asym_g128": (4, {"rounding": "gptq", "asym": True, "group": 128}),
+    "awq_gptq4_asym_g128": (4, {"awq": True, "rounding": "gptq", "asym": True, "group": 128}),
+    "awq4_asym_g128": (4, {"awq": True, "asym": True, "group": 128}),
+    "rtn3_asym": (3, {"asym": True}),
+    "awq3_asym": (3, {"awq": True, "asym": True}),
+    "rtn2_asym": (2, {"asym": True}),
+    "awq_gptq2_asym": (2, {"awq": True, "rounding": "gptq", "asym": True}),
+    "rtn8": (8, {}),
+    "gptq8": (8, {"rounding": "gptq"}),
 }
 TARGETS = {4: 1.10, 3: 1.5}
 
@@ -72,7 +82,8 @@ def one(name: str, eval_windows: int) -> dict:
     extra = dict(extra)
     asym = extra.pop("asym", False)
     one_pass = extra.pop("one_pass", False)
-    cfg = {"weights": {"bits": bits, "symmetric": not asym, **G64}, "activations": None, **extra}
+    group = {"granularity": "per_group", "group_size": extra.pop("group", 64)}
+    cfg = {"weights": {"bits": bits, "symmetric": not asym, **group}, "activations": None, **extra}
     batches = [calib[i:i + 4] for i in range(0, len(calib), 4)]
     if one_pass:  # the earlier GPTQ: every layer's Hessian from the float model in one pass
         import shrinktunnel.quant.ptq as P
@@ -132,7 +143,7 @@ def main() -> None:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
     fp32 = next((r["perplexity"] for r in rows if r["method"] == "fp32" and "perplexity" in r), None)
-    md = [f"SmolLM2-135M-Instruct, weight-only, groups of 64, tied lm_head float; perplexity on "
+    md = [f"SmolLM2-135M-Instruct, weight-only, groups of 64 (g128: of 128), tied lm_head float; perplexity on "
           f"{args.eval_windows} x 512 tokens of prose (fp32 SmolLM2 is the Q4_1 GGUF dequantized); {today()}; "
           "2 threads on a shared, loaded machine: wall times are inflated, CPU seconds are the process's own", "",
           "| method | bits | perplexity | vs fp32 | quantize s (wall) | quantize CPU s | peak RSS MiB | artifact MB |",
