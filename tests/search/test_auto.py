@@ -153,3 +153,30 @@ def test_no_action_cheaper_than_a_layer_says_so_and_returns_the_original():
     assert r.fits
     assert r.chosen == 0 and "no action makes any layer cheaper" in r.message
     assert not any(c["plan"] for c in r.candidates)
+
+
+def test_progress_line_shows_the_best_candidate_so_far(capsys):
+    model, data = wide_mlp(), wide_data()
+    r = auto(model, data, max_drop=0.01, actions=["quant4"], progress=True, max_evaluations=2,
+             verify_runtime=False, time_budget="10m")
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("auto: ") and "evaluations" in line]
+    assert lines and "of 10m00s" in lines[-1]
+    best = min((c for c in r.candidates if c["fits"] and c["plan"]), key=lambda c: c["bytes"])
+    assert f"best so far: {best['label']}, {best['bytes']:,} bytes" in lines[-1]
+
+
+def test_time_budget_stops_starting_rounds_it_cannot_finish():
+    import time
+
+    from shrinktunnel.search.config import AutoConfig
+    from shrinktunnel.search.evaluate import Evaluator
+
+    ev = Evaluator(None, None, AutoConfig(max_drop=0.01, time_budget=60, max_evaluations=100), baseline=1.0,
+                   inputs=None, warnings=[])
+    assert ev.left() == 100  # nothing measured yet: the first round always runs
+    ev.round_seconds = [20.0]
+    ev.started = time.perf_counter() - 30  # 30 s spent, a round takes 20: one more fits
+    assert ev.left() == 100
+    ev.started = time.perf_counter() - 45  # 45 + 20 > 60: no round is started
+    assert ev.left() == 0
