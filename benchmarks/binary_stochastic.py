@@ -1,6 +1,6 @@
 """Benchmark: stochastic vs deterministic BinaryConnect on LeNet-300-100 (MNIST), several seeds.
 
-    flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/binary_stochastic.py     # ~5 min on 2 loaded cores
+    nice .venv/bin/python benchmarks/binary_stochastic.py     # ~5 min on 2 loaded cores
 
 The trained LeNet-300-100 (benchmarks/_lenet.py, 98 % fp32) gets binary weights in its middle layer and
 first layer (the 10-way classifier kept at int8, as BinaryConnect keeps its last layer real-valued in
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix=f"shrinktunnel-{NAME}-") as tmp:
         res = run(Path(tmp), args.seeds, args.epochs)
     res.update(benchmark=NAME, date=today(), machine=machine_info(THREADS), source=git_state(),
-               command="flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/binary_stochastic.py",
+               command="nice .venv/bin/python benchmarks/binary_stochastic.py",
                load=" ".join(f"{x:.1f}" for x in os.getloadavg()), wall_s=round(time.perf_counter() - started, 1))
     markdown = render(res)
     write_results(RESULTS_DIR / f"{NAME}.json", res, markdown)

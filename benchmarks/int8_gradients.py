@@ -1,6 +1,6 @@
 """Benchmark: training with 8-bit gradients (`qat: {gradients: int8 | fp8_e5m2}`) beside float gradients.
 
-    flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/int8_gradients.py     # ~6 min on 2 loaded cores
+    nice .venv/bin/python benchmarks/int8_gradients.py     # ~6 min on 2 loaded cores
 
 LeNet-300-100 trained FROM SCRATCH (random init: the hard case, where gradients are large and change fast)
 with W8A8 fake quantization for `--epochs` (Adam lr 1e-3, batch 64, 50,000 MNIST training images), once per
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     res = run(args.seeds, args.epochs)
     res.update(benchmark=NAME, date=today(), machine=machine_info(THREADS), source=git_state(),
-               command="flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/int8_gradients.py",
+               command="nice .venv/bin/python benchmarks/int8_gradients.py",
                load=" ".join(f"{x:.1f}" for x in os.getloadavg()), wall_s=round(time.perf_counter() - started, 1))
     markdown = render(res)
     write_results(RESULTS_DIR / f"{NAME}.json", res, markdown)

@@ -154,7 +154,7 @@ def run_sweep() -> dict[str, Any]:
 
 def render(res: dict[str, Any]) -> str:
     m = res["machine"]
-    lines = [f"Measured {res['date']} on {m['cpu']}, {m['threads']} threads, load average {res['load']} (other sessions "
+    lines = [f"Measured {res['date']} on {m['cpu']}, load average {res['load']} (other sessions "
              f"running); torch {m['torch']}. Reproduce with `{res['command']}`. Ratio = sparse latency / dense "
              "latency (< 1: sparse faster), median of paired blocks with its 95 % interval.", "",
              "| case | sparse / dense | 95 % interval | sparse ms | dense ms |", "|---|---:|---:|---:|---:|"]
@@ -166,13 +166,19 @@ def render(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("models", "sweep"), default="models")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args(argv)
-    torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     warnings.simplefilter("ignore")
     started = time.perf_counter()
-    res = run_models() if args.part == "models" else run_sweep()
-    res.update(benchmark=NAME, part=args.part, date=today(), machine=machine_info(THREADS), source=git_state(),
+    res: dict[str, Any] = {"rows": {}}
+    for threads in args.threads:  # the sparse kernel and the dense GEMM scale differently with threads
+        global THREADS
+        THREADS = threads
+        torch.set_num_threads(threads)
+        part = run_models() if args.part == "models" else run_sweep()
+        res["rows"].update({f"{k} [{threads} thread{'s' if threads > 1 else ''}]": v for k, v in part["rows"].items()})
+    res.update(benchmark=NAME, part=args.part, date=today(), machine=machine_info(max(args.threads)), source=git_state(),
                command=f"flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/sparse_kernels.py --part {args.part}",
                load=" ".join(f"{x:.1f}" for x in os.getloadavg()), wall_s=round(time.perf_counter() - started, 1))
     markdown = render(res)

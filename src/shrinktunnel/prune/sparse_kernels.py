@@ -66,14 +66,28 @@ class SparseKernelLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
         self.in_features, self.out_features = w.shape[1], w.shape[0]
         self.layout = layout
-        if layout == "bsr":
-            if w.shape[0] % block or w.shape[1] % block:
-                raise ModelError(f"bsr blocks of {block} do not divide the weight {tuple(w.shape)}; use layout: csr "
-                                 "or a block that divides both dimensions")
-            self.w_sparse = w.to_sparse_bsr((block, block))
-        else:
-            self.w_sparse = w.to_sparse_csr()
+        if layout == "bsr" and (w.shape[0] % block or w.shape[1] % block):
+            raise ModelError(f"bsr blocks of {block} do not divide the weight {tuple(w.shape)}; use layout: csr "
+                             "or a block that divides both dimensions")
+        self.block = block
         self.density = 1.0 - sparsity(w)
+        self._cache: tuple | None = None  # (weight version, sparse tensor); rebuilt after a copy or a change
+
+    @property
+    def w_sparse(self) -> torch.Tensor:
+        """The weight as a torch sparse CSR / BSR tensor, built from `weight` once (and again if it changes)."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self._cache is None or self._cache[0] != key:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # torch's notice
+                w = self.weight.detach()
+                sparse = w.to_sparse_bsr((self.block, self.block)) if self.layout == "bsr" else w.to_sparse_csr()
+            self._cache = (key, sparse)
+        return self._cache[1]
+
+    def __getstate__(self):
+        # Sparse CSR / BSR tensors cannot be deep-copied or pickled: copies rebuild theirs from `weight`.
+        return {**self.__dict__, "_cache": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_exporting() or x.dtype != torch.float32:

@@ -490,7 +490,11 @@ def inq_freeze(model: nn.Module, fraction: float) -> None:
 
 def _inq_schedule(model: nn.Module, cfg: QATConfig, data: Any):
     """INQ's steps: the first fraction frozen now, each next one after an equal share of the steps."""
-    total = cfg.steps if cfg.steps is not None else max(1, round(len(data) * cfg.epochs))
+    try:
+        total = cfg.steps if cfg.steps is not None else max(1, round(len(data) * cfg.epochs))
+    except TypeError:
+        raise ConfigError("inq splits the training into equal shares of steps, and the data has no length to "
+                          "count epochs by; give `steps`") from None
     shares = [f for f in cfg.inq if f < 1.0] or [1.0]
     at = {max(1, round(total * i / len(shares))): shares[i] for i in range(1, len(shares))}
     inq_freeze(model, shares[0])
