@@ -180,3 +180,23 @@ def test_time_budget_stops_starting_rounds_it_cannot_finish():
     assert ev.left() == 100
     ev.started = time.perf_counter() - 45  # 45 + 20 > 60: no round is started
     assert ev.left() == 0
+
+
+def test_the_joint_objective_offers_only_options_fast_enough_on_the_layers_that_take_time():
+    from types import SimpleNamespace
+
+    from shrinktunnel.search import ACTIONS
+    from shrinktunnel.search.hull import layer_options
+
+    entry = lambda b, m: {"status": "ok", "bytes_after": b, "macs_after": m, "drop": 0.0}  # noqa: E731
+    fc = SimpleNamespace(name="fc", bytes=4000, macs=1000, latency_ms=1.0, latency_share=0.6)
+    emb = SimpleNamespace(name="emb", bytes=9000, macs=0, latency_ms=0.0, latency_share=0.0)
+    analysis = SimpleNamespace(totals={"bytes": 13000, "macs": 1000}, layers=[fc, emb],
+                               results={"fc": {"quant4h": entry(400, 1000), "dyn8": entry(1000, 1000)},
+                                        "emb": {"quant4h": entry(900, 0), "dyn8": entry(2250, 0)}})
+    usable = {k: ACTIONS[k] for k in ("quant4h", "dyn8")}
+    size_only = layer_options(analysis, "size", usable)
+    assert [o[0] for o in size_only["fc"]] == [None, "quant4h", "dyn8"]
+    joint = layer_options(analysis, "size", usable, min_speedup=2.0)
+    assert [o[0] for o in joint["fc"]] == [None, "dyn8"]  # quant4h: predicted no faster (dequantized weights)
+    assert [o[0] for o in joint["emb"]] == [None, "quant4h", "dyn8"]  # a lookup nobody waits on: any option

@@ -161,7 +161,7 @@ def auto(
                   timed=cfg.objective.value == "latency" or cfg.min_speedup is not None, seed=cfg.seed)
         ev = Evaluator(job, _cache(cfg, analysis, eval_fn, train_data), cfg, baseline=analysis.baseline,
                        inputs=inputs, warnings=warnings)
-        options_ = layer_options(analysis, cfg.objective.value, job.actions)  # the analysis may hold other actions
+        options_ = layer_options(analysis, cfg.objective.value, job.actions, cfg.min_speedup)  # of these actions only
         hull = lagrangian_plans(options_)
         ev.round([({}, "original")], count=False)
         ev.check_time_budget()

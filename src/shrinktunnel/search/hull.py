@@ -16,10 +16,14 @@ __all__ = ["layer_options", "lagrangian_plans", "Options"]
 Options = dict[str, list[tuple[str | None, float, float]]]  # layer -> (action or None, cost, drop)
 
 
-def layer_options(analysis: Analysis, objective: str, usable: dict[str, Action]) -> dict[str, list[tuple[str | None, float, float]]]:
+def layer_options(analysis: Analysis, objective: str, usable: dict[str, Action],
+                  min_speedup: float | None = None) -> dict[str, list[tuple[str | None, float, float]]]:
     """Per layer: (action or None for "keep", predicted cost, measured drop >= 0) of every usable option.
     Latency of a changed layer is predicted in proportion to its MACs times the action's `speed`
-    (quantized weights alone do not make a CPU layer faster); for size and MACs, size breaks ties."""
+    (quantized weights alone do not make a CPU layer faster); for size and MACs, size breaks ties.
+    `min_speedup` (the joint objective): on a layer that takes at least 1 % of the measured time, only the
+    options predicted at least that much faster than the layer (an embedding's lookup, a pooler nobody
+    waits on: any option); the candidates' real speed is measured in ONNX Runtime all the same."""
     total = analysis.totals
     # objective size: channel actions only when nothing else is given. Their measured bytes are mostly the
     # inputs they take from the layers they feed, which those layers' own actions (pruned and shared) save
@@ -35,9 +39,15 @@ def layer_options(analysis: Analysis, objective: str, usable: dict[str, Action])
             # a change that does not speed the layer up costs runtime work (QDQ pairs) and is left out
             return primary + 1e-6 * scale * bytes_ / max(total["bytes"], 1)
 
+        def fast_enough(e, speed) -> bool:
+            if min_speedup is None or lp.latency_share < 0.01 or not lp.macs:
+                return True
+            return speed * max(e["macs_after"], 0) / lp.macs <= 1.0 / min_speedup
+
         opts = [(None, cost(lp.bytes, lp.macs), 0.0)]
         for action, e in analysis.results.get(lp.name, {}).items():
-            if e["status"] == "ok" and action in usable and not (drop_channels and usable[action].family == "channels"):
+            if e["status"] == "ok" and action in usable and not (drop_channels and usable[action].family == "channels") \
+                    and fast_enough(e, usable[action].speed):
                 opts.append((action, cost(e["bytes_after"], e["macs_after"], usable[action].speed), max(0.0, e["drop"])))
         options[lp.name] = opts
     return options
