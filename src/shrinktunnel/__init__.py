@@ -24,7 +24,7 @@ from .cluster import ClusterConfig, ClusterOverride, CodebookTuning  # noqa: E40
 from .api import cluster  # noqa: E402  (st.cluster: the function, shrinktunnel.cluster: the package)
 from .quant.qat import QATConfig
 from .api import convert_qat, prepare_qat, qat  # noqa: E402
-from .search import Action, Analysis, AutoResult, RecoveryConfig, analyze, auto
+from .search import Action, Analysis, AutoConfig, AutoResult, RecoveryConfig, analyze, auto
 from .prune import ChannelPruneConfig, LayerSparsity, PruneConfig  # noqa: E402
 from .api import prune  # noqa: E402  (st.prune: the function, shrinktunnel.prune: the package)
 from .api import distill, fuse  # noqa: E402  (st.distill / st.fuse: the functions; shrinktunnel.distill / .fuse: the packages)
@@ -37,7 +37,7 @@ __all__ = [
     "Result", "QuantConfig", "CastConfig", "WeightQuant", "ActivationQuant",
     "cluster", "ClusterConfig", "ClusterOverride", "CodebookTuning",
     "qat", "prepare_qat", "convert_qat", "QATConfig",
-    "analyze", "auto", "Action", "Analysis", "AutoResult", "RecoveryConfig",
+    "analyze", "auto", "Action", "Analysis", "AutoConfig", "AutoResult", "RecoveryConfig",
     "prune", "ChannelPruneConfig", "PruneConfig", "LayerSparsity",
     "distill", "DistillConfig", "Hint", "KeepLayersConfig", "Relation", "fuse", "FuseConfig", "FuseOpsConfig",
     "decompose", "DecomposeConfig", "ConvScheme", "compile", "load_onnx",
