@@ -135,10 +135,19 @@ def compress(
     progress: bool = True,
 ) -> Result:
     """Run every stage of `recipe` on a copy of `model`; return a Result with before/after metrics.
+    `model` may also be a MODEL reference or a Hugging Face model directory, whose `data` may then be a
+    list of strings (tokenized into windows by the directory's tokenizer; hf_input.text_batches).
 
     `model_ref` ("pkg.module:factory" or "file.py:factory") lets `st.load` rebuild the architecture
     without being handed the model; models from `shrinktunnel.assets` carry theirs already.
     """
+    if isinstance(model, (str, os.PathLike)):  # a reference, or a Hugging Face model directory (hf_input)
+        from .core.refs import load_model
+        from .hf_input import is_hf_model_dir, text_batches
+
+        if is_hf_model_dir(model) and isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data):
+            data = text_batches(list(data), model)  # strings: windows of 512 tokens, at most 128
+        model = load_model(str(model))
     if not isinstance(model, nn.Module):
         raise ModelError(f"compress expects a torch.nn.Module, got {type(model).__name__}")
     stages = load_recipe(recipe)
