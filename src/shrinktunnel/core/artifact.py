@@ -23,7 +23,7 @@ from .._version import __version__
 from ..errors import ArtifactError, ModelError, one_line
 from .atomic import atomic_dir
 from .jsonio import dumps, write_json
-from .history import get_record, set_model_ref
+from .history import get_record, update_record
 from .manifest import (MAX_MANIFEST_BYTES, check_manifest, open_regular, parse_manifest, read_regular_file, read_safetensors_header,
                        sha256_file, tensors_path)
 from .rebuild import (MAX_CHAIN, ST_DTYPES, build_transformers, is_builtin_ref, meta_copy, transformers_entry, untrusted,
@@ -250,14 +250,11 @@ def load_artifact(path: str | os.PathLike, model: nn.Module | None = None, *, tr
         base.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise _state_dict_error(exc) from None
-    record = get_record(base)
-    record["stages"] = stages
-    record["inputs"] = manifest.get("inputs")
-    set_model_ref(base, ref)
+    update_record(base, stages=stages, inputs=manifest.get("inputs"), model_ref=ref)
     if manifest["model"].get("transformers"):  # the original's description travels on, however it was rebuilt
-        record["transformers"] = manifest["model"]["transformers"]
+        update_record(base, transformers=manifest["model"]["transformers"])
     if manifest["model"].get("ref_sha256"):
-        record["ref_sha256"] = manifest["model"]["ref_sha256"]
+        update_record(base, ref_sha256=manifest["model"]["ref_sha256"])
     return base
 
 

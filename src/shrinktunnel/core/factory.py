@@ -19,7 +19,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ..errors import DataError, ModelError, one_line
-from .history import get_record, set_model_ref
+from .history import get_record, set_model_ref, update_record
 
 __all__ = ["resolve_callable", "call_factory", "is_file_ref", "file_ref_digest", "file_module_name"]
 
@@ -122,5 +122,5 @@ def call_factory(ref: str, *, expect_sha256: str | None = None) -> nn.Module:
         # what lets st.load rebuild the architecture without running this factory.
         hf = transformers_entry(model)
         if hf is not None:
-            record["transformers"] = hf
+            update_record(model, transformers=hf)
     return set_model_ref(model.eval(), ref)
