@@ -113,10 +113,16 @@ def one(name: str, eval_windows: int) -> dict:
             "peak_rss_mib": peak / 1024, "rss_after_load_mib": rss0 / 1024, "artifact_bytes": art, "eval_s": eval_s}
 
 
+def _n(x) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--one")
     ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--untimed", action="store_true",
+                    help="perplexity only, run outside the benchmark lock: the row's times are dropped (shown as -)")
     ap.add_argument("--only", default="fp32," + ",".join(METHODS))
     ap.add_argument("--out", default=str(RESULTS_DIR / "llm.jsonl"))
     ap.add_argument("--render", action="store_true", help="only write llm.json / llm.md from the jsonl")
@@ -138,6 +144,11 @@ def main() -> None:
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         row = json.loads(line[-1][7:]) if line else {"method": name, "error": proc.stderr[-800:]}
         row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        row["load"] = os.getloadavg()[0]
+        if args.untimed:
+            for key in ("quant_s", "quant_cpu_s", "eval_s"):
+                row.pop(key, None)
+            row["untimed"] = True
         rows.append(row)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -153,7 +164,7 @@ def main() -> None:
             md.append(f"| {r['method']} | | failed | | | | |")
             continue
         ratio = f"{r['perplexity'] / fp32:.3f}x" if fp32 else ""
-        md.append(f"| {r['method']} | {r.get('bits', 32)} | {r['perplexity']:.2f} | {ratio} | {r.get('quant_s', 0):.0f} | {r.get('quant_cpu_s', 0):.0f} | "
+        md.append(f"| {r['method']} | {r.get('bits', 32)} | {r['perplexity']:.2f} | {ratio} | {_n(r.get('quant_s'))} | {_n(r.get('quant_cpu_s'))} | "
                   f"{r.get('peak_rss_mib', 0):.0f} | {r.get('artifact_bytes', 0) / 1e6:.1f} |")
     write_results(RESULTS_DIR / "llm.json", {"machine": machine_info(THREADS), "rows": rows}, "\n".join(md) + "\n")
     print("\n".join(md))
