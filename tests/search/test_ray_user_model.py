@@ -70,7 +70,7 @@ def _data():
 
 
 def test_user_modules_travel_by_value_without_ray_running(user_files, monkeypatch):
-    from ray import cloudpickle
+    cloudpickle = pytest.importorskip("ray.cloudpickle", reason="Ray is an optional extra (pip install 'shrinktunnel[ray]')")
 
     from shrinktunnel.search.parallel import ship_by_value, user_modules
 
