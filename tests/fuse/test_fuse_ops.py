@@ -170,9 +170,9 @@ class UntraceableNotSequential(nn.Module):
     """Control flow torch.fx cannot trace, and conv -> BN called from forward (no nn.Sequential):
     as Hugging Face's ResNet / RegNet / ConvNext layers are written."""
 
-    def __init__(self):
+    def __init__(self, padding: int | str = 0):
         super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3)
+        self.conv = nn.Conv2d(2, 4, 3, padding=padding)  # "same": aten.conv2d.padding (HF EfficientNet)
         self.bn = nn.BatchNorm2d(4)
         self.conv2 = nn.Conv2d(4, 4, 1)
         self.bn2 = nn.BatchNorm2d(4)
@@ -184,9 +184,10 @@ class UntraceableNotSequential(nn.Module):
         return x
 
 
-def test_pairs_come_from_torch_export_when_fx_cannot_trace_and_nothing_is_sequential():
+@pytest.mark.parametrize("padding", [0, "same"])
+def test_pairs_come_from_torch_export_when_fx_cannot_trace_and_nothing_is_sequential(padding):
     torch.manual_seed(0)
-    model = randomize_bn(UntraceableNotSequential())
+    model = randomize_bn(UntraceableNotSequential(padding))
     x = torch.randn(3, 2, 6, 6)
     res = st.compress(model, [{"fuse_ops": {}}], example_inputs=x, progress=False)
     assert isinstance(res.model.bn, nn.Identity) and isinstance(res.model.bn2, nn.Identity)
@@ -196,3 +197,47 @@ def test_pairs_come_from_torch_export_when_fx_cannot_trace_and_nothing_is_sequen
     plain = st.compress(model, [{"fuse_ops": {}}], progress=False)
     assert isinstance(plain.model.bn, nn.BatchNorm2d)
     assert any("pass example_inputs or data" in w for w in plain.warnings)
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d pattern: normalise, then its own `drop` and `act` children."""
+
+    def __init__(self, n: int, scale_after: float = 1.0) -> None:
+        super().__init__(n)
+        self.drop, self.act = nn.Dropout(0.1), nn.Hardswish()
+        self.scale_after = scale_after
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return self.act(self.drop(x)) * self.scale_after
+
+
+def _bn_act_net(scale_after: float = 1.0) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), BatchNormAct(8, scale_after),
+                                      nn.Conv2d(8, 4, 1), BatchNormAct(4, scale_after)))
+
+
+@pytest.mark.parametrize("how", ["fuse_ops", "quantize"])
+def test_batchnorm_with_activation_folds_and_keeps_its_activation(how, tmp_path):
+    from shrinktunnel.fuse.ops import BatchNormTail
+
+    model, x = _bn_act_net(), torch.randn(4, 3, 10, 10)
+    if how == "fuse_ops":
+        out = st.compress(model, [{"fuse_ops": {"bn": True, "linear": "never"}}], example_inputs=x).model
+        torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
+        assert isinstance(out[0], nn.Conv2d) and out[0].bias is not None
+    else:  # static int8 folds BatchNorms first (fold_bn)
+        out = st.quantize(model, st.QuantConfig(), data=[x], progress=False)
+    assert [type(out[i]) for i in (1, 3)] == [BatchNormTail] * 2
+    assert isinstance(out[1].act, nn.Hardswish) and isinstance(out[1].drop, nn.Dropout)
+    loaded = st.load(st.save(out, tmp_path / "a"), model=_bn_act_net())
+    torch.testing.assert_close(loaded(x), out(x), atol=0, rtol=0)
+
+
+def test_batchnorm_subclass_doing_more_is_kept_with_the_reason():
+    model, x = _bn_act_net(scale_after=2.0), torch.randn(2, 3, 10, 10)
+    with pytest.warns(UserWarning, match="does more than normalise"):
+        out = st.compress(model, [{"fuse_ops": {"bn": True, "linear": "never"}}], example_inputs=x).model
+    assert isinstance(out[1], BatchNormAct)
+    torch.testing.assert_close(out(x), model(x), atol=0, rtol=0)

@@ -28,10 +28,63 @@ from ..core.select import matches, names_by_module, set_submodule
 from .attention import _hf_models, fuse_attention
 from .config import FuseOpsConfig, LinearMerge
 
-__all__ = ["fuse_ops", "replay_fuse_ops", "fold_bn", "fold_batchnorms", "merge_linears", "symbolic_trace"]
+__all__ = ["fuse_ops", "replay_fuse_ops", "fold_bn", "fold_batchnorms", "merge_linears", "symbolic_trace",
+           "BatchNormTail", "bypass_bn"]
 
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BNS = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d, nn.Linear: nn.BatchNorm1d}
+_PLAIN_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class BatchNormTail(nn.Module):
+    """What is left of a BatchNorm that also runs its children after normalising (timm's BatchNormAct2d:
+    batch_norm, then `drop`, then `act`) once its normalisation is folded into the layer before it: those
+    children, in order, under the same names (so their parameters keep their state-dict keys)."""
+
+    def __init__(self, children: dict[str, nn.Module]) -> None:
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for child in self.children():
+            x = child(x)
+        return x
+
+
+def _probe_shape(bn: nn.modules.batchnorm._BatchNorm) -> tuple[int, ...]:
+    dims = 2 if isinstance(bn, nn.BatchNorm2d) else 3 if isinstance(bn, nn.BatchNorm3d) else 0
+    return (2, bn.num_features, *([3] * dims))
+
+
+def bn_remainder(bn: nn.modules.batchnorm._BatchNorm) -> tuple[nn.Module | None, str | None]:
+    """(what replaces `bn` once folded, why not): nn.Identity for a torch BatchNorm; for a subclass with
+    its own forward, a BatchNormTail of its children when its forward is found, on a probe input in eval
+    mode, to be exactly batch_norm followed by its children in order (timm's BatchNormAct2d)."""
+    if type(bn) in _PLAIN_BNS or type(bn).forward is nn.modules.batchnorm._BatchNorm.forward:
+        return nn.Identity(), None
+    probe = copy.deepcopy(bn).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(_probe_shape(bn), generator=g)
+    try:
+        with torch.no_grad():
+            want = probe(x)
+            plain = torch.nn.functional.batch_norm(x, probe.running_mean, probe.running_var, probe.weight, probe.bias,
+                                                   False, 0.0, probe.eps)
+            got = BatchNormTail(dict(probe.named_children()))(plain)
+    except Exception as exc:  # noqa: BLE001  a forward that fails on the probe is a reason, not a crash
+        return None, f"{type(bn).__name__}'s forward did not run on a probe input ({type(exc).__name__})"
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape or not torch.allclose(want, got, atol=1e-6, rtol=1e-5):
+        return None, (f"{type(bn).__name__}'s forward does more than normalise and then run its children "
+                      f"({', '.join(n for n, _ in bn.named_children()) or 'none'}); kept")
+    return BatchNormTail(dict(bn.named_children())), None
+
+
+def bypass_bn(model: nn.Module, entry: dict[str, Any]) -> None:
+    """A folded BatchNorm's place IN PLACE: nn.Identity, or its children (`entry["tail"]`) for a BatchNorm
+    that runs an activation after normalising (replays build it from the base model, without probing)."""
+    bn = model.get_submodule(entry["bn"])
+    set_submodule(model, entry["bn"], BatchNormTail(dict(bn.named_children())) if entry.get("tail") else nn.Identity())
 
 
 def fold_bn(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
@@ -77,7 +130,7 @@ def replay_fuse_ops(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
     second Linears, merged Linears of the recorded shape."""
     for entry in replay["bn"]:
         _add_bias(model.get_submodule(entry["layer"]))
-        set_submodule(model, entry["bn"], nn.Identity())
+        bypass_bn(model, entry)
     for name in replay.get("attention", []):
         fuse_attention(model.get_submodule(name) if name else model, check=False)
     for entry in replay["linear"]:
@@ -103,7 +156,8 @@ class _Tracer(fx.Tracer):
     """torch.fx's tracer with wrapped modules as leaves (their forward routes a call through a mode)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, Wrapped) or super().is_leaf_module(m, qualname)
+        # BatchNorm subclasses (timm's BatchNormAct2d) too: one node a layer's output feeds, to fold into it
+        return isinstance(m, (Wrapped, nn.modules.batchnorm._BatchNorm)) or super().is_leaf_module(m, qualname)
 
 
 def symbolic_trace(model: nn.Module) -> fx.GraphModule:
@@ -142,8 +196,9 @@ def _pairs_fx(model: nn.Module, gm: fx.GraphModule, first_kinds, second_kinds, t
     return out
 
 
+# `.padding`: a string padding ("same", "valid": Hugging Face EfficientNet's convs)
 _CAPTURED_LAYERS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default",
-                    "aten.convolution.default")
+                    "aten.convolution.default", "aten.conv1d.padding", "aten.conv2d.padding", "aten.conv3d.padding")
 
 
 def _pairs_export(model: nn.Module, ctx: Context, first_kinds, second_kinds) -> list[tuple[str, str]] | None:
@@ -242,7 +297,8 @@ def fold_batchnorms(model: nn.Module, gm: fx.GraphModule | None, ctx: Context, o
     inside nn.Sequential only. `ok(layer, bn)`: whether the pair may be fused."""
     entries: list[dict[str, str]] = []
     kinds = (*CONVS, nn.Linear)
-    bn_kinds = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    # torch's BatchNorms and their subclasses in this model (timm's BatchNormAct2d: checked per module below)
+    bn_kinds = (*_PLAIN_BNS, *{type(m) for m in model.modules() if isinstance(m, _PLAIN_BNS)})
     if gm is not None:
         pairs = _pairs_fx(model, gm, kinds, bn_kinds)
     else:  # torch.fx cannot trace it (most Hugging Face models): torch.export on an example can
@@ -253,23 +309,28 @@ def fold_batchnorms(model: nn.Module, gm: fx.GraphModule | None, ctx: Context, o
     folded = set()
     for layer_name, bn_name in pairs:
         layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
-        why = None
+        why, remainder = None, None
         if not ok(layer_name, bn_name):
             why = "skipped by the config or shared by several names"
-        elif BNS[type(layer)] is not type(bn) or bn.num_features != layer.weight.shape[0]:
+        elif not isinstance(bn, BNS[type(layer)]) or bn.num_features != layer.weight.shape[0]:
             why = f"{type(bn).__name__}({bn.num_features}) does not normalise the output channels of {type(layer).__name__}"
         elif not bn.track_running_stats or bn.running_mean is None:
             why = "the BatchNorm keeps no running statistics (it normalises with batch statistics)"
         elif isinstance(layer, nn.Linear) and linear_dims.get(layer_name) != 2:
             why = ("a BatchNorm1d after a Linear folds only on (N, C) outputs; pass data or example_inputs so the "
                    "shape can be checked" if layer_name not in linear_dims else "the Linear's output is not (N, C)")
+        else:
+            remainder, why = bn_remainder(bn)
         if why:
             if not matches(layer_name, skip) and not matches(bn_name, skip):
                 ctx.warn(f"fuse_ops: {bn_name} not folded into {layer_name}: {why}")
             continue
-        entries.append({"layer": layer_name, "bn": bn_name})
+        entry = {"layer": layer_name, "bn": bn_name}
+        if isinstance(remainder, BatchNormTail):
+            entry["tail"] = True  # the activation it ran after normalising stays, under the BatchNorm's name
+        entries.append(entry)
         fold_bn(layer, bn)
-        set_submodule(model, bn_name, nn.Identity())
+        set_submodule(model, bn_name, remainder)
         folded.add(bn_name)
     if gm is not None:
         modules = dict(model.named_modules())

@@ -61,7 +61,9 @@ def replay_quantize(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
         layer = model.get_submodule(entry["layer"])
         if getattr(layer, "bias", None) is None:
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
-        set_submodule(model, entry["bn"], nn.Identity())
+        from ..fuse.ops import bypass_bn
+
+        bypass_bn(model, entry)  # nn.Identity, or the activation a BatchNormAct2d ran after normalising
     for name, spec in replay["layers"].items():
         set_submodule(model, name, QuantizedLayer.from_spec(spec))
     for alias, name in replay.get("shared", {}).items():
