@@ -92,15 +92,18 @@ def inspect(path: Path = typer.Argument(..., help="Artifact directory.")) -> Non
 @app.command("export")
 def export_cmd(
     path: Path = typer.Argument(..., help="Artifact directory."),
-    onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing file at --onnx."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="ONNX file to write (fast in a default ONNX Runtime session)."),
+    openvino: Optional[Path] = typer.Option(None, "--openvino", help="OpenVINO IR to write (.xml, with its .bin beside it)."),
+    executorch: Optional[Path] = typer.Option(None, "--executorch", help="ExecuTorch program to write (.pte, XNNPACK)."),
+    force: bool = typer.Option(False, "--force", help="Replace existing output files."),
     base: Optional[str] = _base_opt(),
     trust: bool = _trust_opt(),
 ) -> None:
-    """Export an artifact to ONNX (QDQ where quantized), with a dynamic batch dimension."""
+    """Export an artifact to ONNX (QDQ where quantized, dynamic batch), OpenVINO IR or ExecuTorch (docs/runtimes.md)."""
     from .cli_commands import run_export
 
-    run_export(path, onnx, console, force=force, base_ref=base, trust=trust)
+    outputs = {k: v for k, v in (("ort", onnx), ("openvino", openvino), ("executorch", executorch)) if v is not None}
+    run_export(path, outputs, console, force=force, base_ref=base, trust=trust)
 
 
 @app.command("eval")
@@ -109,13 +112,15 @@ def eval_cmd(
     data: str = typer.Option(..., "--data", "-d", help="Labelled DATA to score on."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     threads: int = typer.Option(2, "--threads", min=1),
+    backend: Optional[str] = typer.Option(None, "--backend", help="inductor: PyTorch runs real int8 kernels (st.compile) "
+                                          "instead of the simulated layers"),
     base: Optional[str] = _base_opt(),
     trust: bool = _trust_opt(),
 ) -> None:
     """Accuracy and latency of an artifact, in PyTorch and in ONNX Runtime."""
     from .cli_commands import run_eval
 
-    run_eval(path, data, batch_size, threads, console, base_ref=base, trust=trust)
+    run_eval(path, data, batch_size, threads, console, base_ref=base, trust=trust, backend=backend)
 
 
 @app.command()

@@ -222,30 +222,53 @@ def run_inspect(path: Path, console: Console) -> None:
         console.print(table.to_rich())
 
 
-def run_export(path: Path, onnx: Path, console: Console, *, force=False, base_ref=None, trust=False) -> None:
-    if onnx.exists() or onnx.is_symlink():
-        if onnx.is_dir():
-            raise ExportError(f"--onnx {str(onnx)!r} is a directory; give the path of the .onnx file to write")
-        if not force:
-            raise ExportError(f"--onnx {str(onnx)!r} already exists; pass --force to replace it")
-    check_writable(onnx, "--onnx")
+def run_export(path: Path, outputs: dict[str, Path], console: Console, *, force=False, base_ref=None, trust=False) -> None:
+    """outputs: {runtime: file} (ort / openvino / executorch, export/runtimes.py)."""
+    from .export import runtimes
+
+    if not outputs:
+        raise ExportError("export needs an output: --onnx FILE, --openvino FILE.xml or --executorch FILE.pte")
+    flags = {"ort": "--onnx", "openvino": "--openvino", "executorch": "--executorch"}
+    for runtime, out in outputs.items():
+        if out.exists() or out.is_symlink():
+            if out.is_dir():
+                raise ExportError(f"{flags[runtime]} {str(out)!r} is a directory; give the path of the file to write")
+            if not force:
+                raise ExportError(f"{flags[runtime]} {str(out)!r} already exists; pass --force to replace it")
+        check_writable(out, flags[runtime])
+        runtimes.require(runtime)  # a missing runtime package is named before the model is loaded
     model = open_artifact(path, base_ref, trust)
     example = example_inputs(get_record(model).get("inputs"))
     if example is None:
         raise ExportError(f"artifact {str(path)!r} records no input signature; export from Python with st.export_onnx(model, path, example_inputs=...)")
-    export_onnx(model, onnx, example)
-    console.print(f"ONNX written to [bold]{onnx.resolve()}[/] ({fmt_bytes(onnx.stat().st_size)})")
+    for runtime, out in outputs.items():
+        if runtime == "ort":
+            export_onnx(model, out, example)
+        else:
+            runtimes.export(model, out, runtime, example)
+        label = {"ort": "ONNX", "openvino": "OpenVINO IR", "executorch": "ExecuTorch program"}[runtime]
+        console.print(f"{label} written to [bold]{out.resolve()}[/] ({fmt_bytes(out.stat().st_size)})")
 
 
-def run_eval(path: Path, data_ref: str, batch_size: int, threads: int, console: Console, *, base_ref=None, trust=False) -> None:
+def run_eval(path: Path, data_ref: str, batch_size: int, threads: int, console: Console, *, base_ref=None, trust=False,
+             backend: str | None = None) -> None:
     model = open_artifact(path, base_ref, trust)
     data = D.reiterable(load_data(data_ref, batch_size))
     # a readable error before the exporter fails on the same shapes; unlabelled data: latency only
     check_data(model, data, "--data", labelled=None, console=console)
     with tempfile.TemporaryDirectory() as d:
-        v = Variant(path.name or "artifact", model, artifact_bytes(path))
+        onnx_path = None
+        if backend is not None:  # PyTorch runs the lowered model; ONNX Runtime the artifact's own export
+            from .api import compile as compile_int8
+
+            compiled = compile_int8(model, backend=backend)  # ConfigError naming what this torch lacks
+            example = next(D.batches(data))
+            onnx_path = export_onnx(model, Path(d) / "artifact.onnx", example)
+            model = compiled
+        v = Variant(path.name or "artifact", model, artifact_bytes(path), onnx_path=onnx_path)
         compare_variants([v], data, Path(d), threads=threads)
-    console.print(variants_table([v], f"{path}", threads).to_rich())
+    title = f"{path}" + (f" (PyTorch: st.compile, backend {backend})" if backend else "")
+    console.print(variants_table([v], title, threads).to_rich())
 
 
 def default_cache_dir() -> Path:
