@@ -53,7 +53,7 @@ SMOOTH_LIGHT = "ours W8A8 dynamic per tensor + smooth, FFN out unsmoothed"
 SMOOTH_LIGHT_LAYERS = ["*attention*", "*intermediate*"]
 STATIC_INPUTS = "ours W8A8 minmax, inputs only"  # static, every Linear, no output quantizers
 STATIC_SMOOTH = "ours W8A8 entropy + smooth, inputs only"  # the same with SmoothQuant
-FP32_DEFAULT = "fp32, ORT's default fusions"  # with SkipLayerNormalization, which our sessions leave out
+FP32_DEFAULT = "fp32, ORT's default fusions"  # a plain session: since issue 21 every session is one (export.default_session)
 FP32_EAGER = "fp32, eager attention"  # assets.minilm_eager: no SDPA mask ops in the ONNX graph
 SMOOTH_EAGER = "ours W8A8 dynamic per tensor + smooth, eager attention"  # its ratio is against FP32_EAGER
 _PER_TENSOR = {"dynamic": True, "per_token": False}
@@ -191,7 +191,7 @@ def main() -> int:
             else:
                 onnx_paths[label] = path
         sessions = {label: OrtModel(p, threads=THREADS) for label, p in onnx_paths.items()}
-        # ONNX Runtime's default fusions, SkipLayerNormalization included (export.runtime.SLOW_FUSIONS).
+        # A plain session, as every session here is since issue 21 (the export writes the residual Add as Sum).
         sessions[FP32_DEFAULT] = OrtModel(fp32_onnx, threads=THREADS, disabled_optimizers=())
         onnx_paths[FP32_DEFAULT] = fp32_onnx
         for label, session in sessions.items():
