@@ -2,6 +2,9 @@
 
     .venv/bin/python benchmarks/coverage.py                    # the whole matrix (about 20-30 minutes)
     .venv/bin/python benchmarks/coverage.py --models bert,gpt2 --methods prune,cluster   # a few cells
+    # in groups of models, each run short enough to hold the machine's benchmark lock, then merged:
+    flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/coverage.py --models bert,gpt2 --json /tmp/a.json --doc /tmp/a.md
+    .venv/bin/python benchmarks/coverage.py --render /tmp/a.json,/tmp/b.json   # -> docs/coverage.md, results/coverage.json
 
 The zoo (tests/zoo/models.py): Hugging Face architectures from tiny configs with random weights, timm
 models (pretrained=False) where timm is installed, a CNN whose convs are Conv2d subclasses that pad in
@@ -257,21 +260,15 @@ def main(argv: list[str] | None = None) -> int:
                     "(default 2: the export step is single-threaded, so two workers halve the time on 2 cores)")
     ap.add_argument("--budget", type=float, default=None, help="minutes: ONNX checks not started by then are "
                     "recorded as not checked (the matrix is written in time whatever the machine's load)")
-    ap.add_argument("--render", metavar="JSON", help="write the docs from a results JSON of an earlier run, "
-                    "without running anything")
+    ap.add_argument("--render", metavar="JSON[,JSON...]", help="write the docs from the results JSON of earlier "
+                    "runs, without running anything; several (runs of model groups, each short enough for the "
+                    "benchmark lock) are merged, a later file's cell replacing an earlier one's, and the merged "
+                    "cells go to --json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # internal: write this worker's cells to this JSON file
     args = ap.parse_args(argv)
 
     if args.render:
-        saved = json.loads(Path(args.render).read_text())
-        cells, zoo = saved["cells"], saved["zoo"]
-        methods = list(dict.fromkeys(c["method"] for c in cells))
-        info = {k: saved[k] for k in ("date", "machine", "versions", "git", "command", "seconds")}
-        doc, summary = markdown(cells, zoo, methods, info, info["seconds"])
-        write_text_atomic(Path(args.doc), doc)
-        write_text_atomic(Path(args.render).with_suffix(".md"), summary)
-        print(f"wrote {args.doc} and {Path(args.render).with_suffix('.md')} from {args.render}")
-        return 0
+        return _render(args)
 
     import warnings
 
@@ -320,6 +317,46 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{green} of {len(cells)} cells green in {seconds / 60:.1f} min")
     return 0 if green == len(cells) else 1
 
+
+
+def _merge(paths: list[Path]) -> dict[str, Any]:
+    """The runs' results as one: cells by (model, method), a later run's replacing an earlier one's, in the
+    zoo's order; the latest run's date, machine and commit; the runs' times summed."""
+    from zoo.conformance import METHODS
+    from zoo.models import ZOO
+
+    runs = [json.loads(p.read_text()) for p in paths]
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    zoo: dict[str, Any] = {}
+    for run in runs:
+        cells.update({(c["model"], c["method"]): c for c in run["cells"]})
+        zoo.update(run["zoo"])
+    order = {n: i for i, n in enumerate(ZOO)}
+    rank = {m: i for i, m in enumerate(METHODS)}
+    merged = sorted(cells.values(), key=lambda c: (order.get(c["model"], len(order)), rank.get(c["method"], len(rank))))
+    info = {k: runs[-1][k] for k in ("date", "machine", "versions", "git", "command")}
+    info["seconds"] = sum(r["seconds"] for r in runs)
+    if len(runs) > 1:
+        info["command"] = f"{COMMAND} --models <group> (in {len(runs)} runs), then --render"
+    return {**info, "zoo": {n: zoo[n] for n in sorted(zoo, key=lambda n: order.get(n, len(order)))}, "cells": merged}
+
+
+def _render(args: argparse.Namespace) -> int:
+    paths = [Path(p) for p in args.render.split(",")]
+    saved = _merge(paths)
+    cells, zoo = saved["cells"], saved["zoo"]
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    doc, summary = markdown(cells, zoo, methods, saved, saved["seconds"])
+    write_text_atomic(Path(args.doc), doc)
+    if len(paths) > 1:
+        counts = Counter("green" if c["green"] else "not green" for c in cells)
+        write_results(Path(args.json), _finite({**saved, "counts": dict(counts),
+                                                "checks": {"every_cell_green": counts.get("not green", 0) == 0}}), summary)
+        print(f"wrote {args.doc}, {args.json} and {Path(args.json).with_suffix('.md')} from {len(paths)} runs")
+    else:
+        write_text_atomic(paths[0].with_suffix(".md"), summary)
+        print(f"wrote {args.doc} and {paths[0].with_suffix('.md')} from {paths[0]}")
+    return 0
 
 
 def _finite(obj: Any) -> Any:

@@ -249,3 +249,20 @@ def test_a_llama_attention_is_kept_whole_instead_of_hanging_the_dependency_searc
     (cov,) = stage_coverage(pruned)
     assert "did not converge" in cov.skipped["model.layers.0.self_attn.q_proj"]
     assert pruned(**ids).logits.shape == (2, 8, 100)
+
+
+@pytest.mark.parametrize("name", ["bert", "t5_encoder"])
+def test_every_layer_prune_channels_leaves_alone_has_a_reason(name):
+    # BERT's q / k / v (heads kept: head_ratio 0), T5's `shared` (one table with encoder.embed_tokens, whose
+    # group is kept whole): each left layer says why, none is "not selected".
+    from shrinktunnel.core.coverage import stage_coverage
+    from zoo.models import build, example_inputs
+
+    model, x = build(name), example_inputs(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = st.prune(model, st.ChannelPruneConfig(ratio=0.3), example_inputs=x, progress=False)
+    (cov,) = stage_coverage(out)
+    assert cov.not_selected == 0 and cov.done_layers > 0
+    if name == "bert":
+        assert "head_ratio is 0" in cov.skipped["encoder.layer.0.attention.self.query"]

@@ -67,10 +67,21 @@ def measure_coverage(before: nn.Module, after: nn.Module, unreachable: dict[str,
     reason} the method gave for layers it left alone."""
     after_modules = dict(after.named_modules())
     before_modules = dict(before.named_modules())
+    # A layer left alone under one name has the reason given under another: the same module registered twice,
+    # or a module sharing its weight (T5's `shared` and `encoder.embed_tokens`: two Embeddings, one table).
+    aliases: dict[int, list[str]] = {}
+    for alias, module in before.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(alias)
+        w = getattr(module, "weight", None)
+        if isinstance(w, torch.Tensor):
+            aliases.setdefault(id(w), []).append(alias)
     layers: dict[str, dict[str, Any]] = {}
     for name, n in eligible_layers(before).items():
         done = _changed(before_modules[name], after_modules.get(name))
-        reason = None if done else reasons.get(name) or reasons.get(_logical(name)) or NOT_SELECTED
+        module = before_modules[name]
+        names = aliases.get(id(module), []) + aliases.get(id(module.weight), [])
+        given = [reasons.get(a) or reasons.get(_logical(a)) for a in [name, *names]]
+        reason = None if done else next((r for r in given if r), NOT_SELECTED)
         layers[name] = {"weights": n, "done": done, "reason": reason}
     for name, why in unreachable.items():
         module = before_modules.get(name)

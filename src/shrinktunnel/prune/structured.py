@@ -156,16 +156,26 @@ def _top(scores: torch.Tensor, keep: int, chunks: int) -> list[int]:
     return sorted(kept)
 
 
+def _skip_group(ctx: Context, g: Group, why: str) -> None:
+    """Every layer whose output channels the group holds is left alone for `why` (the coverage record)."""
+    for name in dict.fromkeys([g.root, *g.out_names]):
+        ctx.skip(name, why)
+
+
 def _select(groups: list[Group], cfg: ChannelPruneConfig, ctx: Context,
             energies: dict[str, torch.Tensor] | None = None) -> list[Selection]:
     selections, pooled = [], []
     for g in groups:
         protected = [n for n in g.out_names if any(fnmatchcase(n, p) for p in cfg.protect)]
         if protected:
+            _skip_group(ctx, g, f"protected (protect: {', '.join(p for p in cfg.protect if any(fnmatchcase(n, p) for n in protected))})")
             continue
         if g.heads is not None:
             if cfg.head_ratio > 0:
                 selections.append(_select_heads(g, cfg, ctx, energies))
+            else:
+                _skip_group(ctx, g, "attention query / key / value channels go only as whole heads, and head_ratio is 0 "
+                                    "(the default); set head_ratio to remove heads")
             continue
         ratio, ruled = _ratio_for(g, cfg)
         scores = group_scores(g, cfg.importance, ctx.warn, energies)
@@ -173,12 +183,30 @@ def _select(groups: list[Group], cfg: ChannelPruneConfig, ctx: Context,
             pooled.append((g, scores))
             continue
         if ratio == 0:
+            _skip_group(ctx, g, "its rule sets ratio 0")
             continue
         keep = _keep_count(g, round(ratio * g.size), cfg, f"ratio {ratio}")
+        if keep == g.size:
+            _skip_group(ctx, g, _whole_why(g, cfg, f"ratio {ratio}"))
+            continue
         selections.append(Selection(g, _top(scores, keep, g.chunks)))
     if pooled:
-        selections += _select_global(pooled, cfg)
+        chosen = _select_global(pooled, cfg)
+        picked = {id(s.group) for s in chosen}
+        for g, _ in pooled:
+            if id(g) not in picked:
+                _skip_group(ctx, g, _whole_why(g, cfg, f"global ratio {cfg.ratio}"))
+        selections += chosen
     return selections
+
+
+def _whole_why(g: Group, cfg: ChannelPruneConfig, what: str) -> str:
+    unit = math.lcm(cfg.round_to, g.chunks)
+    if unit > 1 and g.size <= unit:
+        return f"kept whole: {g.size} channels, too few to keep a multiple of {unit} (round_to / groups) and remove some"
+    if what.startswith("global"):
+        return f"kept whole: none of its channels ranked among the least important of the model ({what})"
+    return f"kept whole: {what} of its {g.size} channels rounds to none removed"
 
 
 def _select_global(pooled: list[tuple[Group, torch.Tensor]], cfg: ChannelPruneConfig) -> list[Selection]:
