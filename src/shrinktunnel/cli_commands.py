@@ -257,16 +257,18 @@ def run_eval(path: Path, data_ref: str, batch_size: int, threads: int, console: 
     # a readable error before the exporter fails on the same shapes; unlabelled data: latency only
     check_data(model, data, "--data", labelled=None, console=console)
     with tempfile.TemporaryDirectory() as d:
-        onnx_path = None
+        runs, onnx_path = model, None
         if backend is not None:  # PyTorch runs the lowered model; ONNX Runtime the artifact's own export
             from .api import compile as compile_int8
 
-            compiled = compile_int8(model, backend=backend)  # ConfigError naming what this torch lacks
-            example = next(D.batches(data))
-            onnx_path = export_onnx(model, Path(d) / "artifact.onnx", example)
-            model = compiled
-        v = Variant(path.name or "artifact", model, artifact_bytes(path), onnx_path=onnx_path)
+            runs = compile_int8(model, backend=backend)  # ConfigError naming what this torch lacks
+            onnx_path = export_onnx(model, Path(d) / "artifact.onnx", next(D.batches(data)))
+        v = Variant(path.name or "artifact", runs, artifact_bytes(path), onnx_path=onnx_path)
         compare_variants([v], data, Path(d), threads=threads)
+        if backend is not None:  # the compiled wrapper holds frozen copies: count the artifact's own weights
+            from .measure import count_weights
+
+            v.figures["weights"] = count_weights(model)
     title = f"{path}" + (f" (PyTorch: st.compile, backend {backend})" if backend else "")
     console.print(variants_table([v], title, threads).to_rich())
 
