@@ -1,6 +1,6 @@
 """Benchmark: stochastic vs deterministic BinaryConnect on LeNet-300-100 (MNIST), several seeds.
 
-    nice .venv/bin/python benchmarks/binary_stochastic.py     # ~5 min on 2 loaded cores
+    .venv/bin/python benchmarks/binary_stochastic.py     # ~12 min at load average 16 (1 thread; nothing timed)
 
 The trained LeNet-300-100 (benchmarks/_lenet.py, 98 % fp32) gets binary weights in its middle layer and
 first layer (the 10-way classifier kept at int8, as BinaryConnect keeps its last layer real-valued in
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=float, default=0.5)
+    parser.add_argument("--tag", default="", help="suffix of the results files (a second setting beside the default)")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     warnings.simplefilter("ignore")
@@ -91,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix=f"shrinktunnel-{NAME}-") as tmp:
         res = run(Path(tmp), args.seeds, args.epochs)
     res.update(benchmark=NAME, date=today(), machine=machine_info(THREADS), source=git_state(),
-               command="nice .venv/bin/python benchmarks/binary_stochastic.py",
+               command=".venv/bin/python benchmarks/binary_stochastic.py",
                load=" ".join(f"{x:.1f}" for x in os.getloadavg()), wall_s=round(time.perf_counter() - started, 1))
     markdown = render(res)
-    write_results(RESULTS_DIR / f"{NAME}.json", res, markdown)
+    write_results(RESULTS_DIR / f"{NAME}{'_' + args.tag if args.tag else ''}.json", res, markdown)
     print(markdown)
     return 0
 
