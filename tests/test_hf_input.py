@@ -123,7 +123,7 @@ def test_python_errors_are_typed(model_dir, tmp_path):
 
 
 def test_st_compress_takes_a_model_directory_and_strings(model_dir):
-    cfg = {"weights": {"bits": 4, "granularity": "per_group", "group_size": 16}, "activations": None, "rounding": "gptq"}
+    cfg = {"weights": {"bits": 4, "granularity": "per_group", "group_size": 16}, "activations": None}
     with pytest.raises(DataError, match="fewer than one window of seq_len=512"):
         st.compress(model_dir, [("quantize", cfg)], data=[_corpus(100)], progress=False)
     result = st.compress(model_dir, [("quantize", cfg)], data=[_corpus(600), _corpus(600, seed=2)], progress=False)
