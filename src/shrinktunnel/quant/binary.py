@@ -7,12 +7,13 @@
   approximation of the optimal threshold for Gaussian / uniform weights), q = sign(W) where |W| > delta
   else 0, alpha = mean of |W| over the weights above delta. Stored as 2-bit integers in [-1, 1].
 - Stochastic binary weights (BinaryConnect's stochastic form, Courbariaux et al. 2015, eq. 2-3): during
-  training each weight is +1 with probability p = hard_sigmoid(w / H) = clip((w / H + 1) / 2, 0, 1), else
-  -1, so E[level] = w / H: the binarization noise is unbiased. H is the channel's (or tensor's) max |w|
-  (BinaryConnect's H is the bound it clips its weights to; recomputed here because QAT starts from a
-  trained network whose weights are far smaller than 1). The level is scaled by the same alpha as the
-  deterministic form, and inference (eval mode, conversion) uses the deterministic sign: the paper's
-  test-time choice for binary weights. The gradient is the clipped identity's, as for sign.
+  training each weight becomes +H with probability p = hard_sigmoid(w / H) = clip((w / H + 1) / 2, 0, 1),
+  else -H, so E[level] = w wherever |w| <= H: the binary weight is an unbiased sample of the real one.
+  BinaryConnect's H is the magnitude of its binary levels; here H = alpha = mean |w| of the channel (or
+  tensor), the level magnitude of the deterministic form, so both forms share one scale. (H = max |w|
+  leaves p near 1/2 for most weights of a trained layer: measured 15 points worse, docs/benchmarks.md.)
+  Inference (eval mode, conversion) uses the deterministic sign: the paper's test-time choice for binary
+  weights. The gradient is the clipped identity's, as for sign.
 - Binary activations (BNN, Hubara et al. 2016): two levels, offset +- scale: x_b = offset + scale *
   sign((x - offset) / scale). Symmetric: offset 0, i.e. scale * sign(x), BNN's sign with XNOR-Net's
   scale K = mean |x|. Asymmetric (the default): the threshold is learned too, which post-ReLU inputs
@@ -96,10 +97,10 @@ def fake_binary_weight(w: torch.Tensor, fmt: str, granularity: str, stochastic: 
 
 
 def stochastic_levels(w: torch.Tensor, granularity: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """+1 with probability hard_sigmoid(w / H), else -1; H = max |w| per output channel (or tensor)."""
+    """+1 with probability hard_sigmoid(w / H), else -1; H = alpha = mean |w| per output channel (or
+    tensor), so E[alpha * level] = w where |w| <= alpha."""
     w = w.detach().float()
-    a = w.abs().reshape(w.shape[0], -1)
-    h = (a.amax(dim=1) if granularity != "per_tensor" else a.amax().expand(w.shape[0])).clamp_min(_EPS)
+    h, _ = binary_weight_params(w, "binary", granularity)  # alpha, (out,)
     p = ((w / _per_channel(h, w) + 1) / 2).clamp(0, 1)
     u = torch.rand(w.shape, generator=generator, dtype=w.dtype, device=w.device)
     return torch.where(u < p, torch.ones_like(w), -torch.ones_like(w))

@@ -86,8 +86,8 @@ class WeightQuant(Config):
     coding: WeightCoding = WeightCoding.PLAIN  # how the artifact stores the integers (format int only)
     scale: WeightScale = WeightScale.FLOAT  # pow2: power-of-two scales (format int, symmetric); log2
     # weights' scales are powers of two anyway
-    stochastic: bool = False  # format binary, qat only: during training each weight is +1 with probability
-    # hard_sigmoid(w / max|w| of its channel), else -1 (stochastic BinaryConnect); sign(w) at inference
+    stochastic: bool = False  # format binary, qat only: during training each weight is +alpha with probability
+    # hard_sigmoid(w / alpha), else -alpha (stochastic BinaryConnect, alpha = mean |w|); sign(w) at inference
 
     _bits = field_validator("bits")(_weight_bits)
 
