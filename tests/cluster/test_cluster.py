@@ -146,8 +146,9 @@ def test_too_small_and_unsupported_layers_are_skipped_and_listed():
     model = CASES["unsupported"].model()  # Embedding(20, 8), LSTM, Linear(8, 3)
     result = st.compress(model, [st.ClusterConfig(bits=8)], progress=False)
     assert any("lstm" in w and "no method rewrites it" in w for w in result.warnings)  # the layer model's reason
-    assert any("head" in w and "too few" in w for w in result.warnings)  # 24 weights < a 256-entry codebook
-    assert not isinstance(result.model.head, ClusteredLayer)
+    # 24 weights: a 256-entry codebook saves nothing; the largest that does (4-bit: 512 + 96 bits < 768) is used
+    assert any("head (4-bit)" in w and "too small" in w for w in result.warnings)
+    assert isinstance(result.model.head, ClusteredLayer) and result.model.head.spec()["bits"] == 4
     small = st.compress(model, [st.ClusterConfig(bits=2)], progress=False).model
     assert isinstance(small.emb, ClusteredLayer) and isinstance(small.head, ClusteredLayer)
 
@@ -259,3 +260,20 @@ def test_storage_table_lists_every_layer_and_the_total():
     text = storage_table(storage_report(out)).to_markdown()
     for name in ("| q |", "| k |", "| v |", "| o |", "| total |"):
         assert name in text
+
+
+def test_a_layer_too_small_for_the_codebook_gets_the_largest_one_that_saves_space():
+    # 36 weights: 32 float32 centroids + 5-bit indices (1,204 bits) cost more than the floats (1,152); 16
+    # centroids + 4-bit indices (656) do not. A single weight: no codebook saves space, kept with the reason.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Flatten(), nn.Linear(4, 1, bias=False)).eval()
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].weight[0, 0] = 0.5
+    result = st.compress(model, [{"cluster": {"bits": 5}}], progress=False)
+    out = result.model
+    assert isinstance(out[0], ClusteredLayer) and out[0].spec()["bits"] == 4
+    assert out[0].codebook.numel() <= 16 and torch.unique(out[0].weight).numel() <= 16
+    assert any("0 (4-bit)" in w and "largest codebook" in w for w in result.warnings)
+    assert isinstance(out[2], nn.Linear)  # one non-zero weight
+    assert any("too few weights (1)" in w for w in result.warnings)

@@ -96,6 +96,7 @@ def cluster_model(model: nn.Module, cfg: ClusterConfig, ctx: Context) -> tuple[n
     shared: dict[str, str] = {}
     tied: dict[str, dict[str, Any]] = {}
     done: set[int] = set()
+    fewer: dict[str, int] = {}  # small layers clustered with fewer bits: {name: bits}
     for name, module in list(visible_modules(model)):
         if not name or id(module) in done or not matches(name, cfg.layers) or matches(name, cfg.skip):
             continue
@@ -118,7 +119,7 @@ def cluster_model(model: nn.Module, cfg: ClusterConfig, ctx: Context) -> tuple[n
         if not pruned and len(owners.get(id(module.weight), ())) > 1 + len(followers):
             ctx.skip(name, "its weight is tied to another module's; kept in float (clustering one copy would untie them)")
             continue
-        layer = _cluster_layer(name, module, pruned, resolve(name, rules, cfg.bits), cfg, ctx)
+        layer = _cluster_layer(name, module, pruned, resolve(name, rules, cfg.bits), cfg, ctx, fewer)
         if layer is None:
             for e in followers:
                 ctx.skip(e, f"its weight is tied to {name}, which stays float; kept in float so the tie holds")
@@ -133,6 +134,10 @@ def cluster_model(model: nn.Module, cfg: ClusterConfig, ctx: Context) -> tuple[n
         if not embedding:  # Embeddings tied to this Linear read its layer's rows
             tied.update({e: tie_record(model, e, name) for e in followers})
     tie(model, tied)  # each tied Embedding reads the rows of its Linear's clustered layer
+    if fewer:
+        listed = ", ".join(f"{n} ({b}-bit)" for n, b in list(fewer.items())[:6]) + (" ..." if len(fewer) > 6 else "")
+        ctx.warn(f"cluster: {len(fewer)} layer(s) too small for a codebook of 2^bits float32 centroids to save space "
+                 f"were clustered with the largest codebook that does: {listed}")
     if not layers:
         ctx.warn("cluster: no Linear/Conv1d/Conv2d/Embedding layer was clustered; the model is unchanged")
     elif cfg.tune is not None:
@@ -144,7 +149,10 @@ def cluster_model(model: nn.Module, cfg: ClusterConfig, ctx: Context) -> tuple[n
     return model, replay
 
 
-def _cluster_layer(name: str, module: nn.Module, pruned: bool, bits: int, cfg: ClusterConfig, ctx: Context) -> ClusteredLayer | None:
+def _cluster_layer(name: str, module: nn.Module, pruned: bool, bits: int, cfg: ClusterConfig, ctx: Context,
+                   fewer: dict[str, int] | None = None) -> ClusteredLayer | None:
+    """The clustered form of one layer, or None (left alone, with the reason). `fewer` collects the
+    layers too small for 2^bits centroids to save space, clustered with the bits given there."""
     w = module.weight.detach().float().cpu()
     if not bool(torch.isfinite(w).all()):
         raise DataError(f"cluster: the weight of {name} holds NaN or infinite values, which no centroid can stand "
@@ -164,10 +172,18 @@ def _cluster_layer(name: str, module: nn.Module, pruned: bool, bits: int, cfg: C
     if values.numel() == 0:
         ctx.skip(name, "no non-zero weight; kept as it is")
         return None
-    # Too small: the codebook (and indices) would cost at least as much as the float weights.
-    if _float_bits_if_clustered(values.numel(), bits) >= 32 * values.numel():
-        ctx.skip(name, f"too few weights for a codebook of {1 << bits} float32 centroids to save space; kept in float")
+    # Too small for 2^bits centroids: the codebook (and indices) would cost at least as much as the float
+    # weights. A smaller codebook that does save space is used instead (a 36-weight depthwise conv: 16
+    # centroids rather than 32); none saves space: kept in float.
+    asked = bits
+    while bits >= 1 and _float_bits_if_clustered(values.numel(), bits) >= 32 * values.numel():
+        bits -= 1
+    if bits < 1:
+        ctx.skip(name, f"too few weights ({values.numel()}) for any codebook of float32 centroids to save space; "
+                       "kept in float")
         return None
+    if bits < asked and fewer is not None:
+        fewer[name] = bits
     codebook, indices = kmeans_1d(values, 1 << bits, init=cfg.init, iterations=cfg.iterations,
                                   optimal=cfg.optimal, seed=cfg.seed)
     if codebook.numel() < (1 << bits) and codebook.numel() == int(torch.unique(values).numel()):
