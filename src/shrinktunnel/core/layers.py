@@ -333,9 +333,7 @@ def classify(model: nn.Module) -> dict[str, tuple[str, Any]]:
         if weight is None:
             matrices = [n for n, p in module._parameters.items() if isinstance(p, torch.Tensor) and p.dim() >= 2]
             if matrices:  # LSTM / GRU and the like: weights under other names, computed by fused ops
-                out[name] = ("skip", f"{type(module).__name__} computes with {', '.join(matrices[:2])}"
-                                     f"{'...' if len(matrices) > 2 else ''} inside one fused op; no method "
-                                     "rewrites it (weight storage for recurrent layers is not implemented)")
+                out[name] = ("skip", _unreachable_reason(module, matrices))
             continue
         if id(module) in readers:
             out[name] = ("skip", "its parent (nn.MultiheadAttention) reads its weight directly")
@@ -348,6 +346,16 @@ def classify(model: nn.Module) -> dict[str, tuple[str, Any]]:
             call, why, returns = probe(module)
             out[name] = ("wrap", (call, returns)) if call is not None else ("skip", why)
     return out
+
+
+def _unreachable_reason(module: nn.Module, matrices: list[str]) -> str:
+    """Why no method reaches a module whose matrices are not a `weight` passed to a layer call."""
+    held = f"{', '.join(matrices[:2])}{'...' if len(matrices) > 2 else ''}"
+    if isinstance(module, nn.RNNBase):
+        return (f"{type(module).__name__} computes with {held} inside one fused op; no method rewrites it (weight "
+                "storage for recurrent layers is not implemented)")
+    return (f"{type(module).__name__} reads {held} in its own code (indexed or added, not passed to a linear / conv / "
+            "embedding call); no method rewrites it")
 
 
 def _inherits_forward(module: nn.Module, base: type) -> bool:
