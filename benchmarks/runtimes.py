@@ -292,7 +292,7 @@ def render(res: dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=("cnn", "minilm", "resnet"), required=True)
+    parser.add_argument("--only", choices=("cnn", "minilm", "resnet"), default=None, help="one section (default: all)")
     parser.add_argument("--no-executorch", action="store_true")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -303,13 +303,15 @@ def main() -> int:
             R.require("executorch")
     res: dict[str, Any] = {"date": today(), "git": git_state(), "machine": machine_info(THREADS),
                            "load": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
-    with tempfile.TemporaryDirectory() as tmp:
-        res[args.only] = {"cnn": cnn, "minilm": minilm, "resnet": resnet}[args.only](Path(tmp), use_et)
+    sections = {"cnn": cnn, "minilm": minilm, "resnet": resnet}
+    for name in [args.only] if args.only else list(sections):
+        with tempfile.TemporaryDirectory() as tmp:
+            res[name] = sections[name](Path(tmp), use_et)
     path = RESULTS_DIR / f"{NAME}.json"
     if path.is_file():  # one section per run (the lock held for less time): the others' figures are kept
         previous = json.loads(path.read_text())
         for other in ("cnn", "minilm", "resnet"):
-            if other != args.only and other in previous:
+            if other not in res and other in previous:
                 res[other] = {**previous[other], "run": previous[other].get("run") or
                               {"date": previous.get("date"), "load": previous.get("load")}}
     write_results(path, res, render(res))
