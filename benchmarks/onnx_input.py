@@ -311,6 +311,9 @@ def main() -> int:
                 with tempfile.TemporaryDirectory(prefix="onnx-input-") as tmp:
                     row = run_model(name, specs[name], Path(tmp))
                 row.update(date=today(), load=load, seconds=round(time.time() - started))
+                if args.part is None and "fidelity" in row:  # run_all.py: both parts, one after the other
+                    row["latency_ms"] = run_latency(name, specs[name], row)
+                    row["latency_run"] = f"{today()} {time.strftime('%H:%M')} UTC, load {os.getloadavg()[0]:.1f}"
             results["models"][name] = row
             print(name, json.dumps(row)[:700], flush=True)
             write_results(path, results, markdown(results))

@@ -78,6 +78,11 @@ class OnnxModule(nn.Module):
         self.onnx_dims = dims
         self.onnx_buffers = buffers  # ONNX value name -> buffer attribute
 
+    def extra_repr(self) -> str:
+        # the source graph in the repr: caches keyed by the module tree (search/cache.py) tell two graphs apart
+        io = self.onnx_original
+        return f"inputs={io.input_names}, outputs={io.output_names}, nodes={len(self.onnx_nodes)}, sha256={io.sha256[:16]}"
+
     def forward(self, *inputs: Any, **named: Any):
         names = self.onnx_original.input_names
         if len(inputs) > len(names):
@@ -177,8 +182,8 @@ def build_module(model, *, sha256: str = "") -> OnnxModule:
     bad = unsupported_ops(model)
     if bad:
         raise UnsupportedOpError(f"the ONNX graph uses operator{'s' if len(bad) > 1 else ''} {', '.join(bad)}, which the "
-                                 "PyTorch importer does not support; int8 quantization still works on the graph itself: "
-                                 "shrinktunnel.onnx_input.quantize_onnx (shrink compress with a quantize recipe)", bad)
+                                 "PyTorch importer does not support; int8 quantization still works on the graph itself: python -m "
+                                 "shrinktunnel.onnx_input MODEL.onnx --data DATA --out OUT.onnx (onnx_input.quantize_onnx)", bad)
     opset = default_opset(model) or 11
     graph = model.graph
     consts: dict[str, torch.Tensor] = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
