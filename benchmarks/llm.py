@@ -65,7 +65,7 @@ def data(eval_windows: int):
     return model, tok, calib, ev
 
 
-def one(name: str, eval_windows: int) -> dict:
+def one(name: str, eval_windows: int, time_only: bool = False) -> dict:
     import torch
 
     import shrinktunnel as st
@@ -102,6 +102,9 @@ def one(name: str, eval_windows: int) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if one_pass:
         P._weight_only_round = orig
+    if time_only:  # the locked run: quantization only (perplexity comes from an --untimed run of the same method)
+        return {"method": name, "bits": bits, "config": cfg, "quant_s": quant_s, "quant_cpu_s": quant_cpu_s,
+                "peak_rss_mib": peak / 1024, "rss_after_load_mib": rss0 / 1024, "time_only": True}
     t = time.perf_counter()
     ppl = perplexity(q, ev, prefix_token=tok.eos_token_id)
     eval_s = time.perf_counter() - t
@@ -121,6 +124,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--one")
     ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--time-only", action="store_true", help="quantization time and memory only (no perplexity)")
     ap.add_argument("--untimed", action="store_true",
                     help="perplexity only, run outside the benchmark lock: the row's times are dropped (shown as -)")
     ap.add_argument("--only", default="fp32," + ",".join(METHODS))
@@ -128,7 +132,7 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="only write llm.json / llm.md from the jsonl")
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one(args.one, args.eval_windows)), flush=True)
+        print("RESULT " + json.dumps(one(args.one, args.eval_windows, args.time_only)), flush=True)
         return
     rows = []
     if args.render:  # the latest row of each method in the jsonl, e.g. after runs cut short
@@ -137,9 +141,12 @@ def main() -> None:
             r = json.loads(line)
             if "perplexity" in r:
                 latest[r["method"]] = r
+            elif r.get("time_only"):
+                latest[r["method"] + " (time only)"] = dict(r, method=r["method"] + " (time only)")
         rows = list(latest.values())
     for name in [] if args.render else args.only.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--eval-windows", str(args.eval_windows)],
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--eval-windows", str(args.eval_windows)]
+                              + (["--time-only"] if args.time_only else []),
                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         row = json.loads(line[-1][7:]) if line else {"method": name, "error": proc.stderr[-800:]}
@@ -160,6 +167,10 @@ def main() -> None:
           "| method | bits | perplexity | vs fp32 | quantize s (wall) | quantize CPU s | peak RSS MiB | artifact MB |",
           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.get("time_only"):
+            md.append(f"| {r['method']} | {r['bits']} | - | - | {_n(r.get('quant_s'))} | {_n(r.get('quant_cpu_s'))} | "
+                      f"{r.get('peak_rss_mib', 0):.0f} | - |")
+            continue
         if "perplexity" not in r:
             md.append(f"| {r['method']} | | failed | | | | |")
             continue
