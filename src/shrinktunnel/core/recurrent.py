@@ -1,0 +1,116 @@
+"""Weight-only storage for recurrent layers (nn.LSTM / nn.GRU / nn.RNN): what `quantize` and `cast` do
+with them when nothing else fits.
+
+A recurrent layer computes with its matrices (`weight_ih_l0`, `weight_hh_l0`, ...) inside one fused op,
+so no method's layer can take a matrix's place, and no int8 recurrent kernel is wired (ONNX Runtime's
+DynamicQuantizeLSTM is a contrib op of its own). The matrices are stored narrow instead: int8 per row
+(output unit) with a float32 scale, or float16 / bfloat16 / float8 (float8 scaled per row), and expanded
+to float32 at each forward, where the layer's own forward runs on them through `torch.func.functional_call`
+(so torch.export and ONNX export see the recurrent op with the expanded matrices). Biases stay float32.
+Storage shrinks (4x int8, 2x float16); compute and speed stay float32's.
+
+State dict: `<name>_stored` (the matrix, int8 or the float format), `<name>_scale` (float32, per row, for
+int8 and float8), and the biases under `rnn.` as the original layer has them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["RECURRENT", "RecurrentWeightOnly", "recurrent_matrices", "recurrent_spec"]
+
+RECURRENT = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn"}  # exact classes: a subclass may compute otherwise
+_CLASSES = {v: k for k, v in RECURRENT.items()}
+STORAGE = ("int8", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
+_SCALED = ("int8", "float8_e4m3fn", "float8_e5m2")
+
+
+def recurrent_matrices(module: nn.Module) -> list[str]:
+    """The names of a recurrent layer's matrices (its biases are vectors)."""
+    return [n for n in module._flat_weights_names if getattr(module, n) is not None and getattr(module, n).dim() == 2]
+
+
+def recurrent_spec(module: nn.Module, storage: str) -> dict[str, Any]:
+    cfg = {k: getattr(module, k) for k in ("input_size", "hidden_size", "num_layers", "bias", "batch_first",
+                                           "dropout", "bidirectional")}
+    if isinstance(module, nn.LSTM):
+        cfg["proj_size"] = module.proj_size
+    if isinstance(module, nn.RNN):
+        cfg["nonlinearity"] = module.nonlinearity
+    return {"kind": RECURRENT[type(module)], "config": cfg, "storage": storage, "matrices": recurrent_matrices(module)}
+
+
+class RecurrentWeightOnly(nn.Module):
+    """An nn.LSTM / GRU / RNN whose matrices are stored as `storage` and expanded to float32 per forward."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__()
+        if spec.get("kind") not in _CLASSES or spec.get("storage") not in STORAGE:
+            raise ValueError(f"unsupported recurrent weight storage {spec.get('kind')!r} / {spec.get('storage')!r}; "
+                             "this artifact needs a newer shrinktunnel, or it is corrupted")
+        self._spec = spec
+        rnn = _CLASSES[spec["kind"]](**spec["config"])
+        dtype = getattr(torch, spec["storage"])
+        for name in spec["matrices"]:
+            shape = rnn._parameters[name].shape
+            del rnn._parameters[name]
+            # a non-persistent placeholder (nothing stored twice); the forward passes the expanded matrix
+            rnn.register_buffer(name, torch.zeros((), dtype=torch.float32).expand(shape), persistent=False)
+            self.register_buffer(f"{name}_stored", torch.zeros(shape, dtype=dtype))
+            if spec["storage"] in _SCALED:
+                self.register_buffer(f"{name}_scale", torch.ones(shape[0], dtype=torch.float32))
+        self.rnn = rnn
+
+    @classmethod
+    def from_module(cls, module: nn.Module, storage: str) -> "RecurrentWeightOnly":
+        layer = cls(recurrent_spec(module, storage))
+        with torch.no_grad():
+            for name in layer._spec["matrices"]:
+                w = getattr(module, name).detach().float()
+                stored = getattr(layer, f"{name}_stored")
+                if storage in _SCALED:
+                    top = 127.0 if storage == "int8" else torch.finfo(stored.dtype).max
+                    amax = w.abs().amax(dim=1)
+                    scale = torch.where(amax > 0, amax / top, torch.ones_like(amax))
+                    getattr(layer, f"{name}_scale").copy_(scale)
+                    w = w / scale[:, None]
+                    if storage == "int8":
+                        w = w.round().clamp(-127, 127)
+                stored.copy_(w.to(stored.dtype))
+            for name, p in module.named_parameters():
+                if name not in layer._spec["matrices"]:
+                    layer.rnn.get_parameter(name).copy_(p.detach())
+        layer.train(module.training)
+        return layer
+
+    def spec(self) -> dict[str, Any]:
+        return dict(self._spec)
+
+    def matrix(self, name: str) -> torch.Tensor:
+        """A matrix as the layer computes with it (float32)."""
+        w = getattr(self, f"{name}_stored").float()
+        if self._spec["storage"] in _SCALED:
+            w = w * getattr(self, f"{name}_scale")[:, None]
+        return w
+
+    def forward(self, *args, **kwargs):
+        matrices = {name: self.matrix(name) for name in self._spec["matrices"]}
+        return torch.func.functional_call(self.rnn, matrices, args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        """The replaced layer's attributes (hidden_size, weight_ih_l0 as float32, ...), as model code reads them."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            spec = self.__dict__.get("_spec")
+            if spec is not None and name in spec["matrices"]:
+                return self.matrix(name)
+            if spec is not None and name in spec["config"]:
+                return spec["config"][name]
+            raise
+
+    def extra_repr(self) -> str:
+        return f"{self._spec['kind']}, {len(self._spec['matrices'])} matrices stored {self._spec['storage']} (weight-only)"
