@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", help="comma-separated zoo names (default: every model)")
     ap.add_argument("--methods", help="comma-separated methods (default: every method)")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export check (faster)")
+    ap.add_argument("--onnx-only", action="store_true", help="only the cells whose ONNX check the --budget reaches, "
+                    "each run whole (for a locked run whose other cells come from a --no-onnx run; merge with --render)")
     ap.add_argument("--timeout", type=int, default=120, help="seconds allowed per cell (a tiny model that takes "
                     "longer has met something pathological: the cell says where it stopped)")
     ap.add_argument("--doc", default=str(DOC), help="where the matrix goes (default docs/coverage.md)")
@@ -389,6 +391,8 @@ def _in_workers(args: argparse.Namespace, models: list[str], methods: list[str])
                 cmd += ["--budget", str(args.budget)]
             if args.no_onnx:
                 cmd.append("--no-onnx")
+            if args.onnx_only:
+                cmd.append("--onnx-only")
             procs.append((subprocess.Popen(cmd, cwd=REPO), out, share))
         cells, zoo = [], {}
         for proc, out, share in procs:
@@ -421,6 +425,8 @@ def _run(args: argparse.Namespace, models: list[str], methods: list[str]) -> tup
         zoo[name] = {"source": z.source, "family": z.family, "note": z.note,
                      "params": sum(p.numel() for p in base.parameters())}
         for method in methods:
+            if args.onnx_only:
+                break
             t0 = time.perf_counter()
             cell = run_cell(name, method, onnx=False, timeout=args.timeout, base=base).to_dict()
             cells[(name, method)] = cell
@@ -434,17 +440,18 @@ def _run(args: argparse.Namespace, models: list[str], methods: list[str]) -> tup
         order = [(name, m) for m in first for name in models]
         order += [(models[i], rest[(i + k) % len(rest)]) for k in range(len(rest)) for i in range(len(models))] if rest else []
         for name, method in order:
-            if not cells[(name, method)]["runs"]:
+            if not args.onnx_only and not cells[(name, method)]["runs"]:
                 continue  # nothing to export
             if stop is not None and time.monotonic() > stop:
-                cells[(name, method)]["onnx_error"] = f"not checked: the run's time budget ({args.budget:g} min) ran out first"
+                if not args.onnx_only:
+                    cells[(name, method)]["onnx_error"] = f"not checked: the run's time budget ({args.budget:g} min) ran out first"
                 continue
             t0 = time.perf_counter()
             cell = run_cell(name, method, onnx=True, timeout=3 * args.timeout, base=bases[name]).to_dict()
             cells[(name, method)] = cell
             status = "green" if cell["green"] else "; ".join(cell["problems"])[:160]
             print(f"{name:24s} {method:17s} {time.perf_counter() - t0:6.1f} s  ONNX: {status}", flush=True)
-    return [cells[(n, m)] for n in models for m in methods], zoo
+    return [cells[(n, m)] for n in models for m in methods if (n, m) in cells], zoo
 
 
 if __name__ == "__main__":
