@@ -63,8 +63,8 @@ def test_forced_layouts_compute_the_layer(layout):
     w = torch.randn(16, 32, generator=g) * (torch.rand(16, 32, generator=g) > 0.8)
     b = torch.randn(16, generator=g)
     layer = SparseKernelLinear(w, b, layout, 4)
-    x = torch.randn(2, 7, 32, generator=g)
-    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    for x in (torch.randn(2, 7, 32, generator=g), torch.randn(1, 32, generator=g)):  # mm, and mv for one row
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow  # 5-10 s of dynamo export for a one-line branch (F.linear with the dense weight)

@@ -93,7 +93,11 @@ class SparseKernelLinear(nn.Module):
         if torch.compiler.is_exporting() or x.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
-        y = torch.mm(self.w_sparse, x.reshape(-1, self.in_features).t()).t()  # (N, out)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] == 1:  # one row: the sparse matrix-vector product, half the time of mm's (measured)
+            y = torch.mv(self.w_sparse, x2[0]).unsqueeze(0)
+        else:
+            y = torch.mm(self.w_sparse, x2.t()).t()  # (N, out)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
