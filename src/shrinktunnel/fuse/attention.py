@@ -11,8 +11,8 @@ graphs of the exporters it knows, so the fusion is made here, at the source:
 - `mha`, a PyTorch operator `shrinktunnel::mha(q, k, v, mask?, bias?, num_heads, scale)` with an eager
   implementation (scaled_dot_product_attention) and an ONNX translation to MultiHeadAttention;
 - `ATTENTION`, an attention implementation registered with transformers' AttentionInterface (and its
-  mask interface: the 2D padding mask as it is), which calls `mha`. Setting a Hugging Face model's
-  `config._attn_implementation` to it changes the graph, not the function: the projections, their
+  mask interface: the 2D padding mask as it is), which calls `mha`. Switching a Hugging Face model to
+  it (`set_attn_implementation`) changes the graph, not the function: the projections, their
   quantization and everything else stay where they are. A relative position bias (T5's
   `position_bias`) or a 4D additive mask (Swin's windows) becomes the kernel's attention bias;
 - families whose attention does not go through that interface (MPNet: its own eager attention, with
@@ -185,16 +185,10 @@ def _why_not(m: nn.Module) -> str | None:
 
 
 def _switch(m: nn.Module) -> list[tuple[Any, Any, Any]]:
-    """Switch `m` to ATTENTION in place; returns what undoes it: (object, attribute, old value)."""
-    undo: list[tuple[Any, Any, Any]] = []
-    configs = [m.config] + [getattr(sub, "config", None) for sub in m.modules()]
-    seen = set()
-    for cfg in configs:
-        if cfg is None or id(cfg) in seen or not hasattr(cfg, "_attn_implementation"):
-            continue
-        seen.add(id(cfg))
-        undo.append((cfg, "_attn_implementation", cfg._attn_implementation))
-        cfg._attn_implementation = ATTENTION
+    """Switch `m` (a transformers PreTrainedModel) to ATTENTION in place, through its public
+    `set_attn_implementation` (sub-models and sub-configs follow); returns what undoes it."""
+    undo: list[tuple[Any, Any, Any]] = [(m, _IMPLEMENTATION, m.config._attn_implementation)]
+    m.set_attn_implementation(ATTENTION)
     for sub in m.modules():
         if type(sub).__name__ in _ADAPTERS and not getattr(sub, "_shrinktunnel_fused", False):
             undo.append((sub, "__class__", type(sub)))
@@ -202,9 +196,15 @@ def _switch(m: nn.Module) -> list[tuple[Any, Any, Any]]:
     return undo
 
 
+_IMPLEMENTATION = object()  # an undo entry's "attribute" meaning: call set_attn_implementation(old)
+
+
 def _undo(undo: list[tuple[Any, Any, Any]]) -> None:
     for obj, attr, old in reversed(undo):
-        setattr(obj, attr, old)
+        if attr is _IMPLEMENTATION:
+            obj.set_attn_implementation(old)
+        else:
+            setattr(obj, attr, old)
 
 
 def _run(model: nn.Module, example: Any) -> list[torch.Tensor]:
@@ -318,10 +318,9 @@ def fuse_attention(model: nn.Module, example: Any = None, *, warn: Callable[[str
 def unfuse_attention(model: nn.Module, implementation: str = "sdpa") -> None:
     """Back to `implementation` (for training: the fused kernel is inference only)."""
     for _, m in _hf_models(model):
+        if m.config._attn_implementation == ATTENTION:
+            m.set_attn_implementation(implementation)
         for sub in m.modules():
-            cfg = getattr(sub, "config", None)
-            if cfg is not None and getattr(cfg, "_attn_implementation", None) == ATTENTION:
-                cfg._attn_implementation = implementation
             if getattr(type(sub), "_shrinktunnel_fused", False):
                 sub.__class__ = type(sub).__bases__[0]
 

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import torch
 
-import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
+try:  # registers torch.ops.quantized_decomposed: the ops the ONNX exporter writes as QuantizeLinear /
+    # DequantizeLinear and inductor's x86 int8 passes match. torch registers them only on this import
+    # (torchao's PT2E imports the same name); it is the one private torch path the package relies on,
+    # kept here so a torch that moves it fails at import with the reason, not deep inside a method.
+    from torch.ao.quantization.fx._decomposed import quantized_decomposed_lib  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the torch build
+    raise ImportError(f"shrinktunnel needs torch's quantized_decomposed operators, which torch {torch.__version__} "
+                      "does not register at torch.ao.quantization.fx._decomposed; install torch==2.13.0 "
+                      "(the version this release is tested with)") from exc
 
 __all__ = [
     "lookup_dequantized",
