@@ -395,3 +395,21 @@ def test_outputs_is_a_static_setting():
 
     with pytest.raises(ConfigError, match="outputs"):
         st.quantize(CASES["attention"].model(), {"activations": {"dynamic": True, "outputs": False}}, progress=False)
+
+
+@pytest.mark.parametrize("conv", [
+    lambda: nn.Conv2d(2, 3, 3, padding=(1, 2), padding_mode="reflect"),
+    lambda: nn.Conv2d(2, 3, (3, 4), padding="same", dilation=(1, 2), padding_mode="reflect"),
+    lambda: nn.Conv1d(2, 3, 4, padding="same", padding_mode="circular"),
+    lambda: nn.Conv1d(2, 3, 3, padding="valid", padding_mode="replicate"),
+])
+def test_explicit_padding_pads_as_torchs_own_conv(conv):
+    """F.pad with explicit_padding, then the conv without padding: the conv's own output, exactly."""
+    from shrinktunnel.quant.modules import explicit_padding
+
+    torch.manual_seed(0)
+    c = conv()
+    x = torch.randn(2, 2, *([9] * len(c.kernel_size)))
+    padded = F.pad(x, explicit_padding(c), mode=c.padding_mode)
+    run = F.conv2d if isinstance(c, nn.Conv2d) else F.conv1d
+    torch.testing.assert_close(run(padded, c.weight, c.bias, c.stride, 0, c.dilation, c.groups), c(x), rtol=0, atol=0)

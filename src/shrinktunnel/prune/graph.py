@@ -86,19 +86,19 @@ def _tp():
     return torch_pruning
 
 
-_PRODUCTS = ("Bmm", "Mm", "Matmul", "ScaledDotProduct", "_ScaledDotProduct", "Einsum", "Baddbmm")  # grad_fn names
+_PRODUCTS = ("Bmm", "Mm", "Matmul", "ScaledDotProduct", "_ScaledDotProduct", "Einsum", "Baddbmm")  # autograd Node.name() prefixes
 
 
 def _is_activation_product(grad_fn) -> bool:
     """A matrix product of two activations (q @ k^T, att @ v), not one inside a layer: a Linear on 3-D
     inputs runs an (add)mm whose other operand is the layer's weight, a leaf reached in one or two steps."""
-    if grad_fn is None or not type(grad_fn).__name__.startswith(_PRODUCTS):
+    if grad_fn is None or not grad_fn.name().startswith(_PRODUCTS):
         return False
 
     def reaches_leaf(fn, depth: int) -> bool:
         if fn is None:
             return False
-        if type(fn).__name__ == "AccumulateGrad":
+        if fn.name().endswith("AccumulateGrad"):  # torch::autograd::AccumulateGrad
             return True
         return depth > 0 and any(reaches_leaf(f, depth - 1) for f, _ in getattr(fn, "next_functions", ()))
 

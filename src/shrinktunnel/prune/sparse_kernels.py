@@ -94,7 +94,8 @@ class SparseKernelLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] == 1:  # one row: the sparse matrix-vector product, half the time of mm's (measured)
+        if x2.shape[0] == 1 and self.layout == "csr":  # one row: CSR's matrix-vector product, half mm's time
+            # (measured; BSR's mv was 100-1000x slower than dense, so BSR keeps mm)
             y = torch.mv(self.w_sparse, x2[0]).unsqueeze(0)
         else:
             y = torch.mm(self.w_sparse, x2.t()).t()  # (N, out)

@@ -173,6 +173,21 @@ class SpecAttributes:
             raise
 
 
+def explicit_padding(conv: nn.Module) -> list[int]:
+    """F.pad's argument for a conv whose padding_mode is not "zeros", as torch's own conv pads: last
+    dimension first, (left, right) each; "same" puts the odd element on the right."""
+    pad: list[int] = []
+    for i in reversed(range(len(conv.kernel_size))):
+        if conv.padding == "same":
+            total = conv.dilation[i] * (conv.kernel_size[i] - 1)
+            pad += [total // 2, total - total // 2]
+        elif conv.padding == "valid":
+            pad += [0, 0]
+        else:
+            pad += [conv.padding[i]] * 2
+    return pad
+
+
 class QuantizedLayer(nn.Module):
     """Linear or convolution with integer weights. Buffers: `qweight` (weight shape, int8 or uint8)
     or, below 8 bits, `qweight_packed` (uint8, ceil(numel * bits / 8) bytes), or, Huffman-coded,
@@ -258,7 +273,7 @@ class QuantizedLayer(nn.Module):
             )
             if module.padding_mode != "zeros":
                 # Non-zero padding is applied by F.pad before a conv without padding, as torch does.
-                spec["explicit_padding"] = list(module._reversed_padding_repeated_twice)
+                spec["explicit_padding"] = explicit_padding(module)
         return spec
 
     @classmethod
