@@ -139,6 +139,10 @@ def _onnx2torch(path: Path, evals, names, ref) -> str:
     return "fails: " + (err[-1][:120] if err else f"exit {proc.returncode}")
 
 
+def _log(msg: str) -> None:
+    print(f"  {time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
 def _ours(model, calib, example, calibrator: str, dst: Path) -> None:
     import shrinktunnel as st
 
@@ -175,11 +179,13 @@ def run_model(name: str, spec: dict, tmp: Path) -> dict:
         outs = [o if isinstance(o, tuple) else (o,) for o in outs]
         row["max_abs_diff"] = max(float(np.abs(o.numpy() - r).max()) for bo, br in zip(outs, ref) for o, r in zip(bo, br))
         row["layers"] = sum(1 for m in model.modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)))
+    _log("onnx2torch")
     row["onnx2torch"] = _onnx2torch(path, evals, names, ref)
     files: dict[str, Path] = {}
     example = {k: torch.from_numpy(v) for k, v in _feeds(evals[0], names).items()}
     for cal in ("minmax", "entropy"):
         key = f"shrinktunnel {cal}"
+        _log(key)
         try:
             if model is None:
                 quantize_onnx(path, tmp / f"g_{cal}.onnx", calib, calibrator=cal)
@@ -190,15 +196,21 @@ def run_model(name: str, spec: dict, tmp: Path) -> dict:
         except Exception as exc:  # noqa: BLE001 - reported in the table
             row[f"{key} error"] = one_line(exc)[:200]
     for method in ("MinMax", "Entropy", "Percentile"):
+        _log(f"ORT {method}")
         try:
             _ort_quantize(path, tmp / f"ort_{method}.onnx", calib, names, method)
             files[f"ORT {method}"] = tmp / f"ort_{method}.onnx"
         except Exception as exc:  # noqa: BLE001
             row[f"ORT {method} error"] = one_line(exc)[:200]
+    _log("fidelity")
     row["fidelity"] = {}
-    for key, f in files.items():
-        s = _session(f)
-        row["fidelity"][key] = _fidelity(ref, [s.run(None, _feeds(b, names)) for b in evals], spec["metric"], output)
+    for key, f in list(files.items()):
+        try:
+            s = _session(f)
+            row["fidelity"][key] = _fidelity(ref, [s.run(None, _feeds(b, names)) for b in evals], spec["metric"], output)
+        except Exception as exc:  # noqa: BLE001 - a quantizer that wrote a graph ONNX Runtime rejects: reported
+            row[f"{key} error"] = "ONNX Runtime rejects the int8 file: " + one_line(exc)[:160]
+            files.pop(key)
     keep = WORK / name
     keep.mkdir(parents=True, exist_ok=True)
     row["files"] = {}

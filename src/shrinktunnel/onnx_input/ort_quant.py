@@ -50,10 +50,30 @@ def _feeds(batch: Any, input_names: list[str], input_types: dict[str, Any]) -> d
 _NP = {1: np.float32, 6: np.int32, 7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64, 2: np.uint8, 3: np.int8}
 
 
+def _opset_13(src: Path, dst: Path) -> Path:
+    """`src` converted to opset 13 when older: per-channel QDQ (DequantizeLinear's axis) needs 13, and
+    ORT's quantizer writes it into an opset-11 graph regardless (ONNX Runtime then rejects the model)."""
+    import onnx
+    from onnx import version_converter
+
+    from .reader import default_opset
+
+    model = onnx.load(str(src))
+    if (default_opset(model) or 13) >= 13:
+        return src
+    try:
+        onnx.save(version_converter.convert_version(model, 13), str(dst))
+    except Exception:  # noqa: BLE001 - left as it is; ORT's own error then names the problem
+        return src
+    return dst
+
+
 def preprocess(src: Path, dst: Path) -> Path:
-    """ORT's recommended pre-processing (shape inference, graph optimization); the original when it fails."""
+    """ORT's recommended pre-processing (shape inference, graph optimization) of `src` at opset 13 or
+    later; `src` itself (upgraded) when the pre-processing fails."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    src = _opset_13(src, dst.with_name(dst.stem + ".op13.onnx"))
     for symbolic_skip in (False, True):
         try:
             with warnings.catch_warnings():
