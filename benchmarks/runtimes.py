@@ -129,8 +129,13 @@ def executorch_own(fp32: torch.nn.Module, calib: list, example: torch.Tensor, wo
     return out
 
 
+UNTIMED = False  # --untimed: fidelity only (no lock needed), written beside the timed figures
+
+
 def measure(sessions: dict[str, R.Session], batch: Any, heads: list[tuple[str, str]]) -> dict[str, Any]:
     """Best median latency of interleaved rounds, and paired ratios for the head-to-head pairs."""
+    if UNTIMED:
+        return {"latency_ms": {}, "paired": {}}
     feeds = {k: s.feed(**batch) if isinstance(batch, dict) else s.feed(batch) for k, s in sessions.items()}
     best: dict[str, float] = {}
     for _ in range(ROUNDS):
@@ -294,7 +299,10 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=("cnn", "minilm", "resnet"), default=None, help="one section (default: all)")
     parser.add_argument("--no-executorch", action="store_true")
+    parser.add_argument("--untimed", action="store_true", help="fidelity only, into results/runtimes_untimed.*")
     args = parser.parse_args()
+    global UNTIMED
+    UNTIMED = args.untimed
     warnings.simplefilter("ignore")
     torch.set_num_threads(THREADS)
     use_et = not args.no_executorch
@@ -307,14 +315,14 @@ def main() -> int:
     for name in [args.only] if args.only else list(sections):
         with tempfile.TemporaryDirectory() as tmp:
             res[name] = sections[name](Path(tmp), use_et)
-    path = RESULTS_DIR / f"{NAME}.json"
+    path = RESULTS_DIR / f"{NAME}{'_untimed' if UNTIMED else ''}.json"
     if path.is_file():  # one section per run (the lock held for less time): the others' figures are kept
         previous = json.loads(path.read_text())
         for other in ("cnn", "minilm", "resnet"):
             if other not in res and other in previous:
                 res[other] = {**previous[other], "run": previous[other].get("run") or
                               {"date": previous.get("date"), "load": previous.get("load")}}
-    write_results(path, res, render(res))
+    write_results(path, res, render(res))  # writes NAME.json and NAME.md beside it
     print(render(res))
     return 0
 
