@@ -39,3 +39,41 @@ def test_recurrent_weights_stored_narrow_keep_the_outputs(cls, storage, floor, b
 def test_bad_spec_is_refused():
     with pytest.raises(ValueError, match="newer shrinktunnel"):
         RecurrentWeightOnly({"kind": "lstm", "storage": "int3", "config": {}, "matrices": []})
+
+
+class _Tagger(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.gru = nn.GRU(8, 12, batch_first=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, tokens):
+        h, _ = self.gru(self.emb(tokens))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("how", ["quantize", "cast"])
+def test_quantize_and_cast_store_a_recurrent_layer_weight_only(how, tmp_path):
+    import shrinktunnel as st
+    from shrinktunnel.core.coverage import stage_coverage
+    from shrinktunnel.export import OrtModel
+
+    torch.manual_seed(0)
+    model, x = _Tagger().eval(), torch.randint(0, 20, (4, 7))
+    if how == "quantize":
+        result = st.compress(model, [{"quantize": {"activations": {"dynamic": True}}}], data=[x], progress=False)
+    else:
+        result = st.compress(model, [{"cast": {"format": "bfloat16"}}], progress=False)
+    out = result.model
+    assert type(out.gru) is RecurrentWeightOnly
+    assert out.gru.weight_hh_l0_stored.dtype == (torch.int8 if how == "quantize" else torch.bfloat16)
+    (cov,) = stage_coverage(out)
+    assert cov.share == 1.0 and not cov.skipped  # the GRU counts as done, with no reason left behind
+    assert [w for w in result.warnings if "gru" in w] == [w for w in result.warnings if "weight-only" in w]
+    with torch.no_grad():
+        assert _sqnr(model(x), out(x)) > 25
+        loaded = st.load(st.save(out, tmp_path / "a"), model=_Tagger())
+        assert torch.equal(loaded(x), out(x))
+    got = OrtModel(st.export_onnx(out, tmp_path / "m.onnx", x))(x)
+    assert (got - out(x)).abs().max() <= 0.02 * out(x).abs().max()

@@ -133,6 +133,8 @@ def eligible_weights(model: nn.Module) -> dict[str, int]:
             ws = [m.in_proj_weight] if m.in_proj_weight is not None else [m.q_proj_weight, m.k_proj_weight,
                                                                            m.v_proj_weight]
             out[name] = sum(int(w.numel()) for w in ws)
+        elif isinstance(m, nn.RNNBase):  # LSTM / GRU: every parameter (the library counts the same)
+            out[name] = sum(int(p.numel()) for p in m.parameters(recurse=False))
         elif isinstance(m, _WEIGHT_LAYERS) or _is_hf_conv1d(m):
             w = getattr(m, "weight", None)
             if isinstance(w, torch.Tensor):
@@ -167,6 +169,8 @@ def _transformed(before: nn.Module, after: nn.Module | None) -> bool:
         canonical = type(after) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
         return not (canonical and isinstance(w, torch.Tensor) and isinstance(getattr(before, "weight", None), torch.Tensor)
                     and _same_values(w, before.weight))
+    if isinstance(before, nn.RNNBase):  # same class: left as it is (core/recurrent.py replaces it when it acts)
+        return False
     if isinstance(before, nn.MultiheadAttention):
         return after.in_proj_weight is None or after.in_proj_weight.dtype != before.in_proj_weight.dtype
     wa, wb = getattr(after, "weight", None), getattr(before, "weight", None)

@@ -63,8 +63,8 @@ def _changed(before: nn.Module, after: nn.Module | None) -> bool:
 def measure_coverage(before: nn.Module, after: nn.Module, unreachable: dict[str, str],
                      reasons: dict[str, str]) -> dict[str, Any]:
     """The coverage record of one stage: `before` is the canonicalized model the method received,
-    `after` what it returned; `unreachable` {name: reason} from canonicalization; `reasons` {name:
-    reason} the method gave for layers it left alone."""
+    `after` what it returned; `unreachable` {name: reason} from canonicalization (the layers the method
+    reached after all are removed from it); `reasons` {name: reason} the method gave for layers it left alone."""
     after_modules = dict(after.named_modules())
     before_modules = dict(before.named_modules())
     # A layer left alone under one name has the reason given under another: the same module registered twice,
@@ -83,10 +83,16 @@ def measure_coverage(before: nn.Module, after: nn.Module, unreachable: dict[str,
         given = [reasons.get(a) or reasons.get(_logical(a)) for a in [name, *names]]
         reason = None if done else next((r for r in given if r), NOT_SELECTED)
         layers[name] = {"weights": n, "done": done, "reason": reason}
-    for name, why in unreachable.items():
+    for name, why in list(unreachable.items()):
         module = before_modules.get(name)
         n = sum(int(p.numel()) for p in module.parameters(recurse=False)) if module is not None else 0
-        layers[name] = {"weights": n, "done": False, "reason": why}
+        # A layer no method's layer can replace that the method still reached (a recurrent layer stored
+        # weight-only: core/recurrent.py) is done, and leaves `unreachable` (no warning for it then).
+        done = module is not None and type(after_modules.get(name)) is not type(module)
+        if done:
+            del unreachable[name]
+            reasons.pop(name, None)  # a skip said on the way ("not a supported layer kind") no longer holds
+        layers[name] = {"weights": n, "done": done, "reason": None if done else why}
     reasons: list[str] = []
     skipped: dict[str, list[int]] = {}
     for name, v in layers.items():

@@ -352,8 +352,8 @@ def _unreachable_reason(module: nn.Module, matrices: list[str]) -> str:
     """Why no method reaches a module whose matrices are not a `weight` passed to a layer call."""
     held = f"{', '.join(matrices[:2])}{'...' if len(matrices) > 2 else ''}"
     if isinstance(module, nn.RNNBase):
-        return (f"{type(module).__name__} computes with {held} inside one fused op; no method rewrites it (weight "
-                "storage for recurrent layers is not implemented)")
+        return (f"{type(module).__name__} computes with {held} inside one fused op: only quantize and cast reach it "
+                "(weight-only storage, core/recurrent.py); no method rewrites it otherwise")
     return (f"{type(module).__name__} reads {held} in its own code (indexed or added, not passed to a linear / conv / "
             "embedding call); no method rewrites it")
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["RECURRENT", "RecurrentWeightOnly", "recurrent_matrices", "recurrent_spec"]
+__all__ = ["RECURRENT", "RecurrentWeightOnly", "recurrent_matrices", "recurrent_spec", "store_recurrent",
+           "replay_recurrent"]
 
 RECURRENT = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn"}  # exact classes: a subclass may compute otherwise
 _CLASSES = {v: k for k, v in RECURRENT.items()}
@@ -89,6 +90,10 @@ class RecurrentWeightOnly(nn.Module):
     def spec(self) -> dict[str, Any]:
         return dict(self._spec)
 
+    def num_weights(self) -> int:
+        """The matrices (measure.count_weights; the biases are the child `rnn`'s parameters, counted there)."""
+        return sum(int(getattr(self, f"{n}_stored").numel()) for n in self._spec["matrices"])
+
     def matrix(self, name: str) -> torch.Tensor:
         """A matrix as the layer computes with it (float32)."""
         w = getattr(self, f"{name}_stored").float()
@@ -114,3 +119,30 @@ class RecurrentWeightOnly(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self._spec['kind']}, {len(self._spec['matrices'])} matrices stored {self._spec['storage']} (weight-only)"
+
+
+def store_recurrent(model: nn.Module, layers: list[str], skip: list[str], storage: str, method: str,
+                    ctx: Any) -> dict[str, dict[str, Any]]:
+    """Every selected exact nn.LSTM / GRU / RNN of `model` stored weight-only as `storage`, IN PLACE; one
+    warning names them (no kernel computes in that format); returns the replay {name: spec}."""
+    from .layers import visible_modules
+    from .modtree import set_submodule
+    from .select import matches
+
+    specs: dict[str, dict[str, Any]] = {}
+    for name, module in list(visible_modules(model)):
+        if name and type(module) in RECURRENT and matches(name, layers) and not matches(name, skip):
+            layer = RecurrentWeightOnly.from_module(module, storage)
+            set_submodule(model, name, layer)
+            specs[name] = layer.spec()
+    if specs:
+        ctx.warn(f"{method}: {', '.join(specs)}: recurrent layer(s) stored {storage} weight-only (matrices expanded "
+                 f"to float32 at run time: no {storage} recurrent kernel; storage shrinks, speed stays float's)")
+    return specs
+
+
+def replay_recurrent(model: nn.Module, specs: dict[str, dict[str, Any]]) -> None:
+    from .modtree import set_submodule
+
+    for name, spec in specs.items():
+        set_submodule(model, name, RecurrentWeightOnly(spec))

@@ -19,6 +19,7 @@ from ..core.config import Config, StrEnum
 from ..core.registry import Context, register_method
 from ..core.select import names_by_module, select_modules, set_submodule, unmatched_patterns
 from ..errors import DataError
+from ..core.recurrent import replay_recurrent, store_recurrent
 from ..core.tied import left_alone, tie, tie_plan, tie_record
 from .modules import SUPPORTED, QuantizedLayer, apply_layer
 from .modules import SpecAttributes
@@ -123,6 +124,7 @@ def replay_cast(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
         set_submodule(model, name, FloatWeightLayer(spec))
     for alias, name in replay.get("shared", {}).items():
         set_submodule(model, alias, model.get_submodule(name))
+    replay_recurrent(model, replay.get("recurrent", {}))
     return tie(model, replay.get("tied", {}))
 
 
@@ -154,9 +156,12 @@ def cast_model(model: nn.Module, cfg: CastConfig, ctx: Context) -> tuple[nn.Modu
         if not embedding:  # Embeddings tied to this Linear read its layer's rows
             tied.update({e: tie_record(model, e, name) for e in followers})
     tie(model, tied)
-    if not layers:
+    recurrent = store_recurrent(model, cfg.layers, cfg.skip, cfg.format.value, "cast", ctx)  # LSTM / GRU: weight-only
+    if not layers and not recurrent:
         ctx.warn("cast: no Linear/Conv1d/Conv2d/Embedding layer selected; the model is unchanged")
     replay: dict[str, Any] = {"layers": layers, "shared": shared}
+    if recurrent:
+        replay["recurrent"] = recurrent
     if tied:
         replay["tied"] = tied
     return model, replay

@@ -68,6 +68,10 @@ def replay_quantize(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
         set_submodule(model, name, QuantizedLayer.from_spec(spec))
     for alias, name in replay.get("shared", {}).items():
         set_submodule(model, alias, model.get_submodule(name))
+    if replay.get("recurrent"):
+        from ..core.recurrent import replay_recurrent
+
+        replay_recurrent(model, replay["recurrent"])
     for name in replay.get("fused", []):
         set_submodule(model, name, nn.Identity())
     return tie(model, replay.get("tied", {}))
@@ -401,6 +405,11 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, ctx: Context) -> tuple[nn
             ctx.warn(f"quantize: {step['layer']} kept in float to stay within max_drop={cfg.max_drop} "
                      f"(sensitivity {step['sensitivity']:.4g}, metric after {step['metric_after']:.4g})")
     quantized, replay = _build(model, plans, observers, rounded)
+    if cfg.weights is not None:  # LSTM / GRU: int8 matrices per row, weight-only (core/recurrent.py)
+        from ..core.recurrent import store_recurrent
+
+        if recurrent := store_recurrent(quantized, cfg.layers, cfg.skip, "int8", "quantize", ctx):
+            replay["recurrent"] = recurrent
     if folded:
         replay["bn_folded"] = folded
     if report is not None:
