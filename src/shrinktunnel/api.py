@@ -14,7 +14,7 @@ from .core import data as D
 from .core.artifact import load_artifact, save_artifact
 from .core.history import set_model_ref
 from .core.recipe import load_recipe
-from .core.registry import Context
+from .core.registry import Context, report_sections
 from .core.stage import run_stage
 from .core.result import Result
 from .errors import ConfigError, ModelError
@@ -143,7 +143,7 @@ def compress(
     """
     if isinstance(model, (str, os.PathLike)):  # a reference, or a Hugging Face model directory (hf_input)
         from .core.refs import load_model
-        from .hf_input import is_hf_model_dir, text_batches
+        from .core.hf_input import is_hf_model_dir, text_batches
 
         if is_hf_model_dir(model) and isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data):
             data = text_batches(list(data), model)  # strings: windows of 512 tokens, at most 128
@@ -167,10 +167,9 @@ def compress(
         example_inputs = next(D.batches(data))
     metrics = {"before": _measure(original, example_inputs, eval_fn),
                "after": _measure(current, example_inputs, eval_fn, artifact=True)}
-    from .cluster import storage_report  # per layer: bits per weight beside each stream's entropy
-
-    if sharing := storage_report(current):
-        metrics["after"]["weight_sharing"] = sharing
+    for section in report_sections():  # what methods declare (cluster: bits per weight per layer)
+        if (figures := section.build(current)):
+            metrics["after"][section.key] = figures
     return Result(current, metrics, ctx.warnings)
 
 

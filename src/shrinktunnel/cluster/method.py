@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import data as D
-from ..core.registry import Context, SearchAction, SearchHooks, merge_overrides, register_method
+from ..core.registry import Context, ReportSection, SearchAction, SearchHooks, merge_overrides, register_method
 from ..core.select import matches, names_by_module, resolve, set_submodule, unmatched_patterns
 from ..core.train import FitConfig, classification_loss, fit
 from ..errors import DataError
@@ -74,7 +74,8 @@ CLUSTER_SEARCH = SearchHooks("share", order=30, merge=merge_overrides("overrides
                              actions=tuple(SearchAction(f"share{b}", {"bits": b}, float(b)) for b in (8, 4, 2)))
 
 
-@register_method("cluster", ClusterConfig, replay=replay_cluster, search=CLUSTER_SEARCH)
+@register_method("cluster", ClusterConfig, replay=replay_cluster, search=CLUSTER_SEARCH,
+                 report=ReportSection("weight_sharing", lambda model: storage_report(model)))
 def cluster_model(model: nn.Module, cfg: ClusterConfig, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     """Weight sharing on a copy of `model`: each selected layer's weights become indices into a k-means
     codebook of at most 2^bits float32 centroids, stored packed or Huffman-coded; pruned layers keep

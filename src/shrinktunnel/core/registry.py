@@ -106,6 +106,16 @@ class SearchHooks:
 
 
 @dataclass(frozen=True)
+class ReportSection:
+    """A figure a method adds to `st.compress`'s metrics of the compressed model: `metrics["after"][key]
+    = build(model)` when `build` returns something (cluster: bits per weight per layer beside each
+    stream's entropy)."""
+
+    key: str
+    build: Callable[[nn.Module], Any]
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     config_cls: type[Config]
@@ -113,17 +123,20 @@ class Method:
     replay: Callable[[nn.Module, dict[str, Any]], nn.Module]
     summary: str = ""
     search: SearchHooks | None = None  # None: the search never proposes this method
+    report: ReportSection | None = None
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, config_cls: type[Config], *, replay: Callable, summary: str = "",
-                    search: SearchHooks | None = None):
+                    search: SearchHooks | None = None, report: ReportSection | None = None):
     """Decorator: `@register_method("quantize", QuantConfig, replay=replay_quantize)`. The stored
     replay first redoes the stage's canonical record (core/layers.py: the layers canonicalized before
     the method ran), then calls the method's own. `search`: the method's actions and plan rules, which
-    make it searchable by `st.analyze` / `st.auto` without touching search/."""
+    make it searchable by `st.analyze` / `st.auto` without touching search/; `report`: a section of
+    the compressed model's metrics. Custom operators a method's layers call at export declare their
+    ONNX with `register_onnx_translations`."""
 
     def replay_canonical(model: nn.Module, record: dict[str, Any]) -> nn.Module:
         from .layers import restore
@@ -145,8 +158,10 @@ def register_method(name: str, config_cls: type[Config], *, replay: Callable, su
                                   f"({'model, config, ctx' if arity == 3 else 'model, replay'}), got {inspect.signature(f)}") from None
         if search is not None and not isinstance(search, SearchHooks):
             raise ConfigError(f"register_method({name!r}): search= must be a SearchHooks, got {type(search).__name__}")
+        if report is not None and not isinstance(report, ReportSection):
+            raise ConfigError(f"register_method({name!r}): report= must be a ReportSection, got {type(report).__name__}")
         METHODS[name] = Method(name, config_cls, fn, replay_canonical, summary or (fn.__doc__ or "").split("\n")[0],
-                               search)
+                               search, report)
         return fn
 
     return wrap
@@ -174,6 +189,33 @@ def searchable_methods() -> list[Method]:
     """The registered methods that declare search hooks, builtin ones loaded first, in registration order."""
     _load_builtin_methods()
     return [m for m in METHODS.values() if m.search is not None]
+
+
+def report_sections() -> list[ReportSection]:
+    """The report sections the registered methods declare, builtin ones loaded first."""
+    _load_builtin_methods()
+    return [m.report for m in METHODS.values() if m.report is not None]
+
+
+ONNX_TRANSLATIONS: list[Callable[[], dict]] = []
+
+
+def register_onnx_translations(provider: Callable[[], dict]) -> Callable[[], dict]:
+    """Decorator for a method package's `provider() -> {torch custom op: onnxscript function}`: how
+    the exporter writes the custom operators its layers call (called at export time only, so onnxscript
+    is imported then). export/ reads them all here and knows no method by name."""
+    if provider not in ONNX_TRANSLATIONS:
+        ONNX_TRANSLATIONS.append(provider)
+    return provider
+
+
+def onnx_translations() -> dict:
+    """Every registered method package's ONNX translations, merged (builtin packages loaded first)."""
+    _load_builtin_methods()
+    table: dict = {}
+    for provider in ONNX_TRANSLATIONS:
+        table.update(provider())
+    return table
 
 
 def merge_overrides(key: str, value_key: str, base: dict[str, Any] | None = None) -> Callable:

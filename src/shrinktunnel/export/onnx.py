@@ -161,11 +161,11 @@ def _export_notes(module: nn.Module, shown: int = 4) -> list[str]:
 
 
 def _translations() -> dict:
-    # Our custom operators (the integer matmul of dynamic quantization, fused attention) and the ONNX they become.
-    from ..fuse import attention
-    from ..quant import dynamic, nbits
+    # The custom operators method packages declare (register_onnx_translations: the integer matmul of
+    # dynamic quantization, MatMulNBits, fused attention...) and the ONNX they become.
+    from ..core.registry import onnx_translations
 
-    return {**dynamic.onnx_translations(), **nbits.onnx_translations(), **attention.onnx_translations()}
+    return onnx_translations()
 
 
 _FP8 = {torch.float8_e4m3fn, torch.float8_e5m2}

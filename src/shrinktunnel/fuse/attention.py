@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.registry import register_onnx_translations
+
 __all__ = ["ATTENTION", "mha", "fuse_attention", "unfuse_attention", "onnx_translations", "register_with_transformers",
            "FUSED_TOLERANCE"]
 
@@ -325,6 +327,7 @@ def unfuse_attention(model: nn.Module, implementation: str = "sdpa") -> None:
                 sub.__class__ = type(sub).__bases__[0]
 
 
+@register_onnx_translations
 def onnx_translations() -> dict:
     """{torch op: onnxscript function}: `mha` as com.microsoft.MultiHeadAttention."""
     from onnx.defs import OpSchema

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ..core.registry import register_onnx_translations
+
 __all__ = ["matmul_integer", "dynamic_quantize_matmul", "quantize_dynamic_u8", "dynamic_linear", "onnx_translations"]
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -104,6 +106,7 @@ def dynamic_linear(
     return y if bias is None else y + bias
 
 
+@register_onnx_translations
 def onnx_translations() -> dict:
     """{torch op: onnxscript function}: how the exporter writes this module's custom operators."""
     from onnxscript import opset18 as op

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from ..core.registry import register_onnx_translations
+
 __all__ = ["matmul_nbits", "nbits_layout", "exports_as_nbits", "onnx_translations"]
 
 
@@ -66,6 +68,7 @@ def _(x, b, scales, zero_points, k, n, block_size):
     return x.new_empty((*x.shape[:-1], n))
 
 
+@register_onnx_translations
 def onnx_translations() -> dict:
     """{torch op: onnxscript function}: MatMulNBits in ONNX Runtime's com.microsoft domain."""
     from onnx.defs import OpSchema
