@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("models", "sweep"), default="models")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--tag", default="", help="suffix of the results files")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     warnings.simplefilter("ignore")
@@ -179,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         part = run_models() if args.part == "models" else run_sweep()
         res["rows"].update({f"{k} [{threads} thread{'s' if threads > 1 else ''}]": v for k, v in part["rows"].items()})
     res.update(benchmark=NAME, part=args.part, date=today(), machine=machine_info(max(args.threads)), source=git_state(),
-               command=f"flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/sparse_kernels.py --part {args.part}",
+               command="flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/sparse_kernels.py " + " ".join(sys.argv[1:]),
                load=" ".join(f"{x:.1f}" for x in os.getloadavg()), wall_s=round(time.perf_counter() - started, 1))
     markdown = render(res)
-    write_results(RESULTS_DIR / f"{NAME}_{args.part}.json", res, markdown)
+    write_results(RESULTS_DIR / f"{NAME}_{args.part}{'_' + args.tag if args.tag else ''}.json", res, markdown)
     print(markdown)
     return 0
 
