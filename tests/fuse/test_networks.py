@@ -134,7 +134,7 @@ def test_models_that_disagree_about_the_input_are_typed_errors(teachers):
         st.fuse([a], data=data(2), progress=False)
     with pytest.raises(ConfigError, match="names no layer"):
         st.fuse([a, TaskNet(2)], {"split": "nope"}, data=data(2), progress=False)
-    with pytest.raises(ConfigError, match="temperature must be positive"):
+    with pytest.raises(ConfigError, match="temperature: Input should be greater than 0"):
         st.FuseConfig(temperature=-1)
     with pytest.raises(ConfigError, match="cannot be a recipe stage"):
         st.compress(a, [{"fuse_networks": {}}], data=data(2), progress=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from ..core.config import Config, StrEnum
 from ..distill.config import OutputLoss
@@ -37,29 +37,14 @@ class FuseConfig(Config):
     names: list[str] | None = None  # task names, one per model; None: task0, task1, ...
     output: FuseOutput = FuseOutput.TUPLE
     loss: OutputLoss = OutputLoss.KL  # kl: classifiers' soft targets; mse / cosine: regressors, encoders
-    temperature: float = 2.0  # soft targets of several teachers at once; 2 keeps every task's top class
+    temperature: float = Field(default=2.0, gt=0)  # soft targets of several teachers at once; 2 keeps every task's top class
     # dominant while passing on the rest of the distribution
     task_weights: list[float] | None = None  # weight of each task's loss; None: 1 each
     steps: int | None = Field(default=None, ge=1)  # optimiser steps; None: `epochs` passes over the data
     epochs: float = Field(default=1.0, gt=0)
-    lr: float = 1e-3  # Adam; the heads start from teachers trained on other trunks, so they must move
+    lr: float = Field(default=1e-3, gt=0)  # Adam; the heads start from teachers trained on other trunks, so they must move
     optimizer: str = "adam"  # adam | adamw | sgd
     train_trunk: bool = True  # False: only the heads learn; the trunk stays the first model's
-
-    @field_validator("temperature")
-    @classmethod
-    def _check_temperature(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError(f"temperature must be positive, got {value}: soft targets are softmax(logits / T); "
-                             "T = 1 is the plain softmax and 2 to 20 soften it")
-        return value
-
-    @field_validator("lr")
-    @classmethod
-    def _check_lr(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError(f"lr must be positive, got {value}; e.g. 1e-3")
-        return value
 
     @model_validator(mode="after")
     def _check(self) -> "FuseConfig":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..core.config import Config, StrEnum
 
@@ -69,64 +69,22 @@ class PruneConfig(Config):
     skip: list[str] = []  # glob patterns left dense (a first conv or a classifier often deserves it)
     overrides: list[LayerSparsity] = []  # per-layer sparsity, ordered, last match wins; scope "layer" only
     schedule: Schedule = Schedule.AGP  # gradual pruning recovers better (Zhu & Gupta 2017); without fine-tuning it is one shot
-    steps: int = 0  # fine-tuning optimiser steps; 0 (and epochs 0): prune in one shot, no data needed
-    epochs: float = 0.0  # fine-tuning length in passes over the data, instead of steps (data with a len())
+    steps: int = Field(default=0, ge=0)  # fine-tuning optimiser steps; 0 (and epochs 0): prune in one shot, no data needed
+    epochs: float = Field(default=0.0, ge=0)  # fine-tuning length in passes over the data, instead of steps (data with a len())
     initial_sparsity: float = 0.0  # AGP's s_i: the sparsity at the first step
-    ramp: float = 0.75  # share of the fine-tuning over which AGP raises the sparsity; the rest recovers at the final one
-    updates: int = 10  # AGP's n: mask updates over the ramp; masks are held in between
-    lr: float = 1e-4  # fine-tuning a trained net: a tenth of Adam's default keeps what it learned
+    ramp: float = Field(default=0.75, gt=0, le=1)  # share of the fine-tuning over which AGP raises the sparsity; the rest recovers at the final one
+    updates: int = Field(default=10, ge=1)  # AGP's n: mask updates over the ramp; masks are held in between
+    lr: float = Field(default=1e-4, gt=0)  # fine-tuning a trained net: a tenth of Adam's default keeps what it learned
     optimizer: Optimizer = Optimizer.ADAM  # the built-in loop's optimiser (a train_step brings its own)
     weight_decay: float = 0.0  # no decay: pruned weights are held at zero by the masks anyway
     encoding: IndexEncoding = IndexEncoding.AUTO  # how the positions of the kept weights are stored
-    index_bits: int | None = None  # width of the relative index; None: the cheapest per layer (Deep Compression: 8 conv, 5 fc)
+    index_bits: int | None = Field(default=None, ge=1, le=16)  # width of the relative index; None: the cheapest per layer (Deep Compression: 8 conv, 5 fc)
     seed: int = 0  # the random criterion's generator
 
     @field_validator("sparsity", "initial_sparsity")
     @classmethod
     def _ratio(cls, v: float, info) -> float:
         return _check_ratio(v, info.field_name)
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"steps must be >= 0 (0: no fine-tuning), got {v}")
-        return v
-
-    @field_validator("epochs")
-    @classmethod
-    def _epochs(cls, v: float) -> float:
-        if not v >= 0:
-            raise ValueError(f"epochs must be >= 0 (0: no fine-tuning), got {v}")
-        return v
-
-    @field_validator("ramp")
-    @classmethod
-    def _ramp(cls, v: float) -> float:
-        if not 0.0 < v <= 1.0:
-            raise ValueError(f"ramp must be in (0, 1] (the share of fine-tuning that raises the sparsity), got {v}")
-        return v
-
-    @field_validator("updates")
-    @classmethod
-    def _updates(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"updates must be >= 1, got {v}")
-        return v
-
-    @field_validator("lr")
-    @classmethod
-    def _lr(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError(f"lr must be positive, got {v}")
-        return v
-
-    @field_validator("index_bits")
-    @classmethod
-    def _bits(cls, v: int | None) -> int | None:
-        if v is not None and not 1 <= v <= 16:
-            raise ValueError(f"index_bits must be in 1..16 or null (the cheapest per layer), got {v}")
-        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "PruneConfig":
