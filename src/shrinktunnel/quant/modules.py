@@ -443,7 +443,7 @@ class QuantizedLayer(nn.Module):
     def extra_repr(self) -> str:
         w = self._format
         act = self._spec.get("activation")
-        fmt = f"{w['bits']}-bit {w['dtype']}" + (" packed" if w["packed"] else "")
+        fmt = f"{w['bits']}-bit {'log2' if w.get('format') == 'log2' else w['dtype']}" + (" packed" if w["packed"] else "")
         gran = f"per_group({w['group_size']})" if w["granularity"] == "per_group" else w["granularity"]
         return (
             f"{self.kind}, weight={tuple(self._spec['weight_shape'])} {fmt} {gran}"
