@@ -1,8 +1,8 @@
 """Benchmark: log2 (power-of-two) weights and power-of-two scales.
 
-    nice .venv/bin/python benchmarks/log2_mnist.py --part ptq      # ~5 min at load average 12 (1 thread)
-    nice .venv/bin/python benchmarks/log2_mnist.py --part qat      # ~7 min
-    nice .venv/bin/python benchmarks/log2_mnist.py --part minilm   # ~3 min
+    .venv/bin/python benchmarks/log2_mnist.py --part ptq      # ~5 min at load average 12 (1 thread)
+    .venv/bin/python benchmarks/log2_mnist.py --part qat      # ~7 min
+    .venv/bin/python benchmarks/log2_mnist.py --part minilm   # ~3 min
 
 Nothing is timed (accuracy and cosine only), so it runs outside the benchmark lock, on one thread.
 
@@ -19,6 +19,7 @@ Target (issue 18): 4-bit log2 weights with QAT within 0.5 pt of fp32 on MNIST.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -138,10 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"shrinktunnel-{NAME}-") as tmp:
         res = run_minilm() if args.part == "minilm" else run_mnist(Path(tmp), args.epochs, args.part)
-    import os
-
     res.update(benchmark=NAME, part=args.part, date=today(),
-               command=f"nice .venv/bin/python benchmarks/log2_mnist.py --part {args.part}", machine=machine_info(THREADS),
+               command=f".venv/bin/python benchmarks/log2_mnist.py --part {args.part}", machine=machine_info(THREADS),
                source=git_state(), load=" ".join(f"{x:.1f}" for x in os.getloadavg()),
                wall_s=round(time.perf_counter() - started, 1))
     markdown = render(res)
