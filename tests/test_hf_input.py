@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import shrinktunnel as st
 from shrinktunnel.errors import DataError, ModelError
-from shrinktunnel.hf_input import load_hf_model, text_batches, token_windows
+from shrinktunnel.core.hf_input import load_hf_model, load_tokenizer, text_batches, token_windows
 from test_cli import run_cli
 
 WORDS = ("the a model layer weight small fast int four bits group scale zero point token window text is of and "
@@ -64,8 +64,6 @@ def _recipe(tmp_path, group_size=16, **extra):
 
 
 def test_text_is_cut_into_consecutive_windows(model_dir, texts):
-    from shrinktunnel.hf_input import load_tokenizer
-
     tok = load_tokenizer(model_dir)
     ids = tok(_corpus(400), return_tensors="pt").input_ids[0]
     w = token_windows(tok, _corpus(400), 32, samples=5)
@@ -85,7 +83,7 @@ def test_cli_compresses_a_model_directory_on_text_with_perplexity(model_dir, tex
     before, after = report["metrics"]["before"]["metric"], report["metrics"]["after"]["metric"]
     assert 1.0 < before < 100 and 1.0 < after < 100  # perplexities (a random model over ~30 words)
     loaded = st.load(out)  # rebuilt from the recorded config: no code runs
-    ids = token_windows(__import__("shrinktunnel.hf_input", fromlist=["x"]).load_tokenizer(model_dir), _corpus(50), 16)
+    ids = token_windows(load_tokenizer(model_dir), _corpus(50), 16)
     ref = load_hf_model(model_dir)
     with torch.no_grad():
         assert loaded(ids).logits.shape == ref(ids).logits.shape

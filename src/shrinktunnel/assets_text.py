@@ -394,6 +394,6 @@ def prose(part: str = "evaluation") -> str:
 
 def token_windows(tokenizer, text: str | list[str], seq_len: int, samples: int | None = None) -> torch.Tensor:
     """hf_input.token_windows: (n, seq_len) consecutive windows of the tokenized text."""
-    from .hf_input import token_windows as windows
+    from .core.hf_input import token_windows as windows
 
     return windows(tokenizer, text, seq_len, samples)

@@ -114,7 +114,7 @@ def _model_and_data(model_ref, base_ref, trust, data_ref, eval_ref, batch_size, 
     """(model, data, eval_fn) of compress / analyze / auto, every data argument checked on its first batch
     before any work; eval_fn is accuracy on --eval-data, or None. `text`: .txt DATA options (hf_input)."""
     model = open_model(model_ref, base_ref, trust)
-    from .hf_input import is_hf_model_dir
+    from .core.hf_input import is_hf_model_dir
 
     text = dict(text or {}, tokenizer=model_ref if is_hf_model_dir(model_ref) else None)
     data = D.reiterable(load_data(data_ref, batch_size, text=text))
@@ -126,6 +126,22 @@ def _model_and_data(model_ref, base_ref, trust, data_ref, eval_ref, batch_size, 
     return model, data, eval_fn
 
 
+def perplexity_fn(model_dir: str, eval_text: str, seq_len: int, other=None):
+    """`--eval-text`: eval_fn(model) -> perplexity (lower is better) on every window of the file, with
+    lm-evaluation-harness's rolling windows (measure.perplexity; prefix: the end-of-text token)."""
+    from .core.hf_input import is_hf_model_dir, load_tokenizer, read_text, token_windows
+    from .measure.perplexity import perplexity
+
+    if other is not None:
+        raise DataError("--eval-text and --eval-data both give the metric; pass one of them")
+    if not is_hf_model_dir(model_dir):
+        raise DataError(f"--eval-text needs MODEL to be a Hugging Face model directory (for its tokenizer); got {model_dir!r}")
+    tok = load_tokenizer(model_dir)
+    windows = token_windows(tok, read_text(eval_text), seq_len)
+    prefix = getattr(tok, "eos_token_id", None)
+    return lambda m: perplexity(m, windows, prefix_token=prefix)
+
+
 def run_compress(model_ref, recipe, data_ref, out, eval_ref, batch_size, force, console: Console, *,
                  base_ref=None, trust=False, text=None) -> None:
     from .core.recipe import load_recipe
@@ -135,8 +151,6 @@ def run_compress(model_ref, recipe, data_ref, out, eval_ref, batch_size, force, 
     stages = load_recipe(Path(recipe) if not Path(recipe).suffix == "" else recipe)
     model, data, eval_fn = _model_and_data(model_ref, base_ref, trust, data_ref, eval_ref, batch_size, console, text)
     if text and text.get("eval_text"):
-        from .hf_input import perplexity_fn
-
         eval_fn = perplexity_fn(model_ref, text["eval_text"], text["seq_len"], eval_fn)
     result = compress(model, [(s.method, s.config) for s in stages], data=data, eval_fn=eval_fn)
     with atomic_dir(out) as tmp:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import DataError, ModelError, one_line
+from ..errors import DataError, ModelError, one_line
 
 __all__ = ["is_hf_model_dir", "load_hf_model", "load_tokenizer", "token_windows", "read_text", "text_batches"]
 
@@ -68,8 +68,8 @@ def load_hf_model(path: str | os.PathLike) -> nn.Module:
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    from .core.history import update_record
-    from .core.rebuild import transformers_entry
+    from .history import update_record
+    from .rebuild import transformers_entry
 
     hf = transformers_entry(model)  # the config st.load rebuilds the architecture from, running no code
     if hf is not None:
@@ -129,17 +129,3 @@ def text_batches(source: str | os.PathLike | list[str], tokenizer: Any, seq_len:
     windows = token_windows(tokenizer, read_text(source), seq_len, samples)
     return [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
 
-
-def perplexity_fn(model_dir: str, eval_text: str, seq_len: int, other: Any = None) -> Any:
-    """`--eval-text`: eval_fn(model) -> perplexity (lower is better) on every window of the file, with
-    lm-evaluation-harness's rolling windows (measure.perplexity; prefix: the end-of-text token)."""
-    from .measure.perplexity import perplexity
-
-    if other is not None:
-        raise DataError("--eval-text and --eval-data both give the metric; pass one of them")
-    if not is_hf_model_dir(model_dir):
-        raise DataError(f"--eval-text needs MODEL to be a Hugging Face model directory (for its tokenizer); got {model_dir!r}")
-    tok = load_tokenizer(model_dir)
-    windows = token_windows(tok, read_text(eval_text), seq_len)
-    prefix = getattr(tok, "eos_token_id", None)
-    return lambda m: perplexity(m, windows, prefix_token=prefix)

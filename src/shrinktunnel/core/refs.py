@@ -38,7 +38,7 @@ def load_model(ref: str, *, base: nn.Module | None = None, trust_code: bool = Fa
 
         return load_onnx(ref, expect_sha256=expect_sha256)
     path = Path(ref)
-    from ..hf_input import is_hf_model_dir, load_hf_model
+    from .hf_input import is_hf_model_dir, load_hf_model
 
     if is_hf_model_dir(path):  # a Hugging Face model directory: config.json + safetensors, no code runs
         return load_hf_model(path)
@@ -57,7 +57,7 @@ def load_data(ref: str, batch_size: int = 64, *, text: dict | None = None) -> An
     (hf_input.text_batches)."""
     path = Path(ref)
     if path.suffix == ".txt":
-        from ..hf_input import text_batches
+        from .hf_input import text_batches
 
         if not text or text.get("tokenizer") is None:
             raise DataError(f"text DATA {ref!r} needs a tokenizer: MODEL must be a Hugging Face model directory "
