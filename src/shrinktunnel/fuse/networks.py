@@ -12,6 +12,8 @@ whose shapes differ rebuilt from the recorded constructor arguments.
 
 from __future__ import annotations
 
+import inspect
+
 import copy
 from typing import Any
 
@@ -52,13 +54,22 @@ _CLASSES: dict[tuple[tuple[str, bool], ...], type] = {}
 
 
 def _task_class(params: tuple[tuple[str, bool], ...]) -> type:
-    """A MultiTaskModel subclass whose forward(self, x, mask=None) names the trunk's inputs."""
+    """A MultiTaskModel subclass whose forward(self, x, mask=None) names the trunk's inputs: a generic
+    forward that binds its arguments to the trunk's parameter names, with that signature declared
+    (`__signature__`), which is what torch.export and the ONNX exporter read the input names from."""
     if params not in _CLASSES:
-        sig = ", ".join(f"{n}=None" if has_default else n for n, has_default in params)
-        names = ", ".join(n for n, _ in params)
-        namespace: dict[str, Any] = {}
-        exec(f"def forward(self, {sig}):\n    return self._tasks(self.trunk({names}))\n", namespace)  # noqa: S102
-        _CLASSES[params] = type("MultiTaskModel", (MultiTaskModel,), {"forward": namespace["forward"], "__module__": __name__})
+        names = [n for n, _ in params]
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        signature = inspect.Signature([inspect.Parameter("self", kind)] + [
+            inspect.Parameter(n, kind, default=None) if has_default else inspect.Parameter(n, kind) for n, has_default in params])
+
+        def forward(self, *args, **kwargs):
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            return self._tasks(self.trunk(*(bound.arguments[n] for n in names)))
+
+        forward.__signature__ = signature
+        _CLASSES[params] = type("MultiTaskModel", (MultiTaskModel,), {"forward": forward, "__module__": __name__})
     return _CLASSES[params]
 
 
