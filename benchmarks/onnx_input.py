@@ -244,11 +244,9 @@ def _latency(path: Path, files: dict, metric: str, fid: dict, feed: dict) -> dic
 def _cell(f: dict | None, metric: str) -> str:
     if not f:
         return "-"
-    if metric == "top1":
-        return f"{100 * f['top1']:.1f} %"
-    if metric == "cosine+top1":
-        return f"{f['cosine']:.4f} / {100 * f['top1']:.1f} %"
-    return f"{f['cosine']:.4f}"
+    if "top1" in metric:  # the cosine too: top-1 ties at 100 % on easy inputs
+        return f"{100 * f['top1']:.1f} % ({f['cosine']:.6f})"
+    return f"{f['cosine']:.6f}"
 
 
 def markdown(results: dict) -> str:
@@ -259,7 +257,7 @@ def markdown(results: dict) -> str:
         "",
         f"CPU: {m.get('cpu', '?')}, {THREADS} threads, ONNX Runtime {m.get('onnxruntime', '?')}. Each model's row: the date and "
         "`uptime` load of its run. Fidelity of int8 to the fp32 original in ONNX Runtime on held-out realistic inputs "
-        "(benchmarks/_onnx_inputs.py): top-1 agreement, or mean per-sample output cosine. All int8 models are QDQ, "
+        "(benchmarks/_onnx_inputs.py): top-1 agreement (with the mean per-sample output cosine), or the cosine alone. All int8 models are QDQ, "
         "uint8 activations, int8 per-channel weights. `shrinktunnel minmax / entropy`: load_onnx -> st.quantize "
         "(that activation calibrator) -> export_onnx; where the importer lacks an operator, quantize_onnx on the graph "
         "(ONNX Runtime's quantizer, our calibrator's ranges). ORT: quant_pre_process + quantize_static with MinMax "
@@ -314,7 +312,7 @@ def main() -> int:
             load = f"{os.getloadavg()[0]:.1f}"
             started = time.time()
             if args.part == "latency":
-                row = results["models"].get(name, {})
+                row = (json.loads(path.read_text()) if path.is_file() else results)["models"].get(name, {})
                 if "fidelity" not in row:
                     continue
                 row["latency_ms"] = run_latency(name, specs[name], row)
@@ -326,7 +324,12 @@ def main() -> int:
                 if args.part is None and "fidelity" in row:  # run_all.py: both parts, one after the other
                     row["latency_ms"] = run_latency(name, specs[name], row)
                     row["latency_run"] = f"{today()} {time.strftime('%H:%M')} UTC, load {os.getloadavg()[0]:.1f}"
-            results["models"][name] = row
+            if path.is_file():  # another part may have written other models meanwhile: merge, do not overwrite
+                fresh = json.loads(path.read_text())
+                fresh["models"][name], fresh["machine"], fresh["git"] = row, results["machine"], results["git"]
+                results = fresh
+            else:
+                results["models"][name] = row
             print(name, json.dumps(row)[:700], flush=True)
             write_results(path, results, markdown(results))
     write_results(path, results, markdown(results))
