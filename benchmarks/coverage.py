@@ -125,7 +125,8 @@ def markdown(cells: list[dict[str, Any]], zoo: dict[str, Any], methods: list[str
     head = (f"Generated {info['date']} by `{COMMAND}` on {m['arch']}, {m['cpu']}, {m['cores']} cores, "
             f"worker processes of one thread each; torch {m['torch']}, transformers {info['versions']['transformers']}, "
             f"timm {info['versions']['timm']}, onnxruntime {m['onnxruntime']}; commit {str(info['git']['commit'])[:10]}"
-            f"{' (src/ modified)' if info['git'].get('src_modified') else ''}. {len(cells)} cells in {seconds / 60:.1f} min.")
+            f"{' (src/ modified)' if info['git'].get('src_modified') else ''}. {len(cells)} cells in {seconds / 60:.1f} min."
+            + (f" {info['note']}" if info.get("note") else ""))
 
     notes: list[str] = []
     note_of: dict[tuple[str, str], int] = {}
@@ -340,6 +341,11 @@ def _merge(paths: list[Path]) -> dict[str, Any]:
     info["seconds"] = sum(r["seconds"] for r in runs)
     if len(runs) > 1:
         info["command"] = f"{COMMAND} --models <group> (in {len(runs)} runs), then --render"
+        onnx = sum(1 for c in merged if c.get("onnx") is not None)
+        info["note"] = (f"Merged from {len(runs)} runs (dates {', '.join(sorted({r['date'] for r in runs}))}): a run of every "
+                        f"cell without its ONNX check, then ONNX checks in runs under the machine's benchmark lock, as far "
+                        f"as the lock and their time budget allowed ({onnx} of {len(merged)} cells checked in ONNX Runtime; "
+                        "⏳ marks the rest).")
     return {**info, "zoo": {n: zoo[n] for n in sorted(zoo, key=lambda n: order.get(n, len(order)))}, "cells": merged}
 
 
