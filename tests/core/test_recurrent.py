@@ -75,5 +75,6 @@ def test_quantize_and_cast_store_a_recurrent_layer_weight_only(how, tmp_path):
         assert _sqnr(model(x), out(x)) > 25
         loaded = st.load(st.save(out, tmp_path / "a"), model=_Tagger())
         assert torch.equal(loaded(x), out(x))
-    got = OrtModel(st.export_onnx(out, tmp_path / "m.onnx", x))(x)
-    assert (got - out(x)).abs().max() <= 0.02 * out(x).abs().max()
+    if how == "quantize":  # the recurrent op with expanded matrices exports as any float one (one export: seconds)
+        got = OrtModel(st.export_onnx(out, tmp_path / "m.onnx", x))(x)
+        assert (got - out(x)).abs().max() <= 0.02 * out(x).abs().max()
