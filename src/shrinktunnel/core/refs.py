@@ -13,7 +13,7 @@ split into batches of `batch_size`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -22,7 +22,11 @@ from torch import nn
 from ..errors import DataError, ModelError, one_line
 from .factory import call_factory, file_module_name, file_ref_digest, is_file_ref, resolve_callable  # noqa: F401  (re-exported)
 
-__all__ = ["resolve_callable", "load_model", "load_data", "is_file_ref", "file_ref_digest", "file_module_name"]
+# Model files read as data, by suffix: loader(ref, expect_sha256=...) -> nn.Module. Registered by the
+# package that reads them (onnx_input: ".onnx"), a higher layer that core must not import.
+MODEL_LOADERS: dict[str, Callable[..., nn.Module]] = {}
+
+__all__ = ["MODEL_LOADERS", "resolve_callable", "load_model", "load_data", "is_file_ref", "file_ref_digest", "file_module_name"]
 
 
 def load_model(ref: str, *, base: nn.Module | None = None, trust_code: bool = False,
@@ -33,10 +37,9 @@ def load_model(ref: str, *, base: nn.Module | None = None, trust_code: bool = Fa
     and `trust_code` are st.load's `model=` and `trust_code=` (no code the artifact names runs without
     them). A factory named here is the caller's choice, so it runs. An `.onnx` file is read as data
     (onnx_input.load_onnx: no code runs)."""
-    if str(ref).lower().endswith(".onnx"):
-        from ..onnx_input import load_onnx
-
-        return load_onnx(ref, expect_sha256=expect_sha256)
+    loader = MODEL_LOADERS.get(Path(str(ref)).suffix.lower())
+    if loader is not None:
+        return loader(ref, expect_sha256=expect_sha256)
     path = Path(ref)
     from .hf_input import is_hf_model_dir, load_hf_model
 

@@ -52,9 +52,9 @@ def export_onnx(
         raise ExportError(f"export_onnx needs an nn.Module or a Result, got {type(model).__name__}")
     if example_inputs is None:
         raise ExportError("export_onnx needs example_inputs: one batch the model accepts, e.g. torch.randn(2, 1, 28, 28)")
-    if getattr(module, "onnx_original", None) is not None and dynamic_dims is None:  # read by st.load_onnx
-        from ..onnx_input.export_back import export_like_original  # its own input / output names and dynamic dims
-        return export_like_original(module, path, example_inputs, opset=opset)
+    as_original = getattr(module, "export_onnx_as_original", None)  # a graph read by st.load_onnx (onnx_input)
+    if callable(as_original) and dynamic_dims is None:  # exports with the original's I/O names and dynamic dims
+        return as_original(path, example_inputs, opset=opset)
     (args, kwargs), _ = D.split(example_inputs)
     args, kwargs = _batch_at_least_two(args, kwargs)
     module = module.eval()

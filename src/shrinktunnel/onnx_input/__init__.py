@@ -9,6 +9,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from ..core.refs import MODEL_LOADERS
 from .graph_module import OnnxModule, UnsupportedOpError, build_module
 from .reader import OnnxFileError, read_onnx
 
@@ -36,3 +37,6 @@ def load_onnx(path: str | os.PathLike, *, expect_sha256: str | None = None) -> O
     set_model_ref(module, str(Path(path).resolve()))
     update_record(module, ref_sha256=digest)
     return module
+
+
+MODEL_LOADERS[".onnx"] = load_onnx  # MODEL = model.onnx on the command line (core.refs.load_model)

@@ -78,6 +78,12 @@ class OnnxModule(nn.Module):
         self.onnx_dims = dims
         self.onnx_buffers = buffers  # ONNX value name -> buffer attribute
 
+    def export_onnx_as_original(self, path, example_inputs: Any, *, opset: int | None = None):
+        """What st.export_onnx calls for this module: the original's input / output names and dynamic dims."""
+        from .export_back import export_like_original
+
+        return export_like_original(self, path, example_inputs, opset=opset)
+
     def extra_repr(self) -> str:
         # the source graph in the repr: caches keyed by the module tree (search/cache.py) tell two graphs apart
         io = self.onnx_original
