@@ -202,3 +202,12 @@ def test_bad_log2_input_gives_typed_errors(tmp_path):
         layer(data[0][0])
     with pytest.raises(ValueError, match="log2 weights with bits"):  # replay reports it as an ArtifactError
         QuantizedLayer.from_spec({**q[0].spec(), "weight": {**q[0].spec()["weight"], "qmax": 9}})
+
+
+def test_the_search_offers_log2_weights_by_name():
+    """log2_4 / log2_3: quantize's declared actions, never default (no faster on CPU / ONNX Runtime)."""
+    from shrinktunnel.search import ACTIONS, DEFAULT_ACTIONS, plan_stages
+
+    assert ACTIONS["log2_4"].method == "quantize" and ACTIONS["log2_4"] not in list(DEFAULT_ACTIONS)
+    ((method, config),) = plan_stages({"fc1": "log2_4", "fc2": "log2_4"}, dict(ACTIONS), None)
+    assert method == "quantize" and config["weights"]["format"] == "log2" and config["weights"]["bits"] == 4

@@ -1,7 +1,8 @@
 """What `quantize` offers the search (`st.analyze` / `st.auto`), declared where it registers.
 
 Weight-only per-channel symmetric actions carry the size (quant8 ... quant2; GPTQ's rounding and
-Huffman-coded integers by name); W8A8 static (`int8`) and dynamic (`dyn8`) are the speed actions.
+Huffman-coded integers by name); W8A8 static (`int8`) and dynamic (`dyn8`) are the speed actions;
+log2 (power-of-two) weights by name (`log2_4`, `log2_3`) for shift-only targets.
 With recovery, a stage of `qat_bits` bits or fewer trains through fake quantization (the `qat`
 method: PTQ, fine-tuning to the float model's outputs, converted to exactly PTQ's layers).
 """
@@ -52,4 +53,8 @@ QUANTIZE_SEARCH = SearchHooks(
                               "smooth": "auto"}, 8.0, speed=0.3, default=False),
         *(_weight_only(b, huffman=True) for b in (8, 6, 5, 4, 3)),
         *(_weight_only(b, huffman=True, gptq=True) for b in (6, 5, 4, 3)),
+        # log2 (power-of-two) weights: the same bytes as intN, a shift instead of a multiply on hardware
+        # that has one; never faster in ONNX Runtime / on CPU (exported as int8 QDQ), so by name only
+        *(SearchAction(f"log2_{b}", {"weights": {"bits": b, "format": "log2", "granularity": "per_channel"},
+                                     "activations": None}, float(b), default=False) for b in (4, 3)),
     ))
