@@ -168,7 +168,7 @@ def run_model(name: str, spec: dict, tmp: Path) -> dict:
     except UnsupportedOpError as exc:
         model, row["tunnel"] = None, one_line(exc).split(";")[0]
     if spec["data"] is None:
-        row["int8"] = "no data: nothing ONNX Runtime's quantizer quantizes (ONNX-ML operators)"
+        row["int8"] = "not run: its operators are ONNX-ML ones, none of which ONNX Runtime's quantizer handles"
         return row
     calib, evals = spec["data"]()
     ref = [fp.run(None, _feeds(b, names)) for b in evals]

@@ -1,7 +1,7 @@
 """Exporting a module read by load_onnx as the original graph looked from outside: the same input and
 output names, the same dynamic dimensions (one torch.export Dim per ONNX dim name), the same order.
 
-export/onnx.export_onnx hands an OnnxModule (anything with `onnx_original`) here; the capture, the
+export/onnx.export_onnx calls `OnnxModule.export_onnx_as_original`, which comes here; the capture, the
 operator translations (QDQ, integer matmuls), the clean-up and the ONNX Runtime check are export's own.
 """
 
