@@ -158,7 +158,7 @@ def _positional(module: nn.Module, args, kwargs) -> tuple[list[str], list[torch.
 
 
 def _for_xnnpack(module: nn.Module, names: list[str], n_args: int) -> tuple[nn.Module, bool]:
-    """A copy with its dynamic int8 layers as float Linears (to be quantized by XNNPACK's quantizer)."""
+    """A copy with its dynamic int8 Linears in XNNPACK's dynamic-quantization pattern (_DynamicLinear)."""
     from ..quant.modules import QuantizedLayer
 
     copy_ = copy.deepcopy(module).eval()
