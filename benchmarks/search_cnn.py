@@ -72,6 +72,30 @@ def run(name: str, with_train: bool, max_evaluations: int, time_budget: str | No
     return row
 
 
+def uniform(name: str, action: str) -> dict:
+    """One plan, no search: `action` on every layer it applies to, with the recovery (a spot check of
+    what recovery reaches when a search does not fit the time)."""
+    from shrinktunnel.core.artifact import save_artifact
+    from shrinktunnel.search import ACTIONS, build_plan
+    from shrinktunnel.search.profile import candidate_layers
+
+    torch.set_num_threads(THREADS)
+    model, data = trained(name, log=log)
+    load = os.getloadavg()
+    t0 = time.perf_counter()
+    built = build_plan(model, {layer: action for layer in candidate_layers(model)}, dict(ACTIONS), data["search"],
+                       recovery=RECOVERY, train_data=data["train"][:400], seed=0).eval()
+    seconds = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        size = artifact_bytes(save_artifact(built, Path(tmp) / "a"))
+    drops = {k: 100 * (accuracy(model, data[k]) - accuracy(built, data[k])) for k in ("search", "verify", "test")}
+    row = {"date": today(), "model": name, "uniform": action, "ratio": float_safetensors_bytes(model) / size,
+           "artifact_bytes": size, "drops_pt": drops, "seconds": seconds, "load_before": load, "git": git_state()}
+    with (RESULTS_DIR / "search_cnn_uniform.jsonl").open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
 def render() -> str:
     rows = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()] if OUT.is_file() else []
     latest = {}
@@ -93,7 +117,11 @@ def main() -> int:
     p.add_argument("--max-evaluations", type=int, default=12)
     p.add_argument("--time-budget", default=None)
     p.add_argument("--render", action="store_true")
+    p.add_argument("--uniform", default=None, help="build this action on every layer with recovery (no search)")
     args = p.parse_args()
+    if args.uniform:
+        print(json.dumps(uniform(args.model, args.uniform), indent=1))
+        return 0
     if args.render or not args.model:
         print(render())
         return 0
