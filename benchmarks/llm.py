@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, machine_info, today, write_results  # noqa: E402
 
-THREADS = 2
+THREADS = int(os.environ.get("SHRINK_LLM_THREADS", "2"))  # 1: the run on a loaded machine (docs/llm.md)
 METHODS = {  # name: (bits, config extras)
     "rtn4": (4, {}),
     "gptq4": (4, {"rounding": "gptq"}),
