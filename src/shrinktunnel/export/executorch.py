@@ -33,7 +33,7 @@ from torch import nn
 
 from ..core import data as D
 from ..errors import ExportError, one_line
-from .runtimes import require
+from .packages import require
 
 __all__ = ["export_executorch", "load_program", "signed_activations"]
 

@@ -17,9 +17,7 @@ environment it is installed in, and none of them belongs in the default install.
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -30,37 +28,9 @@ import torch
 
 from ..core import data as D
 from ..errors import ExportError, one_line
+from .packages import PACKAGES, RUNTIMES, SUFFIX, RuntimeMissingError, require  # noqa: F401  (re-exported)
 
 __all__ = ["RUNTIMES", "RuntimeMissingError", "Session", "require", "export", "session"]
-
-RUNTIMES = ("ort", "openvino", "executorch")
-PACKAGES = {"ort": "onnxruntime", "openvino": "openvino", "executorch": "executorch"}
-SUFFIX = {"ort": ".onnx", "openvino": ".xml", "executorch": ".pte"}
-# Folders (beside the venv's own site-packages) that hold optional packages kept out of the main environment.
-EXTRA_DIRS = {"executorch": ("executorch-extra", "torchao-extra")}
-
-
-class RuntimeMissingError(ExportError):
-    """The runtime's Python package is not installed (the message names it)."""
-
-
-def require(runtime: str):
-    """The runtime's Python module, imported; RuntimeMissingError naming the package when it is absent."""
-    if runtime not in RUNTIMES:
-        raise ExportError(f"unknown runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
-    for folder in EXTRA_DIRS.get(runtime, ()):
-        extra = Path(sys.prefix) / folder
-        if extra.is_dir() and str(extra) not in sys.path:
-            sys.path.append(str(extra))
-    module = PACKAGES[runtime]
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        hint = ("bash scripts/install.sh (it installs executorch==1.5.1 into .venv/executorch-extra)"
-                if runtime == "executorch" else f"pip install {module}")
-        raise RuntimeMissingError(f"runtime {runtime!r} needs the Python package {module!r}, which does not import "
-                                  f"here ({one_line(exc, 120)}); install it: {hint}") from exc
-
 
 def export(model: Any, path: str | os.PathLike, runtime: str, example_inputs: Any) -> Path:
     """Write `model` (an nn.Module or a Result) as the file `runtime` loads, atomically; return its path.
