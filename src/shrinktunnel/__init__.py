@@ -31,6 +31,7 @@ from .api import distill, fuse  # noqa: E402  (st.distill / st.fuse: the functio
 from .api import decompose  # noqa: E402  (st.decompose: the function, shrinktunnel.decompose: the package)
 from .api import compile  # noqa: E402,A004  (st.compile: real int8 kernels in PyTorch, quant/torch_int8.py)
 from .onnx_input import load_onnx  # noqa: E402  (an .onnx file as a PyTorch module, docs/onnx-input.md)
+from .prune.sparse_kernels import use_sparse_kernels  # noqa: E402  (pruned Linears on torch.sparse products, docs/pruning.md)
 
 __all__ = [
     "__version__", "measure", "quantize", "cast", "compress", "load", "save", "export_onnx", "load_recipe", "set_model_ref",
@@ -40,6 +41,6 @@ __all__ = [
     "analyze", "auto", "Action", "Analysis", "AutoConfig", "AutoResult", "RecoveryConfig",
     "prune", "ChannelPruneConfig", "PruneConfig", "LayerSparsity",
     "distill", "DistillConfig", "Hint", "KeepLayersConfig", "Relation", "fuse", "FuseConfig", "FuseOpsConfig",
-    "decompose", "DecomposeConfig", "ConvScheme", "compile", "load_onnx",
+    "decompose", "DecomposeConfig", "ConvScheme", "compile", "load_onnx", "use_sparse_kernels",
     "ShrinkError", "ConfigError", "DataError", "ModelError", "ArtifactError", "ExportError",
 ]
