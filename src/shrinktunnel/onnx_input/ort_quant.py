@@ -14,6 +14,7 @@ A tensor whose values are not finite (an attention mask's -inf) gets no range, s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
@@ -76,9 +77,11 @@ def preprocess(src: Path, dst: Path) -> Path:
     src = _opset_13(src, dst.with_name(dst.stem + ".op13.onnx"))
     for symbolic_skip in (False, True):
         try:
-            with warnings.catch_warnings():
+            # In dst's folder: ORT's symbolic shape inference, when it fails, leaves sym_shape_infer_temp.onnx
+            # and a large .data file in the working directory (the user's, otherwise).
+            with warnings.catch_warnings(), contextlib.chdir(dst.parent):
                 warnings.simplefilter("ignore")
-                quant_pre_process(str(src), str(dst), skip_symbolic_shape=symbolic_skip)
+                quant_pre_process(str(src.resolve()), str(dst.resolve()), skip_symbolic_shape=symbolic_skip)
             return dst
         except Exception:  # noqa: BLE001 - the next (simpler) pre-processing, or none
             continue
