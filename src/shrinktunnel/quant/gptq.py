@@ -236,8 +236,10 @@ def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[torch
 
 def _call_groups(block: nn.Module, names: dict[int, str], inputs: list[tuple[tuple, dict]]) -> list[list[str]]:
     """The block's selected Linears in call order, those reading the same input tensor grouped together."""
-    order: list[tuple[str, int]] = []
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: order.append((n, id(a[0]))))
+    # The input tensors themselves are kept (compared by identity), not their id(): a freed tensor's id is
+    # reused by the next one allocated, which grouped o_proj with gate / up_proj now and then.
+    order: list[tuple[str, torch.Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: order.append((n, a[0])))
              for m in block.modules() if id(m) in names for n in [names[id(m)]]]
     try:
         _run_block(block, inputs[:1])
@@ -250,7 +252,7 @@ def _call_groups(block: nn.Module, names: dict[int, str], inputs: list[tuple[tup
     for name, x in order:
         if name in done:
             continue
-        if x == last_input and groups:
+        if x is last_input and groups:
             groups[-1].append(name)
         else:
             groups.append([name])
