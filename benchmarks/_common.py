@@ -83,3 +83,17 @@ def write_results(json_path: Path, results: dict[str, Any], markdown: str) -> No
     """Write the figures as JSON and the tables as Markdown beside it (same stem, `.md`)."""
     write_text_atomic(json_path, json.dumps(results, indent=2, allow_nan=False) + "\n")
     write_text_atomic(json_path.with_suffix(".md"), markdown)
+
+
+def finish(res: dict[str, Any], *, name: str, command: str, started: float, threads: int, render, stem: str | None = None) -> int:
+    """Stamp a benchmark's results (date, machine, commit, command, load, wall time), write
+    results/<stem or name>.json and .md, print the Markdown; 0 for sys.exit."""
+    import os
+    import time
+
+    res.update(benchmark=name, date=today(), machine=machine_info(threads), source=git_state(), command=command,
+               load=" ".join(f"{x:.1f}" for x in os.getloadavg()), wall_s=round(time.perf_counter() - started, 1))
+    markdown = render(res)
+    write_results(RESULTS_DIR / f"{stem or name}.json", res, markdown)
+    print(markdown)
+    return 0

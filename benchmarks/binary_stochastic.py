@@ -13,7 +13,6 @@ sign) on all 10,000 test images.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from shrinktunnel import assets
 from shrinktunnel.measure import accuracy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, git_state, machine_info, today, write_results  # noqa: E402
+from _common import finish  # noqa: E402
 from _lenet import lenet_300_100  # noqa: E402
 
 NAME = "binary_stochastic"
@@ -91,13 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=f"shrinktunnel-{NAME}-") as tmp:
         res = run(Path(tmp), args.seeds, args.epochs)
-    res.update(benchmark=NAME, date=today(), machine=machine_info(THREADS), source=git_state(),
-               command=".venv/bin/python benchmarks/binary_stochastic.py",
-               load=" ".join(f"{x:.1f}" for x in os.getloadavg()), wall_s=round(time.perf_counter() - started, 1))
-    markdown = render(res)
-    write_results(RESULTS_DIR / f"{NAME}{'_' + args.tag if args.tag else ''}.json", res, markdown)
-    print(markdown)
-    return 0
+    return finish(res, name=NAME, command=".venv/bin/python benchmarks/binary_stochastic.py", started=started,
+                  threads=THREADS, render=render, stem=f"{NAME}{'_' + args.tag if args.tag else ''}")
 
 
 if __name__ == "__main__":

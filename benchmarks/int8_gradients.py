@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from shrinktunnel.measure import accuracy
 from shrinktunnel.quant.qat import constrain
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, git_state, machine_info, today, write_results  # noqa: E402
+from _common import finish  # noqa: E402
 from _lenet import LeNet300100  # noqa: E402
 
 NAME = "int8_gradients"
@@ -105,13 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     started = time.perf_counter()
     res = run(args.seeds, args.epochs, args.optimizer, args.lr)
-    res.update(benchmark=NAME, date=today(), machine=machine_info(THREADS), source=git_state(),
-               command=".venv/bin/python benchmarks/int8_gradients.py",
-               load=" ".join(f"{x:.1f}" for x in os.getloadavg()), wall_s=round(time.perf_counter() - started, 1))
-    markdown = render(res)
-    write_results(RESULTS_DIR / f"{NAME}{'_' + args.tag if args.tag else ''}.json", res, markdown)
-    print(markdown)
-    return 0
+    return finish(res, name=NAME, command=".venv/bin/python benchmarks/int8_gradients.py", started=started,
+                  threads=THREADS, render=render, stem=f"{NAME}{'_' + args.tag if args.tag else ''}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ measure/latency.paired_ratio), so the machine's slow spells hit both sides alike
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
@@ -32,7 +31,7 @@ from shrinktunnel.measure.latency import paired_ratio
 from shrinktunnel.prune.sparse_kernels import SparseKernelLinear, use_sparse_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, git_state, machine_info, today, write_results  # noqa: E402
+from _common import finish  # noqa: E402
 from _lenet import lenet_300_100  # noqa: E402
 
 NAME = "sparse_kernels"
@@ -179,13 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
         part = run_models() if args.part == "models" else run_sweep()
         res["rows"].update({f"{k} [{threads} thread{'s' if threads > 1 else ''}]": v for k, v in part["rows"].items()})
-    res.update(benchmark=NAME, part=args.part, date=today(), machine=machine_info(max(args.threads)), source=git_state(),
-               command="flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/sparse_kernels.py " + " ".join(sys.argv[1:]),
-               load=" ".join(f"{x:.1f}" for x in os.getloadavg()), wall_s=round(time.perf_counter() - started, 1))
-    markdown = render(res)
-    write_results(RESULTS_DIR / f"{NAME}_{args.part}{'_' + args.tag if args.tag else ''}.json", res, markdown)
-    print(markdown)
-    return 0
+    res["part"] = args.part
+    return finish(res, name=NAME, started=started, threads=max(args.threads), render=render,
+                  command="flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/sparse_kernels.py " + " ".join(sys.argv[1:]),
+                  stem=f"{NAME}_{args.part}{'_' + args.tag if args.tag else ''}")
 
 
 if __name__ == "__main__":

@@ -246,3 +246,20 @@ def quiet_quantize():
         return st.quantize(model, config, data=data, progress=False)
 
     return run
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `shrink ARGS...` run in this process."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from shrinktunnel.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code, out.getvalue(), err.getvalue()

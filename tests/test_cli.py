@@ -5,11 +5,9 @@ Most calls go through `shrinktunnel.cli.main` in-process (the exact function beh
 script, fast); a few run the installed `shrink` executable to check what a user's terminal shows.
 """
 
-import io
 import json
 import os
 import subprocess
-from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import onnx
@@ -17,8 +15,7 @@ import pytest
 import torch
 
 import shrinktunnel as st
-from conftest import FACTORIES, VENV_BIN, dir_bytes, hidden_entries, state_dicts_equal
-from shrinktunnel.cli import main
+from conftest import FACTORIES, VENV_BIN, dir_bytes, hidden_entries, state_dicts_equal, run_cli
 from shrinktunnel.core.refs import load_data, load_model
 from shrinktunnel.measure import accuracy
 from shrinktunnel.report import fmt_pct
@@ -27,15 +24,6 @@ SHRINK = VENV_BIN / "shrink"
 MLP = f"{FACTORIES}:mlp"
 
 
-def run_cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 def run_shrink(*args, cwd, timeout=120) -> subprocess.CompletedProcess:

@@ -17,8 +17,7 @@ import pytest
 import torch
 
 import shrinktunnel as st
-from conftest import FACTORIES, state_dicts_equal
-from shrinktunnel.cli import main
+from conftest import FACTORIES, state_dicts_equal, run_cli
 from shrinktunnel.core import artifact as A
 from shrinktunnel.core.refs import load_model
 from shrinktunnel.errors import ArtifactError, UntrustedCodeError
@@ -26,18 +25,6 @@ from shrinktunnel.errors import ArtifactError, UntrustedCodeError
 MLP = f"{FACTORIES}:mlp"
 
 
-def run_cli(*args):
-    import io
-    from contextlib import redirect_stderr, redirect_stdout
-
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 def one_line_exit_2(code, err, *fragments):

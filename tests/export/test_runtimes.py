@@ -4,9 +4,7 @@ PyTorch; the CLI's --openvino / --executorch / eval --backend; a missing runtime
 from __future__ import annotations
 
 import importlib
-import io
 import warnings
-from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pytest
@@ -14,7 +12,7 @@ import torch
 from torch import nn
 
 import shrinktunnel as st
-from conftest import FACTORIES
+from conftest import FACTORIES, run_cli
 from shrinktunnel.export import runtimes as R
 
 
@@ -105,16 +103,8 @@ def test_a_missing_runtime_names_its_package(monkeypatch, tmp_path):
 
 
 def _cli(*args) -> tuple[int, str]:
-    from shrinktunnel.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, err.getvalue()
+    code, _, err = run_cli(*args)
+    return code, err
 
 
 @pytest.fixture(scope="module")

@@ -3,27 +3,15 @@ input as exit code 2 with one line."""
 
 from __future__ import annotations
 
-import io
 import json
-from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 
-from conftest import FACTORIES
-from shrinktunnel.cli import main
+from conftest import FACTORIES, run_cli
 
 MLP = f"{FACTORIES}:mlp"
 
 
-def run_cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_analyze_writes_json_and_html_and_reuses_its_cache(tmp_path):

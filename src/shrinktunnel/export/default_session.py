@@ -21,11 +21,11 @@ Both are exact rewrites: outputs are unchanged bit for bit (tests/export/test_de
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from .graph_passes import name_readers
 
 __all__ = ["keep_layernorm_unfused", "fold_weight_dequantize", "for_default_session"]
 
@@ -42,7 +42,7 @@ def keep_layernorm_unfused(model: onnx.ModelProto) -> int:
     """Every `Add` read only by a LayerNormalization's input 0 becomes `Sum` (in place); returns the count.
     Sum broadcasts like Add (multidirectional, opset 8 on), so the function is the same."""
     graph = model.graph
-    readers = _readers(graph)
+    readers = name_readers(graph)
     outputs = {o.name for o in graph.output}
     ln_inputs = {n.input[0] for n in graph.node if n.op_type == "LayerNormalization" and n.domain in _ONNX and n.input}
     count = 0
@@ -84,7 +84,7 @@ def fold_weight_dequantize(model: onnx.ModelProto) -> int:
     for node in removed:
         graph.node.remove(node)
     if folded:
-        used = set(_readers(graph)) | outputs
+        used = set(name_readers(graph)) | outputs
         keep = [i for i in graph.initializer if i.name in used]
         del graph.initializer[:]
         graph.initializer.extend(keep)
@@ -116,14 +116,3 @@ def _dequantized(node: onnx.NodeProto, consts: dict) -> np.ndarray | None:
         shape[attrs.get("axis", 1) % q.ndim] = scale.size
         scale, zero = scale.reshape(shape), zero.reshape(shape)
     return ((q - zero) * scale).astype(np.float32)
-
-
-def _readers(graph: onnx.GraphProto) -> Counter:
-    """How many nodes read each name, subgraphs included."""
-    count: Counter = Counter()
-    for node in graph.node:
-        count.update(node.input)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                count.update(_readers(sub))
-    return count

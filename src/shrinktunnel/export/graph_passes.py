@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["fold_constant_scales"]
+__all__ = ["fold_constant_scales", "name_readers"]
 
 
 def fold_constant_scales(model: onnx.ModelProto) -> int:
@@ -32,7 +32,7 @@ def fold_constant_scales(model: onnx.ModelProto) -> int:
     consts = {i.name: i for i in graph.initializer}
     shapes: dict[str, list[int | None]] | None = None  # shape inference only once a pattern is found
     outputs = {o.name for o in graph.output}
-    readers = _readers(graph)
+    readers = name_readers(graph)
     producer = {out: node for node in graph.node for out in node.output}
     folded, removed = 0, []
     for node in list(graph.node):
@@ -69,14 +69,14 @@ def fold_constant_scales(model: onnx.ModelProto) -> int:
     return folded
 
 
-def _readers(graph: onnx.GraphProto) -> Counter:
+def name_readers(graph: onnx.GraphProto) -> Counter:
     """How many nodes read each name, subgraphs (If, Loop, Scan bodies) included."""
     count: Counter = Counter()
     for node in graph.node:
         count.update(node.input)
         for attr in node.attribute:
             for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                count.update(_readers(sub))
+                count.update(name_readers(sub))
     return count
 
 
@@ -123,7 +123,7 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    used = set(_readers(graph)) | {o.name for o in graph.output}
+    used = set(name_readers(graph)) | {o.name for o in graph.output}
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
