@@ -44,11 +44,11 @@ class TiedEmbedding(nn.Module):
 
     @property
     def num_embeddings(self) -> int:
-        return int(self.layer.spec()["weight_shape"][0])
+        return int(_weight_shape(self.layer)[0])
 
     @property
     def embedding_dim(self) -> int:
-        return int(self.layer.spec()["weight_shape"][1])
+        return int(_weight_shape(self.layer)[1])
 
     @property
     def weight(self) -> torch.Tensor:
@@ -65,8 +65,17 @@ class TiedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, tied to a {type(self.layer).__name__}"
 
 
+def _weight_shape(layer: nn.Module) -> list[int]:
+    """The shape of the weight a method's layer stands for (its spec's; QAT's training layer holds it)."""
+    if callable(getattr(layer, "spec", None)):
+        return list(layer.spec()["weight_shape"])
+    return list(layer.weight.shape)
+
+
 def _dense(layer: nn.Module) -> torch.Tensor:
     """The dense float weight a method's layer computes with."""
+    if hasattr(layer, "fake_weight"):  # quant/qat.FakeQuantLayer while training: the rows it computes with
+        return layer.fake_weight()
     if hasattr(layer, "dequantized_weight"):
         return layer.dequantized_weight()
     if hasattr(layer, "float_weight"):  # quant/float_formats.FloatWeightLayer: stored in 16 / 8 bits

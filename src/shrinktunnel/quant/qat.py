@@ -41,6 +41,7 @@ from .ops import quantize_weight, weight_qparams
 from .ptq import quantize_model, replay_quantize
 from ..core.layers import canonicalize, visible_modules
 from .modules import SpecAttributes
+from ..core.tied import TIED_CHILD, TiedEmbedding
 
 __all__ = ["QATConfig", "ScaleMode", "QATLoss", "GradientFormat", "inq_freeze", "FakeQuantLayer", "prepare", "convert", "constrain", "qat_model"]
 
@@ -350,12 +351,17 @@ def prepare(model: nn.Module, config: QATConfig | dict | None = None, *, data: A
             binary_inputs.append(layer)
     for alias, name in replay.get("shared", {}).items():
         set_submodule(prepared, alias, prepared.get_submodule(name))
+    # An Embedding tied to a trained Linear (lm_head) looks up the rows of its fake-quantized weight while
+    # training, and the converted layer's integer rows after (core/tied.py): trained once, stored once.
+    for emb, entry in replay.get("tied", {}).items():
+        set_submodule(prepared, emb, TiedEmbedding(prepared.get_submodule(entry["layer"]), entry["padding_idx"]))
     for relu in replay.get("fused", []):
         set_submodule(prepared, relu, nn.Identity())
     if binary_inputs:
         _init_binary_inputs(prepared, binary_inputs, ctx.data, cfg.calibration_batches)
     prepared.__dict__[_STATE] = {"config": cfg.to_dict(), "fused": list(replay.get("fused", [])),
-                                 "shared": dict(replay.get("shared", {})), "canonical": canonical}
+                                 "shared": dict(replay.get("shared", {})), "tied": copy.deepcopy(replay.get("tied", {})),
+                                 "canonical": canonical}
     if ctx.data is not None and get_record(prepared).get("inputs") is None:
         record_inputs(prepared, next(D.batches(ctx.data)))
     return prepared
@@ -421,7 +427,11 @@ def _convert(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
     model = copy.deepcopy(model).eval()
     layers: dict[str, Any] = {}
     done: dict[int, QuantizedLayer] = {}
+    tied = state.get("tied", {})
+    # named_modules meets a tied Linear's layer first under its Embedding (`wte.layer`): named for the Linear
+    lead = {f"{emb}.{TIED_CHILD}": entry["layer"] for emb, entry in tied.items()}
     for name, module in list(visible_modules(model)):
+        name = lead.get(name, name)
         if isinstance(module, FakeQuantLayer) and id(module) not in done:
             done[id(module)] = module.to_quantized(name)
             layers[name] = done[id(module)].spec()
@@ -430,6 +440,8 @@ def _convert(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
             set_submodule(model, name, done[id(module)])
     del model.__dict__[_STATE]
     replay = {"layers": layers, "fused": state["fused"], "shared": state["shared"]}
+    if tied:
+        replay["tied"] = tied
     if state.get("canonical"):
         replay["canonical"] = state["canonical"]
     return model, replay
