@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 import shrinktunnel as st  # noqa: E402
 from shrinktunnel.assets_text import minilm, tweet_batches  # noqa: E402
-from shrinktunnel.cluster import ClusterConfig, ClusteredLayer, storage_report  # noqa: E402
+from shrinktunnel.clustering import ClusterConfig, ClusteredLayer, storage_report  # noqa: E402
 from shrinktunnel.codec import huffman  # noqa: E402
 from shrinktunnel.measure import artifact_bytes, fidelity, float_safetensors_bytes  # noqa: E402
 from shrinktunnel.report import Table, fmt_bytes  # noqa: E402

@@ -25,9 +25,9 @@ from torch import nn
 
 import shrinktunnel as st
 from shrinktunnel import assets
-from shrinktunnel.cluster import ClusterConfig, storage_report
+from shrinktunnel.clustering import ClusterConfig, storage_report
 from shrinktunnel.measure import accuracy, artifact_bytes, float_safetensors_bytes
-from shrinktunnel.prune import PruneConfig
+from shrinktunnel.pruning import PruneConfig
 from shrinktunnel.report import Table
 
 HERE = Path(__file__).resolve().parent

@@ -27,7 +27,7 @@ from shrinktunnel import assets
 from shrinktunnel.api import run_stage
 from shrinktunnel.export import OrtModel
 from shrinktunnel.measure import accuracy, artifact_bytes, float_safetensors_bytes
-from shrinktunnel.prune import PruneConfig, SparseLayer, prune_context
+from shrinktunnel.pruning import PruneConfig, SparseLayer, prune_context
 from shrinktunnel.report import Table, fmt_bytes, fmt_pct
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script: _common sits beside it

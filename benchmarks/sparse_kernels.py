@@ -28,7 +28,7 @@ from torch import nn
 
 import shrinktunnel as st
 from shrinktunnel.measure.latency import paired_ratio
-from shrinktunnel.prune.sparse_kernels import SparseKernelLinear, use_sparse_kernels
+from shrinktunnel.pruning.sparse_kernels import SparseKernelLinear, use_sparse_kernels
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import finish  # noqa: E402

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     # model-level measurements a method may take (size, MACs, quality, perplexity, PyTorch latency)
     ("measure",),
     # the methods; one may build on another (quant folds BN with fuse, cluster stores sparse layers)
-    ("quant", "prune", "cluster", "decompose", "distill", "fuse"),
+    ("quant", "pruning", "clustering", "decomposition", "distillation", "fusion"),
     # ONNX export and the ONNX Runtime measurements built on it
     ("export", "measure.ort_profile"),
     # what combines methods and runtimes

@@ -66,7 +66,7 @@ CONFIGS: dict[str, tuple[dict, float]] = {
         {"weights": {"format": "log2"}, "inq": [0.5, 1.0], "gradients": "int8", "steps": 3,
          "overrides": [{"pattern": "blocks.*", "weights": {"format": "binary", "stochastic": True}}]}, 2e-2),
 }
-NOT_STAGES = {"fuse_networks": "st.fuse takes several models; tests/fuse/test_networks.py covers it"}
+NOT_STAGES = {"fuse_networks": "st.fuse takes several models; tests/fusion/test_networks.py covers it"}
 
 
 def _model() -> nn.Module:

@@ -10,29 +10,26 @@ smaller, faster model comes out, with the measured figures that prove it.
 
 from . import measure
 from ._version import __version__
-from .api import cast, compress, load, quantize, save
-from .fuse import FuseConfig, FuseOpsConfig
-from .distill import DistillConfig, Hint, KeepLayersConfig, Relation
-from .decompose import ConvScheme, DecomposeConfig
+from .api import (cast, cluster, compile, compress, convert_qat, decompose, distill, fuse, load, prepare_qat,  # noqa: A004
+                  prune, qat, quantize, save)
+from .clustering import ClusterConfig, ClusterOverride, CodebookTuning
 from .core.history import set_model_ref
 from .core.recipe import load_recipe
 from .core.result import Result
+from .decomposition import ConvScheme, DecomposeConfig
+from .distillation import DistillConfig, Hint, KeepLayersConfig, Relation
 from .errors import ArtifactError, ConfigError, DataError, ExportError, ModelError, ShrinkError
 from .export import export_onnx
+from .fusion import FuseConfig, FuseOpsConfig
+from .onnx_input import load_onnx  # an .onnx file as a PyTorch module (docs/onnx-input.md)
+from .pruning import ChannelPruneConfig, LayerSparsity, PruneConfig
+from .pruning.sparse_kernels import use_sparse_kernels  # pruned Linears on torch.sparse products (docs/pruning.md)
 from .quant import ActivationQuant, CastConfig, QuantConfig, WeightQuant
-from .cluster import ClusterConfig, ClusterOverride, CodebookTuning  # noqa: E402
-from .api import cluster  # noqa: E402  (st.cluster: the function, shrinktunnel.cluster: the package)
 from .quant.qat import QATConfig
-from .api import convert_qat, prepare_qat, qat  # noqa: E402
 from .search import Action, Analysis, AutoConfig, AutoResult, RecoveryConfig, analyze, auto
-from .prune import ChannelPruneConfig, LayerSparsity, PruneConfig  # noqa: E402
-from .api import prune  # noqa: E402  (st.prune: the function, shrinktunnel.prune: the package)
-from .api import distill, fuse  # noqa: E402  (st.distill / st.fuse: the functions; shrinktunnel.distill / .fuse: the packages)
-from .api import decompose  # noqa: E402  (st.decompose: the function, shrinktunnel.decompose: the package)
-from .api import compile  # noqa: E402,A004  (st.compile: real int8 kernels in PyTorch, quant/torch_int8.py)
-from .onnx_input import load_onnx  # noqa: E402  (an .onnx file as a PyTorch module, docs/onnx-input.md)
-from .prune.sparse_kernels import use_sparse_kernels  # noqa: E402  (pruned Linears on torch.sparse products, docs/pruning.md)
 
+# The functions have the verbs (st.prune, st.cluster, ...); the method packages are nouns
+# (shrinktunnel.pruning, .clustering, .decomposition, .distillation, .fusion), so no import rebinds a package.
 __all__ = [
     "__version__", "measure", "quantize", "cast", "compress", "load", "save", "export_onnx", "load_recipe", "set_model_ref",
     "Result", "QuantConfig", "CastConfig", "WeightQuant", "ActivationQuant",

@@ -104,7 +104,7 @@ def cast(model: nn.Module, config: Any = None) -> nn.Module:
 def distill(student: nn.Module, teacher: nn.Module, data: Any, config: Any = None, *,
             eval_fn: Callable[[nn.Module], float] | None = None, progress: bool = True) -> nn.Module:
     """Return a NEW student distilled from `teacher` on `data` (`st.DistillConfig`); neither model is changed."""
-    from .distill import DistillConfig
+    from .distillation import DistillConfig
 
     if not isinstance(teacher, nn.Module):
         raise ModelError(f"distill: the teacher must be a torch.nn.Module, got {type(teacher).__name__}")
@@ -119,7 +119,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: Any, config: Any = Non
 def fuse(models: list[nn.Module], config: Any = None, *, data: Any = None, progress: bool = True) -> nn.Module:
     """Return a NEW model: the first model's trunk shared by one head per model, distilled from all of
     them on `data` (`st.FuseConfig`); it returns a tuple (or dict) of the task outputs."""
-    from .fuse import FuseConfig, fuse_networks
+    from .fusion import FuseConfig, fuse_networks
 
     return fuse_networks(models, FuseConfig.parse(config), data, progress=progress)
 

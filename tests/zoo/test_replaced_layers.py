@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import shrinktunnel as st
-from shrinktunnel.cluster.layer import ClusteredLayer
-from shrinktunnel.decompose.layers import LowRank
+from shrinktunnel.clustering.layer import ClusteredLayer
+from shrinktunnel.decomposition.layers import LowRank
 from shrinktunnel.quant import FloatWeightLayer
 from zoo.models import build, example_inputs, run
 

@@ -247,4 +247,4 @@ def _load_builtin_methods() -> None:
 
 
 # Each package's __init__ imports the modules that register its methods.
-BUILTIN_PACKAGES = ("quant", "prune", "cluster", "decompose", "distill", "fuse")
+BUILTIN_PACKAGES = ("quant", "pruning", "clustering", "decomposition", "distillation", "fusion")

@@ -61,7 +61,7 @@ def replay_quantize(model: nn.Module, replay: dict[str, Any]) -> nn.Module:
         layer = model.get_submodule(entry["layer"])
         if getattr(layer, "bias", None) is None:
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
-        from ..fuse.ops import bypass_bn
+        from ..fusion.ops import bypass_bn
 
         bypass_bn(model, entry)  # nn.Identity, or the activation a BatchNormAct2d ran after normalising
     for name, spec in replay["layers"].items():
@@ -87,7 +87,7 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
         if selected and _has_own_weight(module) and not isinstance(module, SUPPORTED + WEIGHT_ONLY):
             ctx.skip(name, f"{type(module).__name__} is not a supported layer kind; kept in float")
         elif selected and hasattr(module, "values") and hasattr(module, "index") and not isinstance(module, SUPPORTED):
-            # A pruned layer (prune/sparse_layer.py) stores its weight as buffers, so it has no weight to quantize.
+            # A pruned layer (pruning/sparse_layer.py) stores its weight as buffers, so it has no weight to quantize.
             ctx.warn(f"quantize: {name} is a pruned sparse layer; quantizing it is not supported, it stays float "
                      "(quantize before pruning, or share its weights with `cluster`, which keeps the sparsity)")
     names_of = names_by_module(model)
@@ -501,7 +501,7 @@ def _fold_batchnorms(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[d
     static = cfg.activations is not None and not cfg.activations.dynamic
     if not (cfg.fold_bn and static) or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return []
-    from ..fuse.ops import fold_batchnorms, try_trace
+    from ..fusion.ops import fold_batchnorms, try_trace
 
     quiet = dataclasses.replace(ctx, warnings=[])  # a BN that stays is no news here: it just stays
     with warnings.catch_warnings():

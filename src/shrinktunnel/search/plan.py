@@ -26,7 +26,7 @@ from torch import nn
 from ..core import data as D
 from ..core.config import Config
 from ..core.registry import Context, SearchHooks, searchable_methods
-from ..distill.losses import hinton_loss
+from ..distillation.losses import hinton_loss
 from .actions import Action
 
 __all__ = ["RecoveryConfig", "family_order", "plan_stages", "build_plan", "kd_loss"]

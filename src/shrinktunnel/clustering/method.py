@@ -49,7 +49,7 @@ def _geometry(module: nn.Module) -> dict[str, Any]:
 
 def _is_pruned_layer(module: nn.Module) -> bool:
     """A pruned layer of the `prune` method: its weight, its mask and its geometry are read from it."""
-    from ..prune.sparse_layer import SparseLayer  # imported here: prune is a sibling method package
+    from ..pruning.sparse_layer import SparseLayer  # imported here: prune is a sibling method package
 
     return isinstance(module, SparseLayer)
 

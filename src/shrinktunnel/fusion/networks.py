@@ -26,8 +26,8 @@ from ..core.history import append_stage, get_record, record_inputs, set_model_re
 from ..core.registry import Context, register_method
 from ..core.select import set_submodule
 from ..core.train import FitConfig, fit
-from ..distill.config import OutputLoss
-from ..distill.losses import embedding_loss, soft_target_loss
+from ..distillation.config import OutputLoss
+from ..distillation.losses import embedding_loss, soft_target_loss
 from ..errors import ConfigError, DataError, ModelError
 from .config import FuseConfig, FuseOutput
 

@@ -10,8 +10,8 @@ from torch import nn
 
 import shrinktunnel as st
 from shrinktunnel.errors import ConfigError, ModelError
-from shrinktunnel.prune.sparse_kernels import BREAK_EVEN, SparseKernelLinear, use_sparse_kernels
-from shrinktunnel.prune.sparse_layer import SparseLayer
+from shrinktunnel.pruning.sparse_kernels import BREAK_EVEN, SparseKernelLinear, use_sparse_kernels
+from shrinktunnel.pruning.sparse_layer import SparseLayer
 
 pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support:UserWarning")
 

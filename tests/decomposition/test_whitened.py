@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import shrinktunnel as st
-from shrinktunnel.decompose import budget as B
-from shrinktunnel.decompose import factorize as F
-from shrinktunnel.decompose import layers as L
-from shrinktunnel.decompose.ranks import SVDCache, ranks_for_energy
+from shrinktunnel.decomposition import budget as B
+from shrinktunnel.decomposition import factorize as F
+from shrinktunnel.decomposition import layers as L
+from shrinktunnel.decomposition.ranks import SVDCache, ranks_for_energy
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

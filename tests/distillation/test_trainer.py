@@ -9,7 +9,7 @@ import yaml
 from torch import nn
 
 import shrinktunnel as st
-from shrinktunnel.distill import DistillConfig, Hint, distill_train
+from shrinktunnel.distillation import DistillConfig, Hint, distill_train
 from shrinktunnel.errors import ConfigError, ModelError
 
 from conftest import snapshot, state_dicts_equal
@@ -96,8 +96,8 @@ def test_embedding_distillation_of_a_hugging_face_encoder_with_mask_mean_pooling
     assert len(student.encoder.layer) == 2 and student.config.num_hidden_layers == 2
 
     def fidelity(m):
-        from shrinktunnel.distill.losses import pool
-        from shrinktunnel.distill.config import OutputLoss, Pooling
+        from shrinktunnel.distillation.losses import pool
+        from shrinktunnel.distillation.config import OutputLoss, Pooling
 
         with torch.no_grad():
             cos = [torch.cosine_similarity(pool(m(**b).last_hidden_state, b["attention_mask"], Pooling.MEAN, OutputLoss.COSINE),
@@ -161,7 +161,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_bit_for_bit(tmp_path, sc
 
 
 def test_the_schedule_sets_each_steps_learning_rate(monkeypatch):
-    from shrinktunnel.distill import trainer
+    from shrinktunnel.distillation import trainer
 
     assert [trainer.lr_factor(i, 10, "linear", 0.2) for i in range(10)] == pytest.approx(
         [0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])

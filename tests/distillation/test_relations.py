@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shrinktunnel.distill import DistillConfig, Hint, Relation, distill_train
-from shrinktunnel.distill.config import HintLoss
-from shrinktunnel.distill.losses import feature_loss
-from shrinktunnel.distill.relations import relation_logits, relation_loss
+from shrinktunnel.distillation import DistillConfig, Hint, Relation, distill_train
+from shrinktunnel.distillation.config import HintLoss
+from shrinktunnel.distillation.losses import feature_loss
+from shrinktunnel.distillation.relations import relation_logits, relation_loss
 from shrinktunnel.errors import ConfigError, ModelError
 
 transformers = pytest.importorskip("transformers")
@@ -142,8 +142,8 @@ def test_relation_errors_name_the_module_and_leave_no_hook():
 def test_dropout_false_trains_the_function_that_is_evaluated():
     teacher, data = bert(2), token_batches(2)
     student = bert(2, seed=1, dropout=0.5)
-    from shrinktunnel.distill.losses import embedding_loss, pool
-    from shrinktunnel.distill.config import OutputLoss, Pooling
+    from shrinktunnel.distillation.losses import embedding_loss, pool
+    from shrinktunnel.distillation.config import OutputLoss, Pooling
 
     def eval_loss(m):
         b = data[0]

@@ -76,7 +76,7 @@ class ChannelPruneConfig(Config):
     calibration_batches: int = Field(default=8, ge=1)  # taylor: labelled batches whose gradients are summed;
     # activation: batches whose inputs are measured
     refit: bool = False  # True: each Linear that lost inputs is re-solved by least squares on the data so that
-    # its kept inputs stand in for the removed ones (prune/refit.py). False by default: it needs real data
+    # its kept inputs stand in for the removed ones (pruning/refit.py). False by default: it needs real data
     # (calibration_batches of it, or the example batch) and changes the kept weights
     refit_damping: float = Field(default=1e-2, ge=0)  # ridge on the kept inputs' covariance, as a fraction of its
     # mean diagonal: keeps the solve stable when kept channels are nearly collinear or the batches are few

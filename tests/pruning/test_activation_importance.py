@@ -11,7 +11,7 @@ from torch import nn
 import shrinktunnel as st
 from shrinktunnel.core.history import get_record
 from shrinktunnel.errors import DataError
-from shrinktunnel.prune.importance import input_energies
+from shrinktunnel.pruning.importance import input_energies
 
 pytestmark = pytest.mark.filterwarnings("ignore:prune_channels:UserWarning")
 

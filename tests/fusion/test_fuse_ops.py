@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import shrinktunnel as st
-from shrinktunnel.fuse.ops import fold_bn, merge_linears
+from shrinktunnel.fusion.ops import fold_bn, merge_linears
 
 from conftest import snapshot, state_dicts_equal
 
@@ -220,7 +220,7 @@ def _bn_act_net(scale_after: float = 1.0) -> nn.Module:
 
 @pytest.mark.parametrize("how", ["fuse_ops", "quantize"])
 def test_batchnorm_with_activation_folds_and_keeps_its_activation(how, tmp_path):
-    from shrinktunnel.fuse.ops import BatchNormTail
+    from shrinktunnel.fusion.ops import BatchNormTail
 
     model, x = _bn_act_net(), torch.randn(4, 3, 10, 10)
     if how == "fuse_ops":

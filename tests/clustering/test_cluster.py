@@ -14,7 +14,7 @@ from torch import nn
 
 import shrinktunnel as st
 from conftest import CASES, SUPPORTED_CASES, snapshot, state_dicts_equal
-from shrinktunnel.cluster import ClusteredLayer
+from shrinktunnel.clustering import ClusteredLayer
 from shrinktunnel.errors import ArtifactError, ConfigError, DataError
 
 
@@ -104,7 +104,7 @@ def test_pruned_layers_are_stored_sparse_with_their_zeros(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(100, 300), nn.ReLU(), nn.Linear(300, 10))
     x = torch.randn(16, 100)
-    from shrinktunnel.prune import PruneConfig
+    from shrinktunnel.pruning import PruneConfig
 
     pruned = st.prune(model, PruneConfig(sparsity=0.9), progress=False)
     clustered = quiet_cluster(pruned, {"bits": 5})
@@ -254,7 +254,7 @@ def test_manifest_lengths_are_checked_before_allocating(tmp_path):
 
 
 def test_storage_table_lists_every_layer_and_the_total():
-    from shrinktunnel.cluster import storage_report, storage_table
+    from shrinktunnel.clustering import storage_report, storage_table
 
     out = quiet_cluster(CASES["attention"].model(), {"bits": 3})
     text = storage_table(storage_report(out)).to_markdown()

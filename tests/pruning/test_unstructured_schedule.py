@@ -12,8 +12,8 @@ from torch import nn
 
 from shrinktunnel.api import run_stage
 from shrinktunnel.measure import accuracy
-from shrinktunnel.prune import SparseLayer, prune_context
-from shrinktunnel.prune.schedule import agp_sparsity, update_steps
+from shrinktunnel.pruning import SparseLayer, prune_context
+from shrinktunnel.pruning.schedule import agp_sparsity, update_steps
 
 
 def test_agp_is_zhu_and_gupta_cubic():

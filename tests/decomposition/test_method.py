@@ -11,8 +11,8 @@ from torch import nn
 
 import shrinktunnel as st
 from conftest import CASES, Case, sqnr_db, snapshot, state_dicts_equal
-from shrinktunnel.decompose import LowRank
-from shrinktunnel.decompose import budget as B
+from shrinktunnel.decomposition import LowRank
+from shrinktunnel.decomposition import budget as B
 
 NO_TIMING = {"keep_if_slower": False}  # tiny layers time as noise; the timing rule has its own test
 

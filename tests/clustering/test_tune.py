@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import shrinktunnel as st
-from shrinktunnel.cluster import ClusteredLayer
+from shrinktunnel.clustering import ClusteredLayer
 from shrinktunnel.errors import DataError
 
 

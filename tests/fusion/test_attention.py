@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import shrinktunnel as st
 from shrinktunnel.export import ort_session
-from shrinktunnel.fuse.attention import ATTENTION, fuse_attention, mha, unfuse_attention
+from shrinktunnel.fusion.attention import ATTENTION, fuse_attention, mha, unfuse_attention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -186,7 +186,7 @@ def test_every_encoder_family_fuses_and_runs_one_kernel_per_layer_in_onnx_runtim
 
 def test_the_relative_position_bias_is_not_lost():
     """Without T5's position bias the outputs differ: the check that guards every switch would see it."""
-    from shrinktunnel.fuse import attention as A
+    from shrinktunnel.fusion import attention as A
 
     Z = _zoo("t5")
     model, x = Z.ZOO["t5"]()
@@ -208,7 +208,7 @@ def test_the_relative_position_bias_is_not_lost():
 def test_a_switch_that_breaks_the_forward_is_undone_with_one_warning_per_reason(monkeypatch):
     """The fused kernel failing inside the forward: the switch is undone, one warning names it, and
     the model computes exactly what it did before."""
-    from shrinktunnel.fuse import attention as A
+    from shrinktunnel.fusion import attention as A
 
     Z = _zoo("bert")
     model, x = Z.ZOO["bert"]()
@@ -230,7 +230,7 @@ def test_mpnet_without_its_adapter_is_left_unfused_and_unchanged():
     """MPNet's own attention does not go through transformers' attention interface (only its config
     switched, it failed with the shape error of issue 15): without the adapter nothing reaches the
     kernel, the model is left as it was, with the reason."""
-    from shrinktunnel.fuse import attention as A
+    from shrinktunnel.fusion import attention as A
 
     Z = _zoo("mpnet")
     model, x = Z.ZOO["mpnet"]()

@@ -5,7 +5,7 @@ bitmask and a relative index (`SparseLayer`, codec/sparse).
 
 Fine-tuning runs the user's own training step when the context carries one (`ctx.train_step`, see
 `prune_context`), else the built-in loop `core.train.fit` on `ctx.data` with a classification loss (or
-`ctx.loss_fn`). The masks are held in between mask updates (prune/schedule.py).
+`ctx.loss_fn`). The masks are held in between mask updates (pruning/schedule.py).
 """
 
 from __future__ import annotations

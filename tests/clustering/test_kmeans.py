@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shrinktunnel.cluster import Init, kmeans_1d
-from shrinktunnel.cluster.kmeans import initial_centroids
+from shrinktunnel.clustering import Init, kmeans_1d
+from shrinktunnel.clustering.kmeans import initial_centroids
 
 
 def sse(w: torch.Tensor, codebook: torch.Tensor, labels: torch.Tensor) -> float:

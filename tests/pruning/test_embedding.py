@@ -14,7 +14,7 @@ import shrinktunnel as st
 from shrinktunnel.core.artifact import read_manifest
 from shrinktunnel.core.coverage import stage_coverage
 from shrinktunnel.core.tied import TiedEmbedding
-from shrinktunnel.prune import SparseLayer
+from shrinktunnel.pruning import SparseLayer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -15,7 +15,7 @@ from shrinktunnel.api import run_stage
 from shrinktunnel.core.registry import Context
 from shrinktunnel.errors import ArtifactError, ConfigError, DataError
 from shrinktunnel.measure import artifact_bytes, float_safetensors_bytes
-from shrinktunnel.prune import PruneConfig, SparseLayer, prune_context
+from shrinktunnel.pruning import PruneConfig, SparseLayer, prune_context
 
 
 def prune(model, config=None, **kw):

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shrinktunnel.distill.config import OutputLoss, Pooling
-from shrinktunnel.distill.losses import (ConvAdapter, check_output_shapes, embedding_loss, feature_loss, hinton_loss,
+from shrinktunnel.distillation.config import OutputLoss, Pooling
+from shrinktunnel.distillation.losses import (ConvAdapter, check_output_shapes, embedding_loss, feature_loss, hinton_loss,
                                          make_adapter, pool, soft_target_loss)
 from shrinktunnel.errors import ModelError
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from shrinktunnel.decompose import factorize as F
-from shrinktunnel.decompose import layers as L
-from shrinktunnel.decompose.ranks import SVDCache, ranks_for_energy, ranks_for_ratio
+from shrinktunnel.decomposition import factorize as F
+from shrinktunnel.decomposition import layers as L
+from shrinktunnel.decomposition.ranks import SVDCache, ranks_for_energy, ranks_for_ratio
 from shrinktunnel.measure import count_macs
 
 CONV_SCHEMES = ["channel", "spatial", "tucker2", "cp"]

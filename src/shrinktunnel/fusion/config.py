@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from ..core.config import Config, StrEnum
-from ..distill.config import OutputLoss
+from ..distillation.config import OutputLoss
 
 __all__ = ["LinearMerge", "FuseOpsConfig", "FuseOutput", "FuseConfig"]
 
@@ -22,7 +22,7 @@ class FuseOpsConfig(Config):
     linear: LinearMerge = LinearMerge.SMALLER  # merge two Linears with nothing between them
     skip: list[str] = Field(default_factory=list)  # glob patterns of module names never fused
     attention: bool = False  # Hugging Face encoders: each attention core becomes ONE ONNX Runtime kernel
-    # (com.microsoft.MultiHeadAttention, fuse/attention.py); same function, a third fewer nodes in ONNX
+    # (com.microsoft.MultiHeadAttention, fusion/attention.py); same function, a third fewer nodes in ONNX
 
 
 class FuseOutput(StrEnum):
