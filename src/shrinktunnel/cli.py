@@ -169,6 +169,7 @@ def auto_cmd(
     backend: Optional[str] = typer.Option(None, "--backend", help="process (local forks, default) | ray"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster to join ('auto', 'ray://host:10001'); default: a local one."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of every candidate (same seed, same result, serial or parallel)."),
+    runtime: Optional[str] = typer.Option(None, "--runtime", help="Where candidates are timed and the chosen one checked: ort (default) | openvino | executorch."),
     force: bool = typer.Option(False, "--force", help="Replace an existing artifact at --out."),
     base: Optional[str] = _base_opt(),
     trust: bool = _trust_opt(),
@@ -180,7 +181,7 @@ def auto_cmd(
     flags = {"max_drop": None if max_drop is None else parse_drop(max_drop), "objective": objective,
              "min_speedup": min_speedup, "max_bytes": max_bytes, "max_evaluations": max_evaluations,
              "time_budget": time_budget, "margin": margin, "workers": workers, "backend": backend,
-             "ray_address": ray_address, "seed": seed}
+             "ray_address": ray_address, "seed": seed, "runtime": runtime}
     fits = run_auto(model, data, out, {k: v for k, v in flags.items() if v is not None}, console, config_path=config,
                     eval_ref=eval_data, actions=actions, cache_dir=cache_dir, batch_size=batch_size, force=force,
                     verify_ref=verify_data, train_ref=train_data, base_ref=base, trust=trust)

@@ -30,7 +30,9 @@ from ..core import data as D
 from ..errors import ExportError, one_line
 from .packages import PACKAGES, RUNTIMES, SUFFIX, RuntimeMissingError, require  # noqa: F401  (re-exported)
 
-__all__ = ["RUNTIMES", "RuntimeMissingError", "Session", "require", "export", "session"]
+__all__ = ["RUNTIMES", "NAMES", "RuntimeMissingError", "Session", "require", "export", "session"]
+
+NAMES = {"ort": "ONNX Runtime", "openvino": "OpenVINO", "executorch": "ExecuTorch"}  # as messages name them
 
 def export(model: Any, path: str | os.PathLike, runtime: str, example_inputs: Any) -> Path:
     """Write `model` (an nn.Module or a Result) as the file `runtime` loads, atomically; return its path.
@@ -165,11 +167,43 @@ def _executorch(path: Path, threads: int, precision: str | None) -> Session:
     from .executorch import load_program
 
     method, names = load_program(path, threads)
+    meta = method.metadata
+    shapes = [tuple(meta.input_tensor_meta(i).sizes()) for i in range(meta.num_inputs())]
+
+    def execute(feed: list[np.ndarray]) -> list[np.ndarray]:
+        return [o.numpy() for o in method.execute([torch.from_numpy(np.ascontiguousarray(f)) for f in feed])]
 
     def run(feed: list[np.ndarray]) -> list[np.ndarray]:
-        return [o.numpy() for o in method.execute([torch.from_numpy(f) for f in feed])]
+        if [tuple(f.shape) for f in feed] == shapes:
+            return execute(feed)
+        return _in_program_batches(execute, feed, shapes, path)
 
     return Session("executorch", path, run, names, threads)
+
+
+def _in_program_batches(execute: Callable, feed: list[np.ndarray], shapes: list[tuple], path: Path) -> list[np.ndarray]:
+    """Run a batch of another size through a program of static shapes: in slices of the program's batch
+    along dim 0, the last one padded by repeating its last sample; outputs cut back to the batch's size.
+    Anything but dim 0 differing is an ExportError (the program was exported for those shapes)."""
+    n = int(feed[0].shape[0]) if feed and feed[0].ndim else 0
+    size = shapes[0][0] if shapes and shapes[0] else 0
+    if (len(feed) != len(shapes) or not n or not size
+            or any(f.ndim != len(s) or f.shape[0] != n or tuple(f.shape[1:]) != s[1:] for f, s in zip(feed, shapes))):
+        raise ExportError(f"ExecuTorch program {path.name} takes inputs of shapes {shapes} (static: those of the "
+                          f"example it was exported with), got {[tuple(f.shape) for f in feed]}; export it with an "
+                          f"example of the shapes it will run on (only the batch dimension may differ)")
+    pieces: list[list[np.ndarray]] = []
+    for start in range(0, n, size):
+        part = [f[start:start + size] for f in feed]
+        short = size - part[0].shape[0]
+        if short:
+            part = [np.concatenate([p, np.repeat(p[-1:], short, axis=0)]) for p in part]
+        outs = execute(part)
+        if any(o.ndim == 0 or o.shape[0] != size for o in outs):
+            raise ExportError(f"ExecuTorch program {path.name}: its outputs are not batch-first, so a batch of {n} "
+                              f"cannot run in slices of {size}; export it with a batch of {n}")
+        pieces.append([o[:size - short] for o in outs])
+    return [np.concatenate([p[k] for p in pieces]) for k in range(len(pieces[0]))]
 
 
 def _np(t: Any) -> np.ndarray:

@@ -15,7 +15,8 @@ and on ONNX Runtime.
    do not depend on the workers, so neither does the result.
 4. Every evaluated candidate is a point of the Pareto frontiers (metric against size and against
    latency); the objective picks the cheapest fitting one, which must ALSO fit on the held-out check
-   (`verify_fn`, or fidelity on `verify_data`) and in ONNX Runtime; a candidate failing either is
+   (`verify_fn`, or fidelity on `verify_data`) and in the runtime it will run in (`runtime`: ONNX Runtime,
+   OpenVINO or ExecuTorch, which also times the candidates); a candidate failing either is
    passed over for the next (at most `max_verifications`).
 5. Nothing fits: the candidate with the smallest drop is returned with `fits=False` and a message.
 """
@@ -71,6 +72,7 @@ class AutoResult:
     warnings: list[str] = field(default_factory=list)
     histogram: dict[str, Any] | None = None
     seconds: float = 0.0
+    runtime: str = "ort"  # where the candidates were timed and the chosen one checked
 
     def to_dict(self) -> dict[str, Any]:
         plan = self.candidates[self.chosen]["plan"]
@@ -82,6 +84,7 @@ class AutoResult:
                 "fits": self.fits, "message": self.message, "chosen": self.chosen, "candidates": self.candidates,
                 "pareto": self.pareto, "warnings": self.warnings, "histogram": self.histogram,
                 "layer_bytes_after": after, "analysis": self.analysis.to_dict(), "seconds": self.seconds,
+                "runtime": self.runtime,
                 "subtitle": f"objective {self.objective}, max_drop {self.max_drop} of {self.metric_name} "
                             f"(baseline {self.baseline:.4g}); {len(self.candidates)} candidates evaluated"}
 
@@ -158,7 +161,8 @@ def auto(
     try:
         job = Job(original, {a.name: a for a in chosen_actions}, data, metric, next(D.batches(data)),
                   _first_samples(inputs, 1), workdir, train_data=train_data, recovery=cfg.recovery,
-                  timed=cfg.objective.value == "latency" or cfg.min_speedup is not None, seed=cfg.seed)
+                  timed=cfg.objective.value == "latency" or cfg.min_speedup is not None, seed=cfg.seed,
+                  runtime=cfg.runtime)
         ev = Evaluator(job, _cache(cfg, analysis, eval_fn, train_data), cfg, baseline=analysis.baseline,
                        inputs=inputs, warnings=warnings)
         options_ = layer_options(analysis, cfg.objective.value, job.actions, cfg.min_speedup)  # of these actions only
@@ -175,6 +179,9 @@ def auto(
 def _cache(cfg: AutoConfig, analysis: Analysis, eval_fn, train_data) -> EvalCache:
     recovery = None if cfg.recovery is None else cfg.recovery.model_dump(mode="json")
     timing = None if cfg.min_speedup is None else "paired"  # entries timed against the original
+    if cfg.runtime != "ort" and (cfg.min_speedup is not None or cfg.objective.value == "latency"):  # timed
+        # elsewhere (the key of an ONNX Runtime search is as it was)
+        timing = f"{timing}@{cfg.runtime}"
     return EvalCache(cfg.cache_dir, fingerprint("auto", analysis.to_dict()["results"], analysis.baseline,
                                                 [lp.name for lp in analysis.layers], cfg.objective.value,
                                                 fn_hash(eval_fn), recovery, cfg.seed, timing,
@@ -196,4 +203,5 @@ def _result(ev: Evaluator, analysis: Analysis, chosen: int, fits: bool, message:
     for c in cands:
         c.pop("key", None)
     return AutoResult(model, fits, message, chosen, cands, analysis, ev.objective, ev.config.max_drop,
-                      analysis.metric_name, analysis.baseline, fronts, ev.warnings, hist, time.perf_counter() - t0)
+                      analysis.metric_name, analysis.baseline, fronts, ev.warnings, hist, time.perf_counter() - t0,
+                      ev.config.runtime)

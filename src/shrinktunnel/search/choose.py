@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import one_line
+from ..export.runtimes import NAMES as RUNTIME_NAMES
 from .evaluate import Evaluator, objective_cost
 from .job import latency_onnx
 from .pareto import pareto_front
@@ -39,19 +40,20 @@ def _held_out(ev: Evaluator, c: dict[str, Any], model, held_out, held_base: floa
 
 
 def _in_runtime(ev: Evaluator, c: dict[str, Any], metric) -> bool | None:
-    """True / False: fits in ONNX Runtime or not; None: the runtime could not run it (PyTorch's figures kept)."""
-    threads = ev.config.threads
+    """True / False: fits in the runtime (AutoConfig.runtime) or not; None: the runtime could not run it
+    (PyTorch's figures kept)."""
+    threads, runtime = ev.config.threads, ev.config.runtime
     try:
-        ms, value = latency_onnx(ev.job.onnx(c["plan"]), ev.inputs, threads, metric)
-        base_ms, _ = latency_onnx(ev.job.onnx({}), ev.inputs, threads)
+        ms, value = latency_onnx(ev.job.onnx(c["plan"]), ev.inputs, threads, metric, runtime)
+        base_ms, _ = latency_onnx(ev.job.onnx({}), ev.inputs, threads, runtime_name=runtime)
     except Exception as exc:  # the runtime could not run it: say so, keep PyTorch's figures
-        ev.warnings.append(f"auto: {c['label']} was not verified in ONNX Runtime: {one_line(exc)}")
+        ev.warnings.append(f"auto: {c['label']} was not verified in {RUNTIME_NAMES[runtime]}: {one_line(exc)}")
         return None
-    c.update(runtime_metric=value, runtime_latency_ms=ms, runtime_latency_original_ms=base_ms)
+    c.update(runtime=runtime, runtime_metric=value, runtime_latency_ms=ms, runtime_latency_original_ms=base_ms)
     if ev.baseline - value <= ev.limit + 1e-12:
         return True
     c["fits"] = False
-    ev.warnings.append(f"auto: {c['label']} fits in PyTorch but not in ONNX Runtime (metric {value:.4g}); "
+    ev.warnings.append(f"auto: {c['label']} fits in PyTorch but not in {RUNTIME_NAMES[runtime]} (metric {value:.4g}); "
                        f"the next candidate is tried")
     return False
 
@@ -85,12 +87,13 @@ def choose(ev: Evaluator, metric: Callable, held_out: Callable | None) -> tuple[
     chosen = _verified(ev, metric, held_out)
     if chosen is not None:
         c = cands[chosen]
+        where = RUNTIME_NAMES[ev.config.runtime]
         message = (f"chosen: {c['label']} ({len(c['plan'])} layers changed), metric {c['metric']:.4g} "
                    f"(drop {c['drop']:.4g} <= {limit:.4g}, max_drop {max_drop}"
                    + (f" less margin {max_drop - limit:.4g}" if limit < max_drop else "") + ")"
                    + (f", held-out drop {c['verify_drop']:.4g}" if "verify_drop" in c else "")
-                   + (f", ONNX Runtime metric {c['runtime_metric']:.4g}" if "runtime_metric" in c else "")
-                   + (f", {c['speedup']:.2f}x faster in ONNX Runtime" if "speedup" in c else "")
+                   + (f", {where} metric {c['runtime_metric']:.4g}" if "runtime_metric" in c else "")
+                   + (f", {c['speedup']:.2f}x faster in {where}" if "speedup" in c else "")
                    + f", {c['bytes']:,} bytes on disk vs {cands[0]['bytes']:,}")
         return chosen, True, message
     compressed = [i for i, c in enumerate(cands) if c["status"] == "ok" and c["plan"]]

@@ -87,7 +87,9 @@ class AutoConfig(Config):
     skip: list[str] = []  # glob patterns it leaves alone
     recovery: RecoveryConfig | None = None  # training after the lossy actions (needs data to train on); None:
     # every action one shot
-    verify_runtime: bool = True  # the chosen model is exported and scored in ONNX Runtime too
+    verify_runtime: bool = True  # the chosen model is exported and scored in the runtime too
+    runtime: str = "ort"  # where candidates are timed and the chosen one checked, in a default session:
+    # ort (ONNX Runtime) | openvino (the ONNX file) | executorch (a .pte program, XNNPACK); its package must import
     threads: int = Field(default=2, ge=1)  # intra-op threads (latency, and split between local workers)
     probes: int = Field(default=4, ge=1)  # candidates per round: fixed, so the result does not depend on workers
     max_verifications: int = Field(default=6, ge=1)  # fitting candidates checked held out / in ONNX Runtime
@@ -109,6 +111,19 @@ class AutoConfig(Config):
                 raise ValueError(f"unknown objective {objective!r}; use one of: size, latency, macs (size: bytes on "
                                  f"disk, latency: ONNX Runtime time, macs: multiply-accumulates)")
         return data
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_installed(cls, v: str) -> str:
+        from ..export.packages import RUNTIMES, RuntimeMissingError, require
+
+        if v not in RUNTIMES:
+            raise ValueError(f"unknown runtime {v!r}; use one of: {', '.join(RUNTIMES)}")
+        try:
+            require(v)
+        except RuntimeMissingError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
     @field_validator("time_budget", mode="before")
     @classmethod

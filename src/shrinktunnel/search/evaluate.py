@@ -129,16 +129,19 @@ class Evaluator:
         return self.objective == "latency" or self.config.min_speedup is not None
 
     def _time(self, plan: Plan, entry: dict[str, Any]) -> None:
-        threads = self.config.threads
+        from ..export.runtimes import NAMES
+
+        threads, runtime = self.config.threads, self.config.runtime
+        entry["runtime"] = runtime  # where latency_ms and speedup were measured
         try:
             if not plan:
-                entry["latency_ms"], _ = latency_onnx(self.job.onnx(plan), self.inputs, threads)
+                entry["latency_ms"], _ = latency_onnx(self.job.onnx(plan), self.inputs, threads, runtime_name=runtime)
                 entry["speedup"] = 1.0
             else:
                 entry["latency_ms"], entry["speedup"] = paired_onnx(self.job.onnx(plan), self.job.onnx({}),
-                                                                    self.inputs, threads)
-        except Exception as exc:  # a candidate ONNX Runtime cannot run is failed, the search goes on
-            entry.update(status="failed", note=f"ONNX Runtime: {one_line(exc)}")
+                                                                    self.inputs, threads, runtime)
+        except Exception as exc:  # a candidate the runtime cannot run is failed, the search goes on
+            entry.update(status="failed", note=f"{NAMES[runtime]}: {one_line(exc)}")
 
     def fits(self, c: dict[str, Any]) -> bool:
         cfg = self.config

@@ -2,7 +2,8 @@
 
 `Job(plan)` builds the plan on the original (plan.py: structure, recovery, sharing, quantization,
 seeded from the plan), saves its artifact, counts its MACs, scores the metric and, when candidates
-are timed, exports it to ONNX; the parent times it (`latency_onnx`), never while workers run.
+are timed, exports it for the runtime they are timed in (`runtime`: ONNX for ONNX Runtime and OpenVINO,
+a .pte program for ExecuTorch); the parent times it (`latency_onnx`), never while workers run.
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ def seed_for(seed: int, key: str) -> int:
     return (seed * 1_000_003 + int(key[:8], 16)) % 2**31
 
 
-def latency_onnx(path: Path, inputs: D.Inputs, threads: int, metric: Callable | None = None) -> tuple[float, float | None]:
-    """Median ms of ONNX Runtime on the profiling batch and, when asked, the metric of the runtime model."""
-    from ..export import OrtModel
-    from ..measure.latency import onnx_latency
+def latency_onnx(path: Path, inputs: D.Inputs, threads: int, metric: Callable | None = None,
+                 runtime_name: str = "ort") -> tuple[float, float | None]:
+    """Median ms of the runtime (export.runtimes: ort, openvino, executorch; a default session) on the
+    profiling batch and, when asked, the metric of the runtime model."""
+    from ..export.runtimes import session
+    from ..measure.latency import time_fn
 
-    runtime = OrtModel(path, threads=threads)
+    runtime = session(path, runtime_name, threads=threads)
     feed = runtime.feed(*inputs[0], **inputs[1])
-    ms = onnx_latency(runtime.session, feed, warmup=3, runs=15).median_ms
+    ms = time_fn(lambda: runtime.run_feed(feed), warmup=3, runs=15, threads=threads).median_ms
     value = None
     if metric is not None:
         with torch.no_grad():
@@ -66,6 +69,7 @@ class Job:
     recovery: RecoveryConfig | None = None
     timed: bool = False
     seed: int = 0
+    runtime: str = "ort"  # where candidates are timed and checked (export.runtimes.RUNTIMES)
 
     def build(self, plan: Plan) -> nn.Module:
         return build_plan(self.original, plan, self.actions, self.data, recovery=self.recovery,
@@ -93,7 +97,11 @@ class Job:
                 if math.isnan(value):
                     raise ValueError("the metric is NaN")
                 entry["metric"] = value
-                if self.timed:
+                if self.timed and self.runtime == "executorch":
+                    from ..export.runtimes import export
+
+                    export(candidate, where / "model.pte", "executorch", self.example)
+                elif self.timed:
                     export_onnx(candidate, where / "model.onnx", self.example)
         except ShrinkError as exc:
             entry.update(status="failed", metric=None, note=str(exc))
@@ -117,26 +125,29 @@ class Job:
         return self.build(plan).eval()
 
     def onnx(self, plan: Plan) -> Path:
-        from ..export import export_onnx
+        """The candidate's file for `runtime`: ONNX (ONNX Runtime; OpenVINO reads it too) or ExecuTorch's .pte."""
+        from ..export.runtimes import export
 
-        path = self.workdir / plan_key(plan)[:16] / "model.onnx"
+        kind = "executorch" if self.runtime == "executorch" else "ort"
+        path = self.workdir / plan_key(plan)[:16] / f"model{'.pte' if kind == 'executorch' else '.onnx'}"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            export_onnx(self.model(plan), path, self.example)
+            export(self.model(plan), path, kind, self.example)
         return path
 
 
-def paired_onnx(path: Path, base_path: Path, inputs: D.Inputs, threads: int) -> tuple[float, float]:
-    """(median ms, speedup over the original) of the candidate's ONNX Runtime session, timed in
+def paired_onnx(path: Path, base_path: Path, inputs: D.Inputs, threads: int,
+                runtime_name: str = "ort") -> tuple[float, float]:
+    """(median ms, speedup over the original) of the candidate's session in the runtime, timed in
     alternation with the original's (measure.latency.paired_ratio): the machine's slow spells hit
     both alike, so a speed floor is checked on a ratio, not on two timings taken apart."""
-    from ..export import OrtModel
+    from ..export.runtimes import session
     from ..measure.latency import paired_ratio
 
     runs = []
     for p in (path, base_path):
-        runtime = OrtModel(p, threads=threads)
+        runtime = session(p, runtime_name, threads=threads)
         feed = runtime.feed(*inputs[0], **inputs[1])
-        runs.append(lambda s=runtime.session, f=feed: s.run(None, f))
+        runs.append(lambda s=runtime, f=feed: s.run_feed(f))
     r = paired_ratio(runs[0], runs[1], pairs=8, block=3, warmup=3)
     return r.a_ms, 1.0 / r.ratio
