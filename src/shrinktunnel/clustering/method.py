@@ -74,7 +74,7 @@ CLUSTER_SEARCH = SearchHooks("share", order=30, merge=merge_overrides("overrides
                              actions=tuple(SearchAction(f"share{b}", {"bits": b}, float(b)) for b in (8, 4, 2)))
 
 
-@register_method("cluster", ClusterConfig, replay=replay_cluster, search=CLUSTER_SEARCH,
+@register_method("cluster", ClusterConfig, replay=replay_cluster, search=CLUSTER_SEARCH, recurrent=True,
                  report=ReportSection("weight_sharing", lambda model: storage_report(model)))
 def cluster_model(model: nn.Module, cfg: ClusterConfig, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     """Weight sharing on a copy of `model`: each selected layer's weights become indices into a k-means

@@ -36,6 +36,7 @@ base model before the method's own replay, so `st.load` never needs to probe any
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["CANONICAL", "Wrapped", "canonicalize", "restore", "eligible_layers", "WRAP_CHILD", "logical_name",
-           "visible_modules"]
+           "visible_modules", "read_for_weight"]
 
 # The layers every method computes with; anything else is brought to one of these.
 CANONICAL = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
@@ -55,10 +56,22 @@ _CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 WRAP_CHILD = "compute"  # the canonical layer inside a Wrapped: `<module>.compute`
 
 
+_RNN_MATRIX = re.compile(r"\.matrices\.weight_(?:ih|hh|hr)_l\d+(?:_reverse)?$")  # core/recurrent.RecurrentLinears
+
+
+def read_for_weight(name: str) -> bool:
+    """A recurrent matrix held as a Linear (`<rnn>.matrices.weight_ih_l0`): read for its weight, never called,
+    so its activations have no range and it is transformed weight-only."""
+    return bool(_RNN_MATRIX.search(name))
+
+
 def logical_name(name: str) -> str:
-    """A wrapped layer's name as users write it: `blocks.0.conv.compute` -> `blocks.0.conv`."""
+    """A layer's name as users write it: a wrapped layer's `blocks.0.conv.compute` -> `blocks.0.conv`, a
+    recurrent matrix's `encoder.lstm.matrices.weight_ih_l0` -> `encoder.lstm`."""
     suffix = "." + WRAP_CHILD
-    return name[: -len(suffix)] if name.endswith(suffix) else name
+    if name.endswith(suffix):
+        return name[: -len(suffix)]
+    return _RNN_MATRIX.sub("", name)
 
 
 def visible_modules(model: nn.Module):
@@ -303,9 +316,12 @@ def _weight_readers(model: nn.Module) -> set[int]:
     return out
 
 
-def classify(model: nn.Module) -> dict[str, tuple[str, Any]]:
+def classify(model: nn.Module, recurrent: bool = False) -> dict[str, tuple[str, Any]]:
     """{name: (how, detail)} for every module with a weight that is not already canonical:
-    ("replace", kind), ("wrap", (Call, returns)), or ("skip", reason)."""
+    ("replace", kind), ("wrap", (Call, returns)), or ("skip", reason). `recurrent`: exact LSTM / GRU / RNN
+    become core/recurrent.RecurrentLinears (their matrices as Linears read for their weight)."""
+    from .recurrent_linears import RECURRENT
+
     from .mha import unsupported_reason
 
     readers = _weight_readers(model)
@@ -315,6 +331,10 @@ def classify(model: nn.Module) -> dict[str, tuple[str, Any]]:
         if not name or isinstance(module, Wrapped) or type(module) in CANONICAL:
             continue
         if any(name.startswith(r + ".") for r in rewritten):
+            continue
+        if recurrent and type(module) in RECURRENT and _holds_matrices(module):
+            out[name] = ("replace", "rnn")
+            rewritten.append(name)
             continue
         if isinstance(module, nn.MultiheadAttention):
             why = unsupported_reason(module)
@@ -348,12 +368,18 @@ def classify(model: nn.Module) -> dict[str, tuple[str, Any]]:
     return out
 
 
+def _holds_matrices(module: nn.Module) -> bool:
+    """A recurrent layer with its own matrices (not the placeholder `rnn` inside core/recurrent's layers)."""
+    return any(isinstance(p, nn.Parameter) and p.dim() >= 2 for p in module._parameters.values())
+
+
 def _unreachable_reason(module: nn.Module, matrices: list[str]) -> str:
     """Why no method reaches a module whose matrices are not a `weight` passed to a layer call."""
     held = f"{', '.join(matrices[:2])}{'...' if len(matrices) > 2 else ''}"
     if isinstance(module, nn.RNNBase):
-        return (f"{type(module).__name__} computes with {held} inside one fused op: only quantize and cast reach it "
-                "(weight-only storage, core/recurrent.py); no method rewrites it otherwise")
+        return (f"{type(module).__name__} computes with {held} inside one fused op: quantize and cast store it "
+                "weight-only, prune, cluster and qat take its matrices as Linears (core/recurrent.py); this method "
+                "does neither")
     return (f"{type(module).__name__} reads {held} in its own code (indexed or added, not passed to a linear / conv / "
             "embedding call); no method rewrites it")
 
@@ -374,6 +400,10 @@ def _replacement(module: nn.Module, kind: str) -> nn.Module:
         from .mha import Attention
 
         return Attention.from_mha(module)
+    if kind == "rnn":  # nn.LSTM / GRU / RNN -> its matrices as Linears (core/recurrent.py)
+        from .recurrent_linears import RecurrentLinears
+
+        return RecurrentLinears.from_module(module)
     w = module.weight.detach()
     b = module.bias.detach() if getattr(module, "bias", None) is not None else None
     if kind == "addmm":  # weight (in, out) -> Linear's (out, in)
@@ -418,13 +448,14 @@ def _wrap(module: nn.Module, call: Call, returns: bool) -> Wrapped:
     return wrapped
 
 
-def canonicalize(model: nn.Module) -> tuple[nn.Module, dict[str, Any], dict[str, str]]:
+def canonicalize(model: nn.Module, recurrent: bool = False) -> tuple[nn.Module, dict[str, Any], dict[str, str]]:
     """(model, record, skipped): a COPY of `model` with every non-canonical weight layer replaced or
     wrapped (or `model` itself when there is none), the JSON record `restore` replays, and
-    {name: reason} of the weight layers no method can reach."""
+    {name: reason} of the weight layers no method can reach. `recurrent`: recurrent layers' matrices as
+    Linears too (for methods that transform a Linear by its weight alone: `register_method(recurrent=True)`)."""
     from .modtree import set_submodule
 
-    plan = classify(model)
+    plan = classify(model, recurrent)
     todo = {n: v for n, v in plan.items() if v[0] != "skip"}
     skipped = {n: v[1] for n, v in plan.items() if v[0] == "skip"}
     if not todo:

@@ -1,5 +1,10 @@
-"""Weight-only storage for recurrent layers (nn.LSTM / nn.GRU / nn.RNN): what `quantize` and `cast` do
-with them when nothing else fits.
+"""Recurrent layers (nn.LSTM / nn.GRU / nn.RNN): weight-only storage for `quantize` and `cast`, and
+their matrices as Linears for the methods that transform a Linear by its weight alone.
+
+`RecurrentLinears` (canonicalization, core/layers.py, for methods registered with `recurrent=True`:
+prune, cluster, qat) holds each matrix as a bias-less `nn.Linear` child `matrices.<name>`: never called,
+read for its weight, so a method replaces it as it replaces any Linear (a SparseLayer, a ClusteredLayer,
+a FakeQuantLayer, then a QuantizedLayer) and the recurrent op runs on the weight the child computes with.
 
 A recurrent layer computes with its matrices (`weight_ih_l0`, `weight_hh_l0`, ...) inside one fused op,
 so no method's layer can take a matrix's place, and no int8 recurrent kernel is wired (ONNX Runtime's
@@ -20,28 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["RECURRENT", "RecurrentWeightOnly", "recurrent_matrices", "recurrent_spec", "store_recurrent",
-           "replay_recurrent"]
+from .recurrent_linears import _CLASSES, RECURRENT, _placeholder_rnn, RecurrentLinears, recurrent_matrices, recurrent_spec
 
-RECURRENT = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn"}  # exact classes: a subclass may compute otherwise
-_CLASSES = {v: k for k, v in RECURRENT.items()}
 STORAGE = ("int8", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
 _SCALED = ("int8", "float8_e4m3fn", "float8_e5m2")
 
-
-def recurrent_matrices(module: nn.Module) -> list[str]:
-    """The names of a recurrent layer's matrices (its biases are vectors)."""
-    return [n for n in module._flat_weights_names if getattr(module, n) is not None and getattr(module, n).dim() == 2]
-
-
-def recurrent_spec(module: nn.Module, storage: str) -> dict[str, Any]:
-    cfg = {k: getattr(module, k) for k in ("input_size", "hidden_size", "num_layers", "bias", "batch_first",
-                                           "dropout", "bidirectional")}
-    if isinstance(module, nn.LSTM):
-        cfg["proj_size"] = module.proj_size
-    if isinstance(module, nn.RNN):
-        cfg["nonlinearity"] = module.nonlinearity
-    return {"kind": RECURRENT[type(module)], "config": cfg, "storage": storage, "matrices": recurrent_matrices(module)}
+__all__ = ["RECURRENT", "RecurrentWeightOnly", "RecurrentLinears", "recurrent_matrices", "recurrent_spec",
+           "store_recurrent", "replay_recurrent"]
 
 
 class RecurrentWeightOnly(nn.Module):
@@ -53,13 +43,10 @@ class RecurrentWeightOnly(nn.Module):
             raise ValueError(f"unsupported recurrent weight storage {spec.get('kind')!r} / {spec.get('storage')!r}; "
                              "this artifact needs a newer shrinktunnel, or it is corrupted")
         self._spec = spec
-        rnn = _CLASSES[spec["kind"]](**spec["config"])
+        rnn = _placeholder_rnn(spec)  # the forward passes the expanded matrices
         dtype = getattr(torch, spec["storage"])
         for name in spec["matrices"]:
-            shape = rnn._parameters[name].shape
-            del rnn._parameters[name]
-            # a non-persistent placeholder (nothing stored twice); the forward passes the expanded matrix
-            rnn.register_buffer(name, torch.zeros((), dtype=torch.float32).expand(shape), persistent=False)
+            shape = rnn._buffers[name].shape
             self.register_buffer(f"{name}_stored", torch.zeros(shape, dtype=dtype))
             if spec["storage"] in _SCALED:
                 self.register_buffer(f"{name}_scale", torch.ones(shape[0], dtype=torch.float32))
@@ -115,6 +102,9 @@ class RecurrentWeightOnly(nn.Module):
                 return self.matrix(name)
             if spec is not None and name in spec["config"]:
                 return spec["config"][name]
+            rnn = self.__dict__["_modules"].get("rnn")
+            if rnn is not None and name in rnn._parameters:  # the biases, kept by the inner layer
+                return rnn._parameters[name]
             raise
 
     def extra_repr(self) -> str:
@@ -131,7 +121,8 @@ def store_recurrent(model: nn.Module, layers: list[str], skip: list[str], storag
 
     specs: dict[str, dict[str, Any]] = {}
     for name, module in list(visible_modules(model)):
-        if name and type(module) in RECURRENT and matches(name, layers) and not matches(name, skip):
+        own = any(isinstance(p, nn.Parameter) and p.dim() >= 2 for p in module._parameters.values())  # not a placeholder
+        if name and type(module) in RECURRENT and own and matches(name, layers) and not matches(name, skip):
             layer = RecurrentWeightOnly.from_module(module, storage)
             set_submodule(model, name, layer)
             specs[name] = layer.spec()
@@ -146,3 +137,4 @@ def replay_recurrent(model: nn.Module, specs: dict[str, dict[str, Any]]) -> None
 
     for name, spec in specs.items():
         set_submodule(model, name, RecurrentWeightOnly(spec))
+

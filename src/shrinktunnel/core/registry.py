@@ -124,19 +124,21 @@ class Method:
     summary: str = ""
     search: SearchHooks | None = None  # None: the search never proposes this method
     report: ReportSection | None = None
+    recurrent: bool = False  # takes LSTM / GRU matrices as Linears it never calls (core/recurrent.RecurrentLinears)
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, config_cls: type[Config], *, replay: Callable, summary: str = "",
-                    search: SearchHooks | None = None, report: ReportSection | None = None):
+                    search: SearchHooks | None = None, report: ReportSection | None = None, recurrent: bool = False):
     """Decorator: `@register_method("quantize", QuantConfig, replay=replay_quantize)`. The stored
     replay first redoes the stage's canonical record (core/layers.py: the layers canonicalized before
     the method ran), then calls the method's own. `search`: the method's actions and plan rules, which
     make it searchable by `st.analyze` / `st.auto` without touching search/; `report`: a section of
     the compressed model's metrics. Custom operators a method's layers call at export declare their
-    ONNX with `register_onnx_translations`."""
+    ONNX with `register_onnx_translations`. `recurrent=True`: the method transforms a Linear by its weight
+    alone (it never needs the layer called), so recurrent layers reach it as Linears (core/recurrent.py)."""
 
     def replay_canonical(model: nn.Module, record: dict[str, Any]) -> nn.Module:
         from .layers import restore
@@ -161,7 +163,7 @@ def register_method(name: str, config_cls: type[Config], *, replay: Callable, su
         if report is not None and not isinstance(report, ReportSection):
             raise ConfigError(f"register_method({name!r}): report= must be a ReportSection, got {type(report).__name__}")
         METHODS[name] = Method(name, config_cls, fn, replay_canonical, summary or (fn.__doc__ or "").split("\n")[0],
-                               search, report)
+                               search, report, recurrent)
         return fn
 
     return wrap

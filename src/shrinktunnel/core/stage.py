@@ -24,7 +24,7 @@ def run_stage(model: nn.Module, method: str, config: Any, ctx: Context) -> nn.Mo
         raise ModelError(f"expected a torch.nn.Module, got {type(model).__name__}")
     m = get_method(method)
     cfg = m.config_cls.parse(config)
-    canonical, record, unreachable = canonicalize(model)
+    canonical, record, unreachable = canonicalize(model, recurrent=m.recurrent)
     ctx.skipped = {}
     new_model, replay = m.apply(canonical, cfg, ctx)
     if record:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dense import dense_weight as _dense
+
 __all__ = ["TiedEmbedding", "tie_groups", "tied_pairs", "tie_plan", "tie", "tie_record", "TIED_CHILD", "left_alone"]
 
 TIED_CHILD = "layer"  # the shared layer inside a TiedEmbedding: `<embedding>.layer`
@@ -70,17 +72,6 @@ def _weight_shape(layer: nn.Module) -> list[int]:
     if callable(getattr(layer, "spec", None)):
         return list(layer.spec()["weight_shape"])
     return list(layer.weight.shape)
-
-
-def _dense(layer: nn.Module) -> torch.Tensor:
-    """The dense float weight a method's layer computes with."""
-    if hasattr(layer, "fake_weight"):  # quant/qat.FakeQuantLayer while training: the rows it computes with
-        return layer.fake_weight()
-    if hasattr(layer, "dequantized_weight"):
-        return layer.dequantized_weight()
-    if hasattr(layer, "float_weight"):  # quant/float_formats.FloatWeightLayer: stored in 16 / 8 bits
-        return layer.float_weight()
-    return layer.weight  # ClusteredLayer's dense weight; SparseLayer's buffer
 
 
 def tie_groups(model: nn.Module) -> list[tuple[str | None, list[str]]]:

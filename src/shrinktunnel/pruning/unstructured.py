@@ -205,7 +205,7 @@ PRUNE_SEARCH = SearchHooks("prune", order=20, structural=True, recover=_recover_
                                          for p in (25, 50, 75, 90, 95)))  # 90, 95: by name, and in chains with sharing
 
 
-@register_method("prune", PruneConfig, replay=replay_prune, search=PRUNE_SEARCH)
+@register_method("prune", PruneConfig, replay=replay_prune, search=PRUNE_SEARCH, recurrent=True)
 def prune_model(model: nn.Module, cfg: PruneConfig, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     """Prune a copy of `model` (unstructured), fine-tune it if asked, store the pruned layers sparse."""
     model = copy.deepcopy(model).eval()

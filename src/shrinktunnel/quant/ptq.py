@@ -26,7 +26,7 @@ from .modules import SUPPORTED, WEIGHT_ONLY, QuantizedLayer
 from .observers import make_observer
 from .smooth import choose_smoothing, observe_inputs
 from .ops import qrange, quantize_weight, weight_qparams, weight_qrange
-from ..core.layers import WRAP_CHILD, Wrapped, visible_modules
+from ..core.layers import WRAP_CHILD, Wrapped, read_for_weight, visible_modules
 from ..core.tied import tie, tie_plan, tie_record, tied_pairs
 
 __all__ = ["quantize_model", "replay_quantize", "plan_layers", "LayerPlan"]
@@ -91,7 +91,7 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
             ctx.warn(f"quantize: {name} is a pruned sparse layer; quantizing it is not supported, it stays float "
                      "(quantize before pruning, or share its weights with `cluster`, which keeps the sparsity)")
     names_of = names_by_module(model)
-    plans = []
+    plans, read_only = [], []
     for name, module in select_modules(model, SUPPORTED, cfg.layers, cfg.skip):
         if type(module) not in SUPPORTED:
             # A subclass may override forward, or its parent may read its weight directly
@@ -113,9 +113,15 @@ def plan_layers(model: nn.Module, cfg: QuantConfig, ctx: Context) -> list[LayerP
                 activations = None
             else:
                 _check_dynamic_weight(name, weights)
+        if activations is not None and read_for_weight(name):
+            read_only.append(name)
+            activations = None
         relu = _following_relu(model, name) if (cfg.fuse_relu and activations is not None) else None
         aliases = tuple(n for n in names_of[id(module)] if n != name)
         plans.append(LayerPlan(name, module, weights, activations, relu, aliases))
+    if read_only:
+        ctx.warn(f"quantize: {', '.join(read_only)}: recurrent matrices, read for their weight by the recurrent op "
+                 "(core/recurrent.py); quantized weight-only, their activations stay float")
     plans = _embedding_plans(model, cfg, ctx, names_of, plans)
     plans = _tied_head_default(model, cfg, ctx, plans)
     if not plans:

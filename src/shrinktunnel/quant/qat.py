@@ -471,7 +471,7 @@ def _loss(cfg: QATConfig, teacher: nn.Module):
     return mse_to_float
 
 
-@register_method("qat", QATConfig, replay=replay_quantize)
+@register_method("qat", QATConfig, replay=replay_quantize, recurrent=True)
 def qat_model(model: nn.Module, cfg: QATConfig, ctx: Context) -> tuple[nn.Module, dict[str, Any]]:
     """Quantization-aware training of a copy of `model` on the data, converted to quantized layers."""
     if ctx.data is None:
