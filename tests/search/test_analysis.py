@@ -15,7 +15,7 @@ from conftest import CASES
 from shrinktunnel.errors import ConfigError, ModelError
 from shrinktunnel.search import Action, Analysis, analyze
 from shrinktunnel.search import ACTIONS
-from shrinktunnel.search.pareto import pareto_front
+from shrinktunnel.core.pareto import pareto_front
 
 FAST = dict(progress=False, latency_runs=2)
 

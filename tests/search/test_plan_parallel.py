@@ -191,3 +191,21 @@ def test_uniform_single_action_plans_are_tried_first():
     assert r.candidates[1]["plan"] == {"fc1": "quant4", "fc2": "quant4"}
     # the joint result is at least as small as every single action that fits
     assert all(r.candidates[r.chosen]["bytes"] <= c["bytes"] for c in r.candidates[1:3] if c["fits"])
+
+
+def _square_or_die(item):
+    import os
+
+    if item == "die":
+        os._exit(3)  # a worker killed mid-evaluation (the OOM killer, a segfault in a kernel)
+    return item * item
+
+
+def test_forked_workers_return_results_in_order_and_a_dead_worker_is_a_model_error():
+    from shrinktunnel.errors import ModelError
+    from shrinktunnel.search.parallel import run_all
+
+    items = list(range(7))
+    assert list(run_all(_square_or_die, items, workers=3, progress=False)) == [i * i for i in items]
+    with pytest.raises(ModelError, match="process died"):
+        list(run_all(_square_or_die, [1, 2, "die", 4], workers=2, progress=False))

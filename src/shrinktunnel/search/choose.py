@@ -13,7 +13,7 @@ from ..errors import one_line
 from ..export.runtimes import NAMES as RUNTIME_NAMES
 from .evaluate import Evaluator, objective_cost
 from .job import latency_onnx
-from .pareto import pareto_front
+from ..core.pareto import pareto_front
 
 __all__ = ["choose", "pareto_fronts"]
 

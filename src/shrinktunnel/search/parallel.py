@@ -33,10 +33,6 @@ __all__ = ["BACKENDS", "run_all", "check_backend", "user_modules"]
 
 BACKENDS = ("process", "ray")
 
-_TASK: Callable[[Any], Any] | None = None  # the function a forked worker runs (inherited, not pickled)
-_ITEMS: Sequence[Any] = ()
-
-
 def check_backend(backend: str, workers: int) -> None:
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend!r} is not known; use one of: {', '.join(BACKENDS)} "
@@ -50,12 +46,49 @@ def check_backend(backend: str, workers: int) -> None:
             raise ConfigError("backend='ray' needs Ray: pip install 'shrinktunnel[ray]' (or use backend='process')") from None
 
 
-def _init(threads: int) -> None:
+def _worker(fn: Callable[[Any], Any], items: Sequence[Any], threads: int, todo: Any, done: Any) -> None:
+    """A forked process: `fn` and `items` are its arguments, inherited with the fork (never pickled); it takes
+    indices from `todo` until a None and sends (index, result) back on `done`."""
     torch.set_num_threads(threads)
+    for i in iter(todo.get, None):
+        done.put((i, fn(items[i])))
 
 
-def _call(i: int) -> Any:
-    return _TASK(_ITEMS[i])
+def _forked(fn: Callable[[Any], Any], items: Sequence[Any], workers: int, threads: int) -> Iterator[Any]:
+    """fn(item) for every item in forked processes, yielded in the items' order. A worker that dies (killed,
+    out of memory) is a ModelError, not a hang."""
+    import queue
+
+    ctx = multiprocessing.get_context("fork")
+    todo, done = ctx.Queue(), ctx.Queue()
+    n = min(workers, len(items))
+    for i in range(len(items)):
+        todo.put(i)
+    for _ in range(n):
+        todo.put(None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    procs = [ctx.Process(target=_worker, args=(fn, items, threads, todo, done), daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    ready: dict[int, Any] = {}
+    try:
+        for i in range(len(items)):
+            while i not in ready:
+                try:
+                    j, result = done.get(timeout=1.0)
+                    ready[j] = result
+                except queue.Empty:
+                    dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if dead:
+                        raise ModelError(f"an evaluation process died (exit code {dead[0]}: killed, or out of memory); "
+                                         "use fewer workers, or workers=1") from None
+            yield ready.pop(i)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+            p.join(timeout=5)
 
 
 def _ray_call(fn: Callable[[Any], Any], item: Any) -> Any:
@@ -76,22 +109,13 @@ def run_all(fn: Callable[[Any], Any], items: Sequence[Any], *, workers: int = 1,
     if backend == "ray":
         yield from _ray(fn, items, workers, description, progress, address)
         return
-    global _TASK, _ITEMS
     if "fork" not in multiprocessing.get_all_start_methods():
         yield from track((fn(item) for item in items), description + " (serial: no fork here)", total=len(items),
                          enabled=progress)
         return
-    _TASK, _ITEMS = fn, items
     per_worker = max(1, threads // workers)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    ctx = multiprocessing.get_context("fork")
-    try:
-        with ctx.Pool(min(workers, len(items)), initializer=_init, initargs=(per_worker,)) as pool:
-            yield from track(pool.imap(_call, range(len(items))), f"{description} ({workers} processes)",
-                             total=len(items), enabled=progress)
-    finally:
-        _TASK, _ITEMS = None, ()
+    yield from track(_forked(fn, items, workers, per_worker), f"{description} ({workers} processes)",
+                     total=len(items), enabled=progress)
 
 
 def user_modules() -> list[str]:
