@@ -92,6 +92,24 @@ def test_lowered_dynamic_linear_computes_the_same_integers():
         assert (got - ref).abs().max() <= 1e-5 * ref.abs().max(), f"per_token={per_token}, CPU {CPU_FLAGS}"
 
 
+def test_shifted_int8_codes_are_the_uint8_codes_minus_128_exactly():
+    # The lowered layer's vectorizable quantization (float codes, one cast to int8) against
+    # quant/dynamic.py's uint8 one: the same codes, scales and zero points, bit for bit.
+    from shrinktunnel.quant.dynamic import quantize_dynamic_u8
+
+    torch.manual_seed(2)
+    x = torch.randn(64, 96) * torch.logspace(-3, 2, 64)[:, None]
+    x[3] = 0.0  # an all-zero row: the tiniest scale
+    x[5] = x[5].abs()  # no negative value: zero point 0
+    x[7] = -x[7].abs()  # no positive value: zero point 255
+    x[9, ::2] = x[9, ::2].round()  # values on rounding boundaries after scaling are possible
+    for per_token in (True, False):
+        a, scale, zp = torch_int8.quantize_dynamic_s8_shifted(x, per_token)
+        q, ref_scale, ref_zp = quantize_dynamic_u8(x, per_token)
+        assert a.dtype == torch.int8 and torch.equal(a.to(torch.int16), q.to(torch.int16) - 128)
+        assert torch.equal(scale, ref_scale) and torch.equal(zp, ref_zp)
+
+
 def test_lowered_int4_weight_only_within_bfloat16_rounding():
     mlp = _mlp()
     x = torch.randn(4, 64)
