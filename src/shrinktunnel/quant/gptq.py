@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .ops import weight_qparams
+from .scale_search import search_qparams
 
 __all__ = ["HessianObserver", "gptq_quantize", "find_blocks", "sequential_round", "inverse_factor"]
 
@@ -124,10 +125,13 @@ def gptq_quantize(
     damp: float = 0.01,
     block: int = 128,
     act_order: bool = False,
+    search: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(integers in [qmin, qmax] (float tensor, weight's shape), scale, zero_point) of a Linear weight
     (out, in); scale and zero point shaped as `ops.weight_qparams` gives them. Rows are independent
-    given H: Linears reading one input may be stacked into one call (the same result, one loop)."""
+    given H: Linears reading one input may be stacked into one call (the same result, one loop).
+    `search`: each group's scale and zero point from `scale_search.search_qparams` weighted by diag(H)
+    (per group only), instead of the min-max range's."""
     w = weight.detach().float().clone()
     out, k = w.shape
     h = hessian.detach().double().clone()
@@ -135,11 +139,18 @@ def gptq_quantize(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     per_group = granularity == "per_group"
-    static = None
+    search = search and per_group
+    energy = torch.diag(h).float()  # the importance of each input column's rounding error (natural order)
+
+    def group_qparams(wg: torch.Tensor, cols: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        if search:
+            return search_qparams(wg, qmin, qmax, symmetric, group_size, energy[cols])
+        return weight_qparams(wg, qmin, qmax, symmetric, granularity, group_size)
+
     if not per_group:
         scale, zero_point = weight_qparams(w, qmin, qmax, symmetric, granularity)
     elif act_order:  # static groups: scales from the original weights, natural column order
-        scale, zero_point = weight_qparams(w, qmin, qmax, symmetric, granularity, group_size)
+        scale, zero_point = group_qparams(w, slice(None))
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else None
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
@@ -168,7 +179,8 @@ def gptq_quantize(
 
         def params(j):
             if j % group_size == 0:
-                s, z = weight_qparams(torch.from_numpy(wt[j:j + group_size]).t(), qmin, qmax, symmetric, "per_channel")
+                s, z = group_qparams(torch.from_numpy(wt[j:j + group_size]).t(), slice(j, j + group_size))
+                s, z = s[:, 0], z[:, 0]
                 scales.append(s)
                 zps.append(z)
                 cur[0] = (s.numpy(), z.float().numpy())
@@ -334,12 +346,14 @@ def sequential_round(model: nn.Module, plans: list, batches: list, forward: Call
 
 
 def weight_only_round(model: nn.Module, plans: list, batches: list, forward: Callable, grid_of: Callable,
-                      *, gptq: bool, awq: bool, damp: float = 0.01, act_order: bool = True,
+                      *, gptq: bool, awq: bool, damp: float = 0.01, act_order: bool = True, scale_search: bool = True,
                       warn: Callable[[str], None] = lambda m: None,
                       progress: Callable[[Any], Any] = lambda it: it) -> tuple[dict[str, tuple], dict[str, dict]]:
     """Weight-only rounding of the Linears of `plans` with true-sequential calibration (`sequential_round`):
     AWQ scales (sets plan.smooth) and clipping, then GPTQ or round-to-nearest, each group on the inputs
-    the already-rounded layers before it give. Returns ({name: (q, scale, zero_point)}, AWQ report)."""
+    the already-rounded layers before it give. `scale_search`: per-group scales and zero points searched
+    (scale_search.py, weighted by each input's energy) instead of min-max. Returns ({name: (q, scale,
+    zero_point)}, AWQ report)."""
     from . import awq as A
     from .ops import dequantize_weight, quantize_weight
 
@@ -379,7 +393,7 @@ def weight_only_round(model: nn.Module, plans: list, batches: list, forward: Cal
                     obs.update(x)
                 try:  # one Hessian, one factor, one column loop for the stack (rows are independent)
                     q, scale, zp = gptq_quantize(torch.cat(ws), obs.h, qmin, qmax, sym, granularity, gs,
-                                                 damp=damp, act_order=act_order)
+                                                 damp=damp, act_order=act_order, search=scale_search)
                     bounds = torch.tensor([0] + [w.shape[0] for w in ws]).cumsum(0).tolist()
                     results = [(q[a:b], scale[a:b], zp[a:b]) for a, b in zip(bounds, bounds[1:])]
                 except torch.linalg.LinAlgError:
@@ -387,8 +401,10 @@ def weight_only_round(model: nn.Module, plans: list, batches: list, forward: Cal
                          f"definite even with gptq_damp={damp}; rounded to nearest instead (raise gptq_damp to retry)")
             if results is None:
                 results = []
+                energy = sum((x.float() ** 2).sum(dim=0) for x in x_obs) if scale_search and gs else None
                 for w in ws:
-                    scale, zp = weight_qparams(w, qmin, qmax, sym, granularity, gs)
+                    scale, zp = (search_qparams(w, qmin, qmax, sym, gs, energy) if energy is not None
+                                 else weight_qparams(w, qmin, qmax, sym, granularity, gs))
                     results.append((quantize_weight(w, scale, zp, qmin, qmax, torch.int8 if sym else torch.uint8).float(),
                                     scale, zp))
             for p, (q, scale, zp) in zip(batch, results):
