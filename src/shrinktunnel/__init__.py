@@ -26,7 +26,7 @@ from .pruning import ChannelPruneConfig, LayerSparsity, PruneConfig
 from .pruning.sparse_kernels import use_sparse_kernels  # pruned Linears on torch.sparse products (docs/pruning.md)
 from .quant import ActivationQuant, CastConfig, QuantConfig, WeightQuant
 from .quant.qat import QATConfig
-from .search import Action, Analysis, AutoConfig, AutoResult, RecoveryConfig, analyze, auto
+from .search import Action, AnalyzeConfig, Analysis, AutoConfig, AutoResult, RecoveryConfig, analyze, auto
 
 # The functions have the verbs (st.prune, st.cluster, ...); the method packages are nouns
 # (shrinktunnel.pruning, .clustering, .decomposition, .distillation, .fusion), so no import rebinds a package.
@@ -35,7 +35,7 @@ __all__ = [
     "Result", "QuantConfig", "CastConfig", "WeightQuant", "ActivationQuant",
     "cluster", "ClusterConfig", "ClusterOverride", "CodebookTuning",
     "qat", "prepare_qat", "convert_qat", "QATConfig",
-    "analyze", "auto", "Action", "Analysis", "AutoConfig", "AutoResult", "RecoveryConfig",
+    "analyze", "auto", "Action", "Analysis", "AnalyzeConfig", "AutoConfig", "AutoResult", "RecoveryConfig",
     "prune", "ChannelPruneConfig", "PruneConfig", "LayerSparsity",
     "distill", "DistillConfig", "Hint", "KeepLayersConfig", "Relation", "fuse", "FuseConfig", "FuseOpsConfig",
     "decompose", "DecomposeConfig", "ConvScheme", "compile", "load_onnx", "use_sparse_kernels",

@@ -275,3 +275,15 @@ def test_huffman_actions_keep_the_drop_and_cost_fewer_bytes_and_dyn8_runs():
         # manifest keys more per layer, which small layers do not earn back)
         assert r[coded]["bytes_after"] < r[plain]["bytes_after"] - 256 * 128 * 0.5 / 8
     assert r["dyn8"]["status"] == "ok" and 0 <= a.drop("0", "dyn8") < 1e-2
+
+
+def test_analyze_takes_its_settings_as_one_config_or_as_keywords():
+    from shrinktunnel import AnalyzeConfig
+    from shrinktunnel.search.config import analyze_config
+
+    cfg = analyze_config(AnalyzeConfig(layers=["fc*"], threads=1), {"workers": 2, "skip": ("fc2",)})
+    assert cfg.layers == ["fc*"] and cfg.skip == ["fc2"] and cfg.threads == 1 and cfg.parallel.workers == 2
+    with pytest.raises(ConfigError, match="latency_runz"):
+        analyze_config(None, {"latency_runz": 3})
+    with pytest.raises(ConfigError):
+        analyze_config({"threads": 0}, {})

@@ -6,9 +6,9 @@ Registers no method: it drives the registered ones, one layer and one action at 
 from .actions import ACTIONS, DEFAULT_ACTIONS, Action, resolve_actions
 from .analysis import Analysis, analyze
 from .auto import OBJECTIVES, AutoResult, auto
-from .config import AutoConfig, ParallelConfig
+from .config import AnalyzeConfig, AutoConfig, ParallelConfig
 from .parallel import BACKENDS
 from .plan import RecoveryConfig, build_plan, plan_stages
 
-__all__ = ["ACTIONS", "AutoConfig", "ParallelConfig", "BACKENDS", "DEFAULT_ACTIONS", "OBJECTIVES", "Action", "Analysis", "AutoResult", "RecoveryConfig",
+__all__ = ["ACTIONS", "AnalyzeConfig", "AutoConfig", "ParallelConfig", "BACKENDS", "DEFAULT_ACTIONS", "OBJECTIVES", "Action", "Analysis", "AutoResult", "RecoveryConfig",
            "analyze", "auto", "build_plan", "plan_stages", "resolve_actions"]

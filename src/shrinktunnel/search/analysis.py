@@ -16,7 +16,7 @@ import time
 import warnings as pywarnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +34,9 @@ from .actions import Action, resolve_actions
 from .cache import EvalCache, data_hash, entry_key, fingerprint, fn_hash, model_hash
 from .histogram import layer_histogram
 from .profile import LayerProfile, candidate_layers, profile_layers
+
+if TYPE_CHECKING:
+    from .config import AnalyzeConfig
 
 __all__ = ["analyze", "Analysis", "evaluate_candidate"]
 
@@ -187,11 +190,9 @@ def evaluate_candidate(model: nn.Module, stages: list[tuple[str, dict[str, Any]]
 
 
 def analyze(
-    model: nn.Module, data: Any, *, eval_fn: Callable[[nn.Module], float] | None = None,
-    actions: Iterable[Action | str] | None = None, cache_dir: str | Path | None = None, progress: bool = True,
-    layers: Sequence[str] = ("*",), skip: Sequence[str] = (), threads: int = 2, latency_runs: int = 10,
-    recovery: "RecoveryConfig | dict | None" = None, train_data: Any = None, seed: int = 0, workers: int = 1,
-    backend: str = "process", ray_address: str | None = None,
+    model: nn.Module, data: Any, config: "AnalyzeConfig | dict | None" = None, *,
+    eval_fn: Callable[[nn.Module], float] | None = None, actions: Iterable[Action | str] | None = None,
+    train_data: Any = None, **options: Any,
 ) -> Analysis:
     """Measure every layer and its sensitivity to every action; `model` is not changed.
 
@@ -206,14 +207,20 @@ def analyze(
     (default `data`), sharing after as many centroid-tuning steps; None: every action one shot.
     `workers` / `backend`: evaluations run in that many local processes ("process") or on Ray ("ray");
     each is seeded from `seed`, so the figures are the same either way (`ray_address`: a running cluster).
+    The settings (`layers` ... `ray_address`) are an AnalyzeConfig's: pass one as `config`, or as keywords.
     """
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise ModelError(f"analyze expects a torch.nn.Module, got {type(model).__name__}")
+    from .config import analyze_config
     from .parallel import check_backend, run_all
     from .plan import analysis_recovery, plan_stages, recovery_context
 
+    cfg = analyze_config(config, options)
+    layers, skip, seed, threads, progress = cfg.layers, cfg.skip, cfg.seed, cfg.threads, cfg.progress
+    workers, backend, ray_address = cfg.parallel.workers, cfg.parallel.backend.value, cfg.parallel.ray_address
     check_backend(backend, workers)
+    recovery, cache_dir, latency_runs = cfg.recovery, cfg.cache_dir, cfg.latency_runs
     chosen, skipped_actions = resolve_actions(actions)
     recovery = analysis_recovery(recovery)
     data = D.reiterable(data)

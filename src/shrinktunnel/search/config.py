@@ -20,7 +20,7 @@ from ..core.config import Config, StrEnum
 from ..errors import ConfigError
 from .plan import RecoveryConfig
 
-__all__ = ["AutoConfig", "ParallelConfig", "Objective", "Backend", "parse_duration", "auto_config"]
+__all__ = ["AutoConfig", "AnalyzeConfig", "ParallelConfig", "analyze_config", "Objective", "Backend", "parse_duration", "auto_config"]
 
 
 class Objective(StrEnum):
@@ -144,20 +144,44 @@ class AutoConfig(Config):
         return self
 
 
+class AnalyzeConfig(Config):
+    """Every setting of `st.analyze` / `shrink analyze`: which layers, how each evaluation runs, where it is cached."""
+
+    layers: list[str] = ["*"]  # glob patterns of the layers measured
+    skip: list[str] = []  # glob patterns left out
+    threads: int = Field(default=2, ge=1)  # intra-op threads (latency, and split between local workers)
+    latency_runs: int = Field(default=10, ge=1)  # timed runs per layer profile
+    recovery: RecoveryConfig | None = None  # structural actions scored after a short recovery (on train_data)
+    seed: int = 0  # every evaluation is seeded from it: same seed, same figures
+    cache_dir: str | None = None  # evaluations stored there (resume, reuse); None: no cache
+    progress: bool = True
+    parallel: ParallelConfig = ParallelConfig()
+
+
 _PARALLEL_KEYS = ("workers", "backend", "ray_address")
+
+
+def analyze_config(config: "AnalyzeConfig | dict | None", overrides: dict[str, Any]) -> AnalyzeConfig:
+    """One AnalyzeConfig from a config and keyword overrides (`workers`, `backend`, `ray_address` go into `parallel`)."""
+    return _settings(AnalyzeConfig, config, overrides)
 
 
 def auto_config(config: "AutoConfig | dict | str | Path | None", overrides: dict[str, Any]) -> AutoConfig:
     """One AutoConfig from a config (instance, dict, or YAML / JSON file) and keyword overrides (the
     old keyword form: `workers`, `backend`, `ray_address` go into `parallel`)."""
+    return _settings(AutoConfig, config, overrides)
+
+
+def _settings(cls: type, config: Any, overrides: dict[str, Any]) -> Any:
+    name = cls.__name__
     if isinstance(config, (str, Path)):
         config = _read(Path(config))
-    if isinstance(config, AutoConfig):
+    if isinstance(config, cls):
         base = config.model_dump()
     elif config is None or isinstance(config, dict):
         base = dict(config or {})
     else:
-        raise ConfigError(f"config must be an AutoConfig, a dict or a YAML file path, got {type(config).__name__}")
+        raise ConfigError(f"config must be an {name}, a dict or a YAML file path, got {type(config).__name__}")
     overrides = dict(overrides)
     parallel = {k: overrides.pop(k) for k in _PARALLEL_KEYS if k in overrides}
     if "recovery" in overrides and isinstance(overrides["recovery"], RecoveryConfig):
@@ -170,7 +194,7 @@ def auto_config(config: "AutoConfig | dict | str | Path | None", overrides: dict
     merged = {**base, **overrides}
     if parallel:
         merged["parallel"] = {**dict(merged.get("parallel") or {}), **parallel}
-    return AutoConfig.parse(merged)
+    return cls.parse(merged)
 
 
 def _read(path: Path) -> dict[str, Any]:
