@@ -133,8 +133,9 @@ def eligible_weights(model: nn.Module) -> dict[str, int]:
             ws = [m.in_proj_weight] if m.in_proj_weight is not None else [m.q_proj_weight, m.k_proj_weight,
                                                                            m.v_proj_weight]
             out[name] = sum(int(w.numel()) for w in ws)
-        elif isinstance(m, nn.RNNBase):  # LSTM / GRU: every parameter (the library counts the same)
-            out[name] = sum(int(p.numel()) for p in m.parameters(recurse=False))
+        elif isinstance(m, nn.RNNBase):  # LSTM / GRU: its matrices, as a Linear counts its weight, not its bias
+            if any(isinstance(p, nn.Parameter) for p in m._parameters.values()):  # not core's placeholder inside
+                out[name] = sum(int(p.numel()) for p in m.parameters(recurse=False) if p.dim() >= 2)
         elif isinstance(m, _WEIGHT_LAYERS) or _is_hf_conv1d(m):
             w = getattr(m, "weight", None)
             if isinstance(w, torch.Tensor):

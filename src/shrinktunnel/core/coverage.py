@@ -85,7 +85,8 @@ def measure_coverage(before: nn.Module, after: nn.Module, unreachable: dict[str,
         layers[name] = {"weights": n, "done": done, "reason": reason}
     for name, why in list(unreachable.items()):
         module = before_modules.get(name)
-        n = sum(int(p.numel()) for p in module.parameters(recurse=False)) if module is not None else 0
+        # its matrices, as a Linear counts its weight and not its bias (an LSTM counted as prune sees it)
+        n = sum(int(p.numel()) for p in module.parameters(recurse=False) if p.dim() >= 2) if module is not None else 0
         # A layer no method's layer can replace that the method still reached (a recurrent layer stored
         # weight-only: core/recurrent.py) is done, and leaves `unreachable` (no warning for it then).
         done = module is not None and type(after_modules.get(name)) is not type(module)
