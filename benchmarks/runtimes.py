@@ -44,10 +44,14 @@ from _common import RESULTS_DIR, git_state, machine_info, today, write_results  
 
 NAME = "runtimes"
 THREADS = 2
-ROUNDS, RUNS, PAIRS, BLOCK = 2, 10, 10, 3
+ROUNDS, RUNS, PAIRS, BLOCK = 2, 10, 20, 5
 FUSE = {"fuse_ops": {"bn": False, "linear": "never", "attention": True}}
 MINILM_Q = {"quantize": {"activations": {"dynamic": True, "per_token": False}, "smooth": "auto",
                          "smooth_layers": ["*attention*", "*intermediate*"]}}
+# OpenVINO runs dynamic int8 MatMuls as bf16 with its dynamic quantization simulated in float (2x slower than
+# NNCF there); static int8 inputs (per tensor, calibrated) with the same SmoothQuant run as its u8 x i8 kernels
+MINILM_STATIC = {"quantize": {"activations": {"outputs": False}, "smooth": "auto",
+                              "smooth_layers": ["*attention*", "*intermediate*"]}}
 
 
 def _feeds(batches: list, names: list[str]) -> list[dict[str, np.ndarray]]:
@@ -109,8 +113,10 @@ def nncf_openvino(fp32_onnx: Path, calib: list, work: Path, transformer: bool) -
     return out
 
 
-def executorch_own(fp32: torch.nn.Module, calib: list, example: torch.Tensor, work: Path) -> Path:
-    """ExecuTorch's own int8 path: PT2E with XNNPACKQuantizer (static, per channel), lowered to XNNPACK."""
+def executorch_own(fp32: torch.nn.Module, calib: list, example: Any, work: Path, dynamic: bool = False) -> Path:
+    """ExecuTorch's own int8 path: PT2E with XNNPACKQuantizer (per channel; static, or dynamic activations
+    for transformers), lowered to XNNPACK. `example`: a tensor or a dict of named tensors (stored in the
+    program, as our export does, so the session takes keywords)."""
     R.require("executorch")
     import executorch.kernels.quantized  # noqa: F401
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -118,14 +124,35 @@ def executorch_own(fp32: torch.nn.Module, calib: list, example: torch.Tensor, wo
     from executorch.exir import to_edge_transform_and_lower
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    prepared = prepare_pt2e(torch.export.export(fp32.eval(), (example,), strict=False).module(), quantizer)
+    from shrinktunnel.export.executorch import _NAMES
+
+    names = list(example) if isinstance(example, dict) else ["input_0"]
+
+    class Positional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = fp32.eval()
+
+        def forward(self, *xs):
+            return self.m(**dict(zip(names, xs))) if isinstance(example, dict) else self.m(xs[0])
+
+    def flat(b: Any) -> tuple:
+        if isinstance(example, dict):
+            return tuple(b[n] for n in names)
+        return (b[0] if isinstance(b, (tuple, list)) else b,)
+
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
+    # dynamic: the Linears only (set_global would also annotate the embeddings' index inputs)
+    quantizer = XNNPACKQuantizer().set_module_type(torch.nn.Linear, config) if dynamic else XNNPACKQuantizer().set_global(config)
+    prepared = prepare_pt2e(torch.export.export(Positional(), flat(example), strict=False).module(), quantizer)
     with torch.no_grad():
         for b in calib:
-            prepared(b[0] if isinstance(b, (tuple, list)) else b)
-    program = torch.export.export(convert_pt2e(prepared), (example,), strict=False)
+            prepared(*flat(b))
+        program = torch.export.export(convert_pt2e(prepared), flat(example), strict=False)
     out = work / "et_own.pte"
-    out.write_bytes(to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer)
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
+                                       constant_methods={_NAMES: [ord(c) for c in ",".join(names)]})
+    out.write_bytes(edge.to_executorch().buffer)
     return out
 
 
@@ -211,26 +238,33 @@ def minilm(work: Path, use_et: bool) -> dict[str, Any]:
     held = assets.tweet_batches(256, 1000, 32, 32)
     b = calib[0]
     fused = st.compress(fp32, [FUSE, MINILM_Q], data=calib, progress=False).model
+    static = st.compress(fp32, [FUSE, MINILM_STATIC], data=calib, progress=False).model
     notes: dict[str, str] = {}
     fp32_onnx = st.export_onnx(fp32, work / "fp32.onnx", b)
     paths: dict[str, tuple[str, Any]] = {"fp32, ORT": ("ort", fp32_onnx),
-                                         "ours int8, ORT": ("ort", st.export_onnx(fused, work / "ours.onnx", b))}
+                                         "ours int8, ORT": ("ort", st.export_onnx(fused, work / "ours.onnx", b)),
+                                         "ours static int8, ORT": ("ort", st.export_onnx(static, work / "static.onnx", b))}
     paths["ORT quantize_dynamic, ORT"] = ("ort", _try(notes, "ort dynamic", lambda: ort_own(fp32_onnx, calib[:8], work, "dynamic")))
     paths["fp32, OpenVINO"] = ("openvino", fp32_onnx)
     paths["ours int8, OpenVINO"] = ("openvino", work / "ours.onnx")
+    paths["ours static int8, OpenVINO"] = ("openvino", work / "static.onnx")
     paths["NNCF, OpenVINO"] = ("openvino", _try(notes, "nncf", lambda: nncf_openvino(fp32_onnx, calib[:8], work, True)))
+    keys = ("input_ids", "token_type_ids", "attention_mask")
     if use_et:  # ExecuTorch: the unfused model (its attention kernel is ONNX Runtime's), dynamic int8 per token
         dyn = st.quantize(fp32, {"activations": {"dynamic": True}}, progress=False)
         paths["ours int8 per token, ExecuTorch"] = ("executorch", _try(notes, "et ours", lambda: R.export(dyn, work / "ours.pte", "executorch", b)))
+        paths["XNNPACKQuantizer dynamic, ExecuTorch"] = ("executorch", _try(notes, "et own", lambda: executorch_own(
+            fp32, calib[:2], {k: v for k, v in b.items() if k in keys}, work, dynamic=True)))
     sessions = _sessions(paths, notes)
-    keys = ("input_ids", "token_type_ids", "attention_mask")
     with torch.no_grad():
         ref = torch.cat([fp32(**{k: v for k, v in hb.items() if k in keys}) for hb in held])
     fid = {}
     for label, s in sessions.items():
         out = torch.cat([s(**{k: v for k, v in hb.items() if k in s.input_names}) for hb in held])
         fid[label] = {"mean_cosine_to_fp32": float(F.cosine_similarity(ref, out.float(), dim=1).mean())}
-    heads = [("ours int8, ORT", "ORT quantize_dynamic, ORT"), ("ours int8, OpenVINO", "NNCF, OpenVINO"),
+    heads = [("ours int8, ORT", "ORT quantize_dynamic, ORT"), ("ours static int8, OpenVINO", "NNCF, OpenVINO"),
+             ("ours int8, OpenVINO", "NNCF, OpenVINO"), ("ours static int8, ORT", "ORT quantize_dynamic, ORT"),
+             ("ours int8 per token, ExecuTorch", "XNNPACKQuantizer dynamic, ExecuTorch"),
              ("ours int8, ORT", "fp32, ORT"), ("ORT quantize_dynamic, ORT", "ORT quantize_dynamic, ORT")]
     batch = {k: v for k, v in b.items() if k in keys}
     return {"fidelity": fid, "notes": notes, "batch": [32, 32], **measure(sessions, batch, heads)}
@@ -261,16 +295,19 @@ def resnet(work: Path, use_et: bool) -> dict[str, Any]:
     paths: dict[str, tuple[str, Any]] = {"fp32, ORT": ("ort", st.export_onnx(fp32, work / "fp32.onnx", x)),
                                          "ours W8A8, ORT": ("ort", st.export_onnx(q, work / "ours.onnx", x))}
     paths["ORT quantize_static, ORT"] = ("ort", _try(notes, "ort static", lambda: ort_own(work / "fp32.onnx", calib, work, "static")))
+    paths["fp32, OpenVINO"] = ("openvino", work / "fp32.onnx")
     paths["ours W8A8, OpenVINO"] = ("openvino", work / "ours.onnx")
     paths["NNCF, OpenVINO"] = ("openvino", _try(notes, "nncf", lambda: nncf_openvino(work / "fp32.onnx", [(c,) for c in calib], work, False)))
     if use_et:
         paths["ours W8A8, ExecuTorch"] = ("executorch", _try(notes, "et ours", lambda: R.export(q, work / "ours.pte", "executorch", x)))
+        paths["XNNPACKQuantizer, ExecuTorch"] = ("executorch", _try(notes, "et own", lambda: executorch_own(fp32, calib, x, work)))
     sessions = _sessions(paths, notes)
     with torch.no_grad():
         ref = torch.cat([fp32(h) for h in held])
     fid = {label: {"mean_cosine_to_fp32": float(F.cosine_similarity(ref, torch.cat([s(h) for h in held]), dim=1).mean())}
            for label, s in sessions.items()}
-    heads = [("ours W8A8, ORT", "ORT quantize_static, ORT"), ("ours W8A8, OpenVINO", "NNCF, OpenVINO")]
+    heads = [("ours W8A8, ORT", "ORT quantize_static, ORT"), ("ours W8A8, OpenVINO", "NNCF, OpenVINO"),
+             ("ours W8A8, ExecuTorch", "XNNPACKQuantizer, ExecuTorch")]
     return {"fidelity": fid, "notes": notes, "batch": list(x.shape), **measure(sessions, x, heads)}
 
 
