@@ -6,8 +6,8 @@ Tolerances (the simulated model is the reference):
   (the same QDQ ops on plain int8 buffers) exactly.
 - dynamic int8 (`_int_mm` -> oneDNN int8 GEMM): the int32 accumulators are the same integers; outputs
   within 1e-5 of the output's largest magnitude (float rounding of the rescale).
-- int4 weight-only (`_weight_int4pack_mm_for_cpu`, bfloat16 compute): within 2 % of the output's largest
-  magnitude, cosine >= 0.9999.
+- int4 weight-only (`_weight_int4pack_mm_for_cpu` below 64 rows, a bfloat16 GEMM on the dequantized codes
+  from 64 rows; bfloat16 compute): within 2 % of the output's largest magnitude, cosine >= 0.9999.
 One compiled model covers the three kinds (marked slow: inductor's compile takes 30-70 s on 2 busy cores;
 `-m slow` runs it); the rest runs the lowered modules eagerly or never calls the compiled model.
 """
@@ -111,15 +111,25 @@ def test_shifted_int8_codes_are_the_uint8_codes_minus_128_exactly():
 
 
 def test_lowered_int4_weight_only_within_bfloat16_rounding():
+    # 4 rows: the int4 kernel; 80 rows: the codes dequantized to bfloat16 and one bfloat16 GEMM, where
+    # the layer's inputs split into whole groups (the first Linear, 64 inputs, groups of 32)
     mlp = _mlp()
-    x = torch.randn(4, 64)
     for weights in (INT4["weights"], {**INT4["weights"], "symmetric": False}, {"bits": 4}):  # per channel too
         q = st.quantize(mlp, {"weights": weights, "activations": None}, progress=False)
         lowered, plan = lower(q)
         assert set(plan.values()) == {"int4 weight-only"} and isinstance(lowered[2], Int4WeightOnly)
-        ref, got = _run(q, x), _run(lowered, x)
-        assert (got - ref).abs().max() <= 2e-2 * ref.abs().max(), weights
-        assert F.cosine_similarity(got.flatten(), ref.flatten(), dim=0) >= 0.9999, weights
+        assert lowered[0].dense == (lowered[0].group == 32) and not lowered[2].dense  # 96 inputs: 3 groups
+        for rows in (4, 80):
+            x = torch.randn(rows, 64)
+            ref, got = _run(q, x), _run(lowered, x)
+            assert (got - ref).abs().max() <= 2e-2 * ref.abs().max(), (weights, rows)
+            assert F.cosine_similarity(got.flatten(), ref.flatten(), dim=0) >= 0.9999, (weights, rows)
+        if lowered[0].dense:  # the two kernels on one input: the same weights, bfloat16 rounding apart
+            x = torch.randn(80, 64)
+            dense = _run(lowered[0], x)
+            lowered[0].DENSE_ROWS = 10**9
+            kernel = _run(lowered[0], x)
+            assert (dense - kernel).abs().max() <= 1e-2 * kernel.abs().max(), weights
 
 
 @pytest.mark.slow  # 30 s warm, 70 s with a cold inductor cache on 2 busy cores; benchmarks/torch_int8.py
