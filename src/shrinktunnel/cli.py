@@ -142,7 +142,8 @@ def analyze(
     """Per-layer size, MACs, latency share and sensitivity to each candidate action."""
     from .cli_commands import run_analyze
 
-    run_analyze(model, data, out, eval_data, actions, layers, cache_dir, no_cache, batch_size, threads, console,
+    settings = {"layers": layers, "cache_dir": False if no_cache else cache_dir, "threads": threads}
+    run_analyze(model, data, out, settings, console, eval_ref=eval_data, actions=actions, batch_size=batch_size,
                 force=force, base_ref=base, trust=trust)
 
 

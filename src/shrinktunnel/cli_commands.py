@@ -297,16 +297,22 @@ def default_cache_dir() -> Path:
 ANALYSIS_MARKER = "analysis.json"
 
 
-def run_analyze(model_ref, data_ref, out, eval_ref, actions, layers, cache_dir, no_cache, batch_size, threads,
-                console: Console, *, force=False, base_ref=None, trust=False) -> None:
-    from .search import analyze
+def run_analyze(model_ref, data_ref, out, settings: dict, console: Console, *, eval_ref=None, actions=None,
+                batch_size=64, force=False, base_ref=None, trust=False) -> None:
+    """`settings`: AnalyzeConfig keys from the command line (`layers` as a comma-separated string;
+    `cache_dir` None: the default cache, False: none)."""
+    from .search import AnalyzeConfig, analyze
 
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
+    settings = dict(settings)
+    settings["layers"] = split(settings.get("layers")) or ["*"]
+    cache = settings.get("cache_dir")
+    settings["cache_dir"] = None if cache is False else str(cache or default_cache_dir())
+    cfg = AnalyzeConfig.parse(settings)  # bad settings fail before anything is loaded or written
     check_writable(out)
     out = check_output_dir(out, overwrite=force, marker=ANALYSIS_MARKER)  # like compress: never into someone's folder
     model, data, eval_fn = _model_and_data(model_ref, base_ref, trust, data_ref, eval_ref, batch_size, console)
-    split = lambda s: [x.strip() for x in s.split(",") if x.strip()] if s else None  # noqa: E731
-    result = analyze(model, data, eval_fn=eval_fn, actions=split(actions), layers=split(layers) or ("*",),
-                     cache_dir=None if no_cache else (cache_dir or default_cache_dir()), threads=threads)
+    result = analyze(model, data, cfg, eval_fn=eval_fn, actions=split(actions))
     with atomic_dir(out) as tmp:
         result.save(tmp, title=f"shrink analyze {model_ref}")
     jpath, hpath = out / ANALYSIS_MARKER, out / "analysis.html"
