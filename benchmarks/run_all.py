@@ -31,23 +31,32 @@ def markers(name: str) -> tuple[str, str]:
 
 
 def splice(doc: str, name: str, block: str) -> str:
-    """Replace the text between the benchmark's markers; append a new marked block when there is none."""
+    """Replace the text between the benchmark's markers (its begin line as written, whoever wrote it); append
+    a new marked block when there is none."""
     begin, end = markers(name)
-    if begin in doc and end in doc:
-        head, rest = doc.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        return f"{head}{begin}\n{block.strip()}\n{end}{tail}"
+    at = doc.find(f"<!-- begin {name}:")
+    if at >= 0 and end in doc[at:]:
+        line_end = doc.index("-->", at) + len("-->")
+        _, tail = doc[line_end:].split(end, 1)
+        return f"{doc[:line_end]}\n{block.strip()}\n{end}{tail}"
     return f"{doc.rstrip()}\n\n{begin}\n{block.strip()}\n{end}\n"
 
 
 def update_docs(name: str, since: float) -> bool:
-    """Paste results/NAME.md into the docs if this run wrote it (a crash leaves the old figures alone)."""
-    tables = RESULTS_DIR / f"{name}.md"
-    if not tables.is_file() or tables.stat().st_mtime < since:
-        return False
+    """Paste results/NAME.md into the docs if this run wrote it (a crash leaves the old figures alone), and
+    each results/NAME_PART.md it wrote whose block the docs already have (benchmarks measured in parts:
+    log2_mnist_ptq / _qat / _minilm, sparse_kernels_models / _sweep)."""
     doc = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n"
-    write_text_atomic(DOCS, splice(doc, name, tables.read_text()))
-    return True
+    written = []
+    for tables in sorted(RESULTS_DIR.glob(f"{name}*.md")):
+        block = tables.stem
+        if tables.stat().st_mtime < since or not (block == name or block.startswith(name + "_") and f"<!-- begin {block}:" in doc):
+            continue
+        doc = splice(doc, block, tables.read_text())
+        written.append(block)
+    if written:
+        write_text_atomic(DOCS, doc)
+    return bool(written)
 
 
 def main() -> int:
