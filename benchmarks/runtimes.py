@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -319,7 +320,8 @@ def render(res: dict[str, Any]) -> str:
         if not sec:
             continue
         run = sec.get("run", {})
-        lines += [f"### {section} (batch {sec['batch']})" + (f", run {run.get('date')} load {run.get('load')}" if run else ""), "",
+        when = f"{run.get('date')}" + (f" {run['from']}-{run['to']}" if "from" in run else "")
+        lines += [f"### {section} (batch {sec['batch']})" + (f", run {when}, load average {run.get('load')}" if run else ""), "",
                   "| model, runtime | fidelity | latency |", "|---|---|---|"]
         for label, f in sec["fidelity"].items():
             fid = ", ".join(f"{k} {v:.4f}" for k, v in f.items())
@@ -330,6 +332,10 @@ def render(res: dict[str, Any]) -> str:
             lines += [f"| {k} | {p['ratio']:.3f} | {p['low']:.3f} - {p['high']:.3f} |" for k, p in sec["paired"].items()]
         lines += [f"- {k}: {v}" for k, v in sec["notes"].items()] + [""]
     return "\n".join(lines) + "\n"
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def main() -> int:
@@ -347,11 +353,14 @@ def main() -> int:
         with contextlib.suppress(R.RuntimeMissingError):
             R.require("executorch")
     res: dict[str, Any] = {"date": today(), "git": git_state(), "machine": machine_info(THREADS),
-                           "load": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
+                           "load": _load()}
     sections = {"cnn": cnn, "minilm": minilm, "resnet": resnet}
     for name in [args.only] if args.only else list(sections):
+        started = (time.strftime("%H:%M UTC", time.gmtime()), _load())
         with tempfile.TemporaryDirectory() as tmp:
             res[name] = sections[name](Path(tmp), use_et)
+        res[name]["run"] = {"date": today(), "from": started[0], "to": time.strftime("%H:%M UTC", time.gmtime()),
+                            "load": f"{started[1]} at the start, {_load()} at the end"}
     path = RESULTS_DIR / f"{NAME}{'_untimed' if UNTIMED else ''}.json"
     if path.is_file():  # one section per run (the lock held for less time): the others' figures are kept
         previous = json.loads(path.read_text())
