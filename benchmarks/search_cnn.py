@@ -1,7 +1,8 @@
 """Benchmark: `st.auto` objective size on three small CNNs trained here (benchmarks/search_cnn_models.py),
 with and without training data for recovery (issue 22: Deep Compression ratios on any CNN).
 
-    flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/search_cnn.py --model digits --train-data yes
+    nice -n 10 .venv/bin/python benchmarks/search_cnn.py --model digits --train-data yes \
+        --cache-dir ~/.cache/shrinktunnel/bench/search-cnn --time-budget 30m
     .venv/bin/python benchmarks/search_cnn.py --render      # the table of every run so far
 
 Budget: 0.5 pt of accuracy (less a 0.1 pt margin) on the search split and on a held-out split; the
@@ -41,7 +42,7 @@ def log(message: str) -> None:
     print(f"[search_cnn] {message}", file=sys.stderr, flush=True)
 
 
-def run(name: str, with_train: bool, max_evaluations: int, time_budget: str | None) -> dict:
+def run(name: str, with_train: bool, max_evaluations: int, time_budget: str | None, cache_dir: str | None) -> dict:
     torch.set_num_threads(THREADS)
     model, data = trained(name, log=log)
     base_test = accuracy(model, data["test"])
@@ -52,7 +53,8 @@ def run(name: str, with_train: bool, max_evaluations: int, time_budget: str | No
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        r = auto(model, data["search"], config.model_copy(update={"cache_dir": str(Path(tmp) / "cache")}),
+        cache = cache_dir or str(Path(tmp) / "cache")  # a persistent one: an interrupted run resumes
+        r = auto(model, data["search"], config.model_copy(update={"cache_dir": cache}),
                  eval_fn=lambda m: accuracy(m, data["search"]), verify_fn=lambda m: accuracy(m, data["verify"]),
                  train_data=train)
         seconds = time.perf_counter() - t0
@@ -65,6 +67,7 @@ def run(name: str, with_train: bool, max_evaluations: int, time_budget: str | No
            "ratio": float_safetensors_bytes(model) / size, "test_accuracy_fp32": base_test, "test_accuracy": test,
            "test_drop_pt": 100 * (base_test - test), "search_seconds": seconds, "evaluations": len(r.candidates) - 1,
            "analysis_seconds": r.analysis.seconds, "load_before": load, "load_after": os.getloadavg(),
+           "max_evaluations": max_evaluations, "time_budget": time_budget,
            "message": r.message, "git": git_state(), "cpu_count": os.cpu_count()}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with OUT.open("a") as f:
@@ -116,6 +119,7 @@ def main() -> int:
     p.add_argument("--train-data", choices=["yes", "no"], default="yes")
     p.add_argument("--max-evaluations", type=int, default=12)
     p.add_argument("--time-budget", default=None)
+    p.add_argument("--cache-dir", default=None, help="persistent evaluation cache: a rerun resumes (default: none)")
     p.add_argument("--render", action="store_true")
     p.add_argument("--uniform", default=None, help="build this action on every layer with recovery (no search)")
     args = p.parse_args()
@@ -125,7 +129,8 @@ def main() -> int:
     if args.render or not args.model:
         print(render())
         return 0
-    row = run(args.model, args.train_data == "yes", args.max_evaluations, args.time_budget)
+    row = run(args.model, args.train_data == "yes", args.max_evaluations, args.time_budget,
+              args.cache_dir)
     log(f"{row['model']} train_data={row['train_data']}: {row['ratio']:.1f}x, test drop {row['test_drop_pt']:+.2f} pt, "
         f"{row['search_seconds']:.0f} s; {row['message']}")
     return 0 if row["fits"] and row["test_drop_pt"] <= 100 * MAX_DROP and (row["ratio"] >= TARGET_RATIO or not row["train_data"]) else 1
