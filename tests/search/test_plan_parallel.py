@@ -193,6 +193,18 @@ def test_uniform_single_action_plans_are_tried_first():
     assert all(r.candidates[r.chosen]["bytes"] <= c["bytes"] for c in r.candidates[1:3] if c["fits"])
 
 
+def test_uniform_plans_leave_out_layers_the_action_makes_bigger():
+    from shrinktunnel.search.rounds import uniform_plans
+
+    # a tiny first conv: its codebook and code tables outweigh its 288 weights, and sharing it loses accuracy
+    options = {"big": [(None, 1000.0, 0.0), ("share4", 200.0, 0.001), ("quant8", 260.0, 0.0)],
+               "tiny": [(None, 10.0, 0.0), ("share4", 30.0, 0.02), ("quant8", 8.0, 0.0)]}
+    for objective in ("size", "macs", "latency"):
+        plans = dict((label, plan) for plan, label in uniform_plans(options, objective))
+        assert plans == {"uniform share4": {"big": "share4"}, "uniform quant8": {"big": "quant8", "tiny": "quant8"}}
+    assert [label for _, label in uniform_plans(options, "size")] == ["uniform share4", "uniform quant8"]
+
+
 def _square_or_die(item):
     import os
 

@@ -18,12 +18,14 @@ __all__ = ["search", "uniform_plans", "merge_moves"]
 
 def uniform_plans(options: Options, objective: str) -> list[tuple[Plan, str]]:
     """Each action on every layer that takes it, cheapest predicted first: the single-method plans
-    the joint search must beat, and a start for the moves when the hull's combinations fail."""
+    the joint search must beat, and a start for the moves when the hull's combinations fail. A layer
+    the action does not make cheaper is left as it is (for size too: sharing a 288-weight first conv
+    stores a codebook and Huffman tables that outweigh it, and only adds drop to every uniform plan)."""
     totals: dict[str, tuple[float, Plan]] = {}
     for layer, opts in options.items():
         keep = next(o[1] for o in opts if o[0] is None)
         for action, cost, _ in opts:
-            if action is None or cost >= keep and objective != "size":
+            if action is None or cost >= keep:
                 continue
             saved, plan = totals.get(action, (0.0, {}))
             totals[action] = (saved + keep - cost, {**plan, layer: action})
