@@ -10,7 +10,9 @@ Contenders, each built from the same calibration data:
   qconfig); torchao PT2E (X86InductorQuantizer, torch.compile with freezing) where torchao imports.
 - MiniLM (batch 32 x 32 tokens): fp32 eager and compiled; ours dynamic int8 per token, simulated and
   compiled; torch.ao `quantize_dynamic` (eager, per-tensor); torchao `Int8DynamicActivationInt8WeightConfig`
-  compiled with freezing; ours int4 g32 weight-only, simulated and compiled.
+  compiled with freezing, as it comes and with the inductor setting st.compile uses
+  (`realize_opcount_threshold`); ours int4 g32 weight-only, simulated and compiled. Every contender runs
+  the same model object's attention (transformers' sdpa).
 Latency: median of interleaved rounds, and paired ratios (alternated blocks, measure.latency.paired_ratio)
 for the head-to-head pairs. Fidelity: MNIST top-1 accuracy and agreement with the simulated model;
 MiniLM mean cosine of the sentence embeddings to fp32 and to our simulated model. Compile time: the
@@ -41,11 +43,13 @@ import shrinktunnel as st  # noqa: E402
 from shrinktunnel import assets  # noqa: E402
 from shrinktunnel.core import data as D  # noqa: E402
 from shrinktunnel.measure.latency import paired_ratio, time_fn  # noqa: E402
+from shrinktunnel.quant.torch_int8 import REALIZE_OPCOUNT  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import REPO, RESULTS_DIR, git_state, machine_info, today, write_results  # noqa: E402
 
 NAME = "torch_int8"
+TORCHAO_REALIZE = f"torchao int8 dynamic compiled, realize_opcount_threshold={REALIZE_OPCOUNT}"
 THREADS = 2
 TORCHAO_EXTRA = REPO / ".venv" / "torchao-extra"
 CNN_BATCH, CNN_EVAL = 64, 2048  # fidelity on the first 2,048 MNIST test images: whole batches, one shape
@@ -76,14 +80,15 @@ def torchao():
         return None
 
 
-def freezing_compile(model: nn.Module) -> Callable:
-    """torch.compile with inductor's freezing on at every call (what torchao's CPU recipes ask for)."""
+def freezing_compile(model: nn.Module, **options: Any) -> Callable:
+    """torch.compile with inductor's freezing (and `options`) on at every call (what torchao's CPU
+    recipes ask for)."""
     from torch._inductor import config as inductor_config
 
     compiled = torch.compile(model)
 
     def run(*args, **kwargs):
-        with torch.no_grad(), inductor_config.patch(freezing=True):
+        with torch.no_grad(), inductor_config.patch(freezing=True, **options):
             return compiled(*args, **kwargs)
     return run
 
@@ -185,7 +190,8 @@ def minilm_contenders(ao) -> tuple[dict[str, Callable], dict[str, float], dict[s
     b = held[0]
     models: dict[str, Callable] = {"fp32 eager": fp32}
     compile_s: dict[str, float] = {}
-    notes: dict[str, Any] = {}
+    notes: dict[str, Any] = {"attention": f"{fp32.encoder.config._attn_implementation} for every contender "
+                                          "(one model; compiled, all run aten's flash attention for CPU)"}
     dyn = st.quantize(fp32, {"activations": {"dynamic": True}}, progress=False)
     models["ours dynamic int8 simulated"] = dyn
     ours = st.compile(dyn)
@@ -210,6 +216,11 @@ def minilm_contenders(ao) -> tuple[dict[str, Callable], dict[str, float], dict[s
             c = freezing_compile(m)
             compile_s["torchao int8 dynamic compiled"] = first_call(c, **b)
             models["torchao int8 dynamic compiled"] = c
+            # the same model compiled with the inductor setting st.compile uses (realize_opcount_threshold):
+            # how much of our speed is that setting, which torchao could use too
+            c = freezing_compile(copy.deepcopy(m), realize_opcount_threshold=REALIZE_OPCOUNT)
+            compile_s[TORCHAO_REALIZE] = first_call(c, **b)
+            models[TORCHAO_REALIZE] = c
         except Exception as exc:
             traceback.print_exc()
             notes["torchao_error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -349,9 +360,11 @@ def main() -> int:
             res["minilm"]["latency_ms"] = latencies(models, call)
             res["minilm"]["paired"] = paired(models, call, [
                 ("ours dynamic int8 st.compile", "torchao int8 dynamic compiled"),
+                ("ours dynamic int8 st.compile", TORCHAO_REALIZE),
                 ("ours dynamic int8 st.compile", "fp32 eager"),
                 ("ours dynamic int8 st.compile", "torch.ao quantize_dynamic (eager)"),
-                ("ours int4 g32 weight-only st.compile", "fp32 eager")])
+                ("ours int4 g32 weight-only st.compile", "fp32 eager"),
+                ("ours int4 g32 weight-only st.compile", "ours int4 g32 weight-only simulated")])
             r = res["minilm"]["paired"].get("ours dynamic int8 st.compile / torchao int8 dynamic compiled")
             fid = res["minilm"]["fidelity"]
             if r:

@@ -361,6 +361,12 @@ def lower(model: nn.Module, ctx: Context | None = None) -> tuple[nn.Module, dict
 
 # -- compiling -----------------------------------------------------------------------------------
 _VIEWS = ("view", "reshape", "permute", "t", "transpose", "unsqueeze", "squeeze", "expand", "clone")
+# Inductor inlines an elementwise result into every loop that reads it unless it is "large" (more than
+# 50 ops on CPU) or uses exp / log / tanh. A dynamic layer's input is read by three loops (the row
+# minimum, maximum and the quantization), so a GELU (erf, not on that list) with the previous layer's
+# rescale (about 15 ops) ran three times. At 10 it is stored once: all-MiniLM-L6-v2 took about 20 %
+# less CPU time (docs/benchmarks.md).
+REALIZE_OPCOUNT = 10
 
 
 class _Int8Census:
@@ -433,7 +439,7 @@ class Int8Compiled(nn.Module):
         # Freezing must be on when dynamo traces (it decides whether weights are graph inputs or
         # constants), at the first call and at any recompilation: torch.compile(options=...) applies
         # it too late, and the weight prepacking then fails on non-constant weights.
-        with torch.no_grad(), inductor_config.patch(freezing=True):
+        with torch.no_grad(), inductor_config.patch(freezing=True, realize_opcount_threshold=REALIZE_OPCOUNT):
             if self.compile_seconds is not None:
                 return self._compiled(*args, **kwargs)
             return self._first_call(*args, **kwargs)
