@@ -4,13 +4,15 @@ kernels, so a model that stays in PyTorch runs int8, not a simulation of it.
 `QuantizedLayer` computes in float with dequantized weights and fake-quantized activations (the QDQ
 graph it exports to). This module copies the model, replaces each layer that PyTorch can run with
 integer kernels by a lean module built from the layer's own integers and scales, and compiles the
-copy with inductor, weights frozen (`torch._inductor.config.freezing` on at every call):
+copy with inductor, weights frozen (`torch._inductor.config.freezing` on at every call) and elementwise
+results of more than 10 ops stored once rather than recomputed in every loop that reads them
+(`realize_opcount_threshold`, see REALIZE_OPCOUNT):
 
 | layer | lowered to | kernel |
 |---|---|---|
 | static int8 activations, symmetric 2-8 bit weights per tensor or channel, Linear / Conv1d / Conv2d | the same `quantized_decomposed` dq -> conv/linear -> (relu) -> q pattern, weights as int8 constants | inductor's x86 int8 passes (the ones torchao's PT2E path relies on): `onednn.qconv_pointwise` / `qlinear_pointwise` with prepacked weights, ReLU fused; `MaxPool2d` and reshapes between them run on uint8 |
-| dynamic activations (per token or per tensor), Linear | uint8 per row as `quant/dynamic.py` computes it, shifted to int8 (q - 128), `aten._int_mm`, the zero point and the shift corrected by one rank-1 term | inductor's `_int_mm` pattern -> `onednn.qlinear_pointwise` (s8 x s8 -> s32), the quantization fused into one C++ loop |
-| weight-only, <= 4-bit codes, Linear, output features a multiple of 16, groups of 32 / 64 / 128 / 256 (or per channel with K divisible by 32) | `aten._weight_int4pack_mm_for_cpu` on the codes packed once | PyTorch's int4 weight-only GEMM; it runs in bfloat16 (its float32 path is 24x slower than a float32 GEMM here), so outputs carry bfloat16 rounding |
+| dynamic activations (per token or per tensor), Linear | the uint8 codes of `quant/dynamic.py` shifted to int8 (q - 128), computed in float with one cast (vectorizable), `aten._int_mm`, the zero point and the shift corrected by one rank-1 term | inductor's `_int_mm` pattern -> `onednn.qlinear_pointwise` (s8 x s8 -> s32), the quantization fused into one vectorized C++ loop |
+| weight-only, <= 4-bit codes, Linear, output features a multiple of 16, groups of 32 / 64 / 128 / 256 (or per channel with K divisible by 32) | below 64 input rows `aten._weight_int4pack_mm_for_cpu` on the codes packed once; from 64 rows (where the inputs split into whole groups) the codes, packed two per byte, dequantized to bfloat16 at every call and one bfloat16 GEMM | PyTorch's int4 weight-only GEMM in bfloat16 (its float32 path is 24x slower than a float32 GEMM here) / oneDNN's bfloat16 GEMM; outputs carry bfloat16 rounding |
 
 Everything else keeps its simulated layer, compiled: weight-only convolutions and 5-8 bit weight-only
 Linears (their dequantized weight is constant-folded at compile time and runs float kernels:
