@@ -41,6 +41,9 @@ METHODS = {  # name: (bits, config extras)
     "gptq3": (3, {"rounding": "gptq"}),
     "awq_gptq3": (3, {"awq": True, "rounding": "gptq"}),
     "gptq4_noseq": (4, {"rounding": "gptq", "gptq_act_order": False, "one_pass": True}),
+    "gptq4_asym_noact": (4, {"rounding": "gptq", "asym": True, "gptq_act_order": False}),  # the checks of
+    "gptq4_asym_damp10": (4, {"rounding": "gptq", "asym": True, "gptq_damp": 0.1}),  # act-order and dampening
+    "gptq4_asym_64x512": (4, {"rounding": "gptq", "asym": True, "calib_windows": (64, 512)}),  # 8x the calibration tokens
     # groups of 128, and the 2- and 8-bit rows
     "rtn4_asym_g128": (4, {"asym": True, "group": 128}),
     "gptq4_asym_g128": (4, {"rounding": "gptq", "asym": True, "group": 128}),
@@ -81,7 +84,8 @@ def one(name: str, eval_windows: int, time_only: bool = False, calib: str = "pro
     from shrinktunnel.measure import perplexity
 
     torch.set_num_threads(THREADS)
-    model, tok, calib, ev = data(eval_windows, calib)
+    source = calib
+    model, tok, calib, ev = data(eval_windows, source)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if name == "fp32":
         t = time.perf_counter()
@@ -91,6 +95,9 @@ def one(name: str, eval_windows: int, time_only: bool = False, calib: str = "pro
     extra = dict(extra)
     asym = extra.pop("asym", False)
     one_pass = extra.pop("one_pass", False)
+    if "calib_windows" in extra:  # (samples, seq_len) instead of 16 x 256
+        samples, seq_len = extra.pop("calib_windows")
+        calib = calibration_windows(tok, source, samples, seq_len)
     group = {"granularity": "per_group", "group_size": extra.pop("group", 64)}
     cfg = {"weights": {"bits": bits, "symmetric": not asym, **group}, "activations": None, **extra}
     batches = [calib[i:i + 4] for i in range(0, len(calib), 4)]
@@ -153,7 +160,8 @@ def main() -> None:
             if "perplexity" in r:
                 latest[r["method"]] = r
             elif r.get("time_only"):
-                latest[r["method"] + " (time only)"] = dict(r, method=r["method"] + " (time only)")
+                key = f"{r['method']} (time only, {r.get('threads', THREADS)} thread{'s' if r.get('threads', 2) > 1 else ''})"
+                latest[key] = dict(r, method=key)
         rows = list(latest.values())
     for name in [] if args.render else args.only.split(","):
         load_start = os.getloadavg()[0]
@@ -175,21 +183,22 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     fp32 = next((r["perplexity"] for r in rows if r["method"] == "fp32" and "perplexity" in r), None)
     md = [f"SmolLM2-135M-Instruct, weight-only, groups of 64 (g128: of 128), tied lm_head float; perplexity on "
-          f"{args.eval_windows} x 512 tokens of prose (fp32 SmolLM2 is the Q4_1 GGUF dequantized); {today()}; "
-          "2 threads on a shared, loaded machine: wall times are inflated, CPU seconds are the process's own", "",
-          "| method | bits | perplexity | vs fp32 | quantize s (wall) | quantize CPU s | peak RSS MiB | artifact MB |",
-          "|---|---|---|---|---|---|---|---|"]
+          f"{args.eval_windows} x 512 tokens of prose (fp32 SmolLM2 is the Q4_1 GGUF dequantized); calibration 16 x 256 "
+          f"tokens of `calib` text; {today()}. Times: wall and the process's CPU seconds with `threads`, load average "
+          "at the start; `-`: an untimed row (perplexity only, run outside the benchmark lock)", "",
+          "| method | bits | calib | perplexity | vs fp32 | quantize s (wall) | quantize CPU s | threads | load | "
+          "peak RSS MiB | artifact MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        head = f"| {r['method']} | {r.get('bits', 32)} | {r.get('calib', 'tweets') if r['method'] != 'fp32' else '-'} |"
+        tail = (f" {_n(r.get('quant_s'))} | {_n(r.get('quant_cpu_s'))} | {r.get('threads', THREADS)} | "
+                f"{r.get('load_start', r.get('load', 0)):.1f} | {r.get('peak_rss_mib', 0):.0f} |")
         if r.get("time_only"):
-            md.append(f"| {r['method']} | {r['bits']} | - | - | {_n(r.get('quant_s'))} | {_n(r.get('quant_cpu_s'))} | "
-                      f"{r.get('peak_rss_mib', 0):.0f} | - |")
-            continue
-        if "perplexity" not in r:
-            md.append(f"| {r['method']} | | failed | | | | |")
-            continue
-        ratio = f"{r['perplexity'] / fp32:.3f}x" if fp32 else ""
-        md.append(f"| {r['method']} | {r.get('bits', 32)} | {r['perplexity']:.2f} | {ratio} | {_n(r.get('quant_s'))} | {_n(r.get('quant_cpu_s'))} | "
-                  f"{r.get('peak_rss_mib', 0):.0f} | {r.get('artifact_bytes', 0) / 1e6:.1f} |")
+            md.append(f"{head} - | - |{tail} - |")
+        elif "perplexity" not in r:
+            md.append(f"{head} failed | | | | | | | |")
+        else:
+            ratio = f"{r['perplexity'] / fp32:.3f}x" if fp32 else ""
+            md.append(f"{head} {r['perplexity']:.2f} | {ratio} |{tail} {r.get('artifact_bytes', 0) / 1e6:.1f} |")
     write_results(RESULTS_DIR / "llm.json", {"machine": machine_info(THREADS), "rows": rows}, "\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -5,7 +5,9 @@ asymmetric, groups of 128, true-sequential GPTQ on 16 x 256 random tokens. Perpl
     flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/llm_1b.py [--layers 22] [--awq]
 
 `--layers N` builds the first N blocks only (the time per block is what scales: calibration runs one block
-at a time, so the peak memory is the model plus one block's activations and Hessians).
+at a time, so the peak memory is the model plus one block's activations and Hessians); the row then holds
+`projected` figures for 22 blocks (time per block x 22, memory + 2 x fp32 bytes per extra block: the float
+model and its quantized copy, an upper bound).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR  # noqa: E402
 
 THREADS = 2
+FULL_LAYERS = 22  # TinyLlama-1.1B's
 
 
 def main() -> None:
@@ -32,7 +35,7 @@ def main() -> None:
     import shrinktunnel as st
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--layers", type=int, default=FULL_LAYERS)
     ap.add_argument("--awq", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
@@ -54,6 +57,13 @@ def main() -> None:
            "rss_after_build_mib": rss0 / 1024, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "load_start": load, "load_end": os.getloadavg()[0]}
     row["s_per_block"] = row["quant_s"] / args.layers
+    row["threads"] = THREADS
+    if args.layers < FULL_LAYERS:  # a subset: the whole model's figures projected linearly from it
+        per_block = 4 * sum(p.numel() for p in model.model.layers[0].parameters()) / 2**20  # MiB of one block, fp32
+        row["projected"] = {"layers": FULL_LAYERS, "quant_s": row["s_per_block"] * FULL_LAYERS,
+                            "params": params + (FULL_LAYERS - args.layers) * per_block * 2**20 / 4,
+                            # st.quantize holds the float model and its quantized copy: ~2 x each extra block
+                            "peak_rss_mib": row["peak_rss_mib"] + 2 * (FULL_LAYERS - args.layers) * per_block}
     with open(RESULTS_DIR / "llm_1b.jsonl", "a") as fh:
         fh.write(json.dumps(row) + "\n")
     print(json.dumps(row))

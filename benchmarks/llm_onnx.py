@@ -1,14 +1,15 @@
 """An int4 SmolLM2-135M generating in ONNX Runtime (issue 20): greedy tokens against fp32 PyTorch, decode
 speed of int4 MatMulNBits against the fp32 graph, file sizes.
 
-    .venv/bin/python benchmarks/llm_onnx.py --part export [--method rtn|awq_gptq]   # quantize, write both graphs
+    .venv/bin/python benchmarks/llm_onnx.py --part export [--method gptq|rtn|awq_gptq]   # quantize, write both graphs
     .venv/bin/python benchmarks/llm_onnx.py --part greedy [--method ...]            # agreement (no timing)
     flock /tmp/shrink-bench.lock .venv/bin/python benchmarks/llm_onnx.py --part speed [--method ...]
 
 The int4 model: weight-only, asymmetric, groups of 64, tied lm_head float (tied: auto); `--method awq_gptq`
-(the best perplexity, minutes) or `rtn` (seconds; the same graph and kernels, so the same speed). Both
+or `gptq` (the best perplexities, minutes; calibrated on 16 x 256 tokens of the calibration prose) or `rtn`
+(seconds; the same graph and kernels, so the same speed). Both
 graphs come from export_llm (one builder: only the Linears differ). Greedy: `--prompts` prompts of 16
-tokens of prose, 16 new tokens; a prompt agrees for its first k tokens when int4 ONNX Runtime and fp32
+tokens of the evaluation prose's second half (`greedy_prompts`: disjoint from calibration and perplexity), 16 new tokens; a prompt agrees for its first k tokens when int4 ONNX Runtime and fp32
 PyTorch (transformers' generate) pick the same k first tokens. Decode speed: batch 1, 2 intra-op threads,
 32 new tokens after a 16-token prompt, the two sessions alternated 3 times, the median of each. The
 graphs are cached in $SHRINKTUNNEL_CACHE/llm_onnx/<method> by the export part.
@@ -33,7 +34,18 @@ CONFIGS = {
     "rtn": {"weights": {"bits": 4, "symmetric": False, "granularity": "per_group", "group_size": 64}, "activations": None},
     "awq_gptq": {"weights": {"bits": 4, "symmetric": False, "granularity": "per_group", "group_size": 64},
                  "activations": None, "awq": True, "rounding": "gptq"},
+    "gptq": {"weights": {"bits": 4, "symmetric": False, "granularity": "per_group", "group_size": 64},
+             "activations": None, "rounding": "gptq"},
 }
+
+
+def greedy_prompts(tok, n: int):
+    """n prompts of 16 tokens from the second half of the evaluation prose: disjoint from the calibration
+    prose and from the perplexity windows (the first 4 x 512 tokens of the evaluation prose)."""
+    import shrinktunnel.assets_text as A
+
+    text = A.prose("evaluation")
+    return A.token_windows(tok, text[len(text) // 2:], 16, samples=n * 7)[::7][:n]
 
 
 def _cache(method: str) -> Path:
@@ -49,7 +61,8 @@ def export_part(args, model, tok) -> dict:
     import shrinktunnel.assets_text as A
     from shrinktunnel.export.llm import export_llm
 
-    calib = A.token_windows(tok, A.tweets()[0][:3000], 256, samples=16)
+    # 16 x 256 tokens of the calibration prose (benchmarks/llm.py's default, disjoint from the evaluation prose)
+    calib = A.token_windows(tok, A.prose("calibration"), 256, samples=16)
     t = time.perf_counter()
     with torch.no_grad():
         q = st.quantize(model, CONFIGS[args.method], data=[calib[i:i + 4] for i in range(0, 16, 4)], progress=False)
@@ -70,7 +83,7 @@ def main() -> None:
     from shrinktunnel.export.llm import generate, llm_session
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--method", default="awq_gptq", choices=sorted(CONFIGS))
+    ap.add_argument("--method", default="gptq", choices=sorted(CONFIGS))
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--decode-tokens", type=int, default=32)
@@ -90,7 +103,7 @@ def main() -> None:
         # core at each synchronisation (measured: 8 prompts did not finish in 25 minutes with 2 threads at load 20).
         torch.set_num_threads(1)
         model, tok = A.smollm2()
-        prompts = A.token_windows(tok, A.prose("calibration"), 16, samples=args.prompts * 7)[::7][:args.prompts]
+        prompts = greedy_prompts(tok, args.prompts)
         s4 = llm_session(d / "int4.onnx", 1)
         agree, example = [], None
         for p in prompts:
