@@ -75,9 +75,9 @@ def run(name: str, with_train: bool, max_evaluations: int, time_budget: str | No
     return row
 
 
-def uniform(name: str, action: str) -> dict:
-    """One plan, no search: `action` on every layer it applies to, with the recovery (a spot check of
-    what recovery reaches when a search does not fit the time)."""
+def uniform(name: str, action: str | None, plan: dict[str, str] | None = None) -> dict:
+    """One plan, no search: `action` on every layer it applies to (or the given `plan`), with the
+    recovery (a spot check of what recovery reaches when a search does not fit the time)."""
     from shrinktunnel.core.artifact import save_artifact
     from shrinktunnel.search import ACTIONS, build_plan
     from shrinktunnel.search.profile import candidate_layers
@@ -86,13 +86,14 @@ def uniform(name: str, action: str) -> dict:
     model, data = trained(name, log=log)
     load = os.getloadavg()
     t0 = time.perf_counter()
-    built = build_plan(model, {layer: action for layer in candidate_layers(model)}, dict(ACTIONS), data["search"],
+    plan = plan or {layer: action for layer in candidate_layers(model)}
+    built = build_plan(model, plan, dict(ACTIONS), data["search"],
                        recovery=RECOVERY, train_data=data["train"][:400], seed=0).eval()
     seconds = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         size = artifact_bytes(save_artifact(built, Path(tmp) / "a"))
     drops = {k: 100 * (accuracy(model, data[k]) - accuracy(built, data[k])) for k in ("search", "verify", "test")}
-    row = {"date": today(), "model": name, "uniform": action, "ratio": float_safetensors_bytes(model) / size,
+    row = {"date": today(), "model": name, "uniform": action, "plan": plan, "ratio": float_safetensors_bytes(model) / size,
            "artifact_bytes": size, "drops_pt": drops, "seconds": seconds, "load_before": load, "git": git_state()}
     with (RESULTS_DIR / "search_cnn_uniform.jsonl").open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -122,9 +123,10 @@ def main() -> int:
     p.add_argument("--cache-dir", default=None, help="persistent evaluation cache: a rerun resumes (default: none)")
     p.add_argument("--render", action="store_true")
     p.add_argument("--uniform", default=None, help="build this action on every layer with recovery (no search)")
+    p.add_argument("--plan", default=None, help='build this plan with recovery (no search): JSON {"layer": "action"}')
     args = p.parse_args()
-    if args.uniform:
-        print(json.dumps(uniform(args.model, args.uniform), indent=1))
+    if args.uniform or args.plan:
+        print(json.dumps(uniform(args.model, args.uniform, json.loads(args.plan) if args.plan else None), indent=1))
         return 0
     if args.render or not args.model:
         print(render())
