@@ -67,7 +67,7 @@ def run(name: str, with_train: bool, max_evaluations: int, time_budget: str | No
            "ratio": float_safetensors_bytes(model) / size, "test_accuracy_fp32": base_test, "test_accuracy": test,
            "test_drop_pt": 100 * (base_test - test), "search_seconds": seconds, "evaluations": len(r.candidates) - 1,
            "analysis_seconds": r.analysis.seconds, "load_before": load, "load_after": os.getloadavg(),
-           "max_evaluations": max_evaluations, "time_budget": time_budget,
+           "max_evaluations": max_evaluations, "time_budget": time_budget, "threads": THREADS,
            "message": r.message, "git": git_state(), "cpu_count": os.cpu_count()}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     with OUT.open("a") as f:
@@ -115,16 +115,20 @@ def render() -> str:
 
 
 def main() -> int:
+    global THREADS
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=sorted(DATASETS))
     p.add_argument("--train-data", choices=["yes", "no"], default="yes")
     p.add_argument("--max-evaluations", type=int, default=12)
     p.add_argument("--time-budget", default=None)
     p.add_argument("--cache-dir", default=None, help="persistent evaluation cache: a rerun resumes (default: none)")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help="torch threads (1 on a loaded machine: two threads per process stall each other there)")
     p.add_argument("--render", action="store_true")
     p.add_argument("--uniform", default=None, help="build this action on every layer with recovery (no search)")
     p.add_argument("--plan", default=None, help='build this plan with recovery (no search): JSON {"layer": "action"}')
     args = p.parse_args()
+    THREADS = args.threads
     if args.uniform or args.plan:
         print(json.dumps(uniform(args.model, args.uniform, json.loads(args.plan) if args.plan else None), indent=1))
         return 0

@@ -387,17 +387,22 @@ def plan_table(res: dict[str, Any]) -> Table:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=RESULTS_DIR / f"{NAME}.json")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="keep the evaluation cache there (a rerun after a crash reads it back; the "
                              "analysis time then is the cache's); default: a temporary directory")
+    parser.add_argument("--threads", type=int, default=THREADS, help="--joint --phase analysis only (untimed): torch "
+                        "threads; 1 on a loaded machine (the timed phase runs at 2)")
     parser.add_argument("--joint", action="store_true", help="the joint objective: size with min_speedup 2")
     parser.add_argument("--phase", choices=["analysis", "all"], default="all",
                         help="--joint: 'analysis' stops after the untimed analysis (run it outside the lock)")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="search-minilm-"))
     if args.joint:
+        if args.phase == "analysis":
+            THREADS = args.threads
         try:
             res = run_joint(workdir, args.cache_dir or workdir / "cache", args.phase)
         finally:
