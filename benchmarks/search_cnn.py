@@ -67,6 +67,10 @@ def run(name: str, with_train: bool, max_evaluations: int, time_budget: str | No
            "ratio": float_safetensors_bytes(model) / size, "test_accuracy_fp32": base_test, "test_accuracy": test,
            "test_drop_pt": 100 * (base_test - test), "search_seconds": seconds, "evaluations": len(r.candidates) - 1,
            "analysis_seconds": r.analysis.seconds, "load_before": load, "load_after": os.getloadavg(),
+           "cached_evaluations": sum(bool(c.get("cached")) for c in r.candidates[1:]),
+           "evaluation_seconds": sum(c.get("seconds", 0.0) for c in r.candidates[1:]),  # resumed runs' included
+           "analysis_evaluation_seconds": sum(e.get("seconds", 0.0) for layer in r.analysis.results.values()
+                                              for e in layer.values()),
            "max_evaluations": max_evaluations, "time_budget": time_budget, "threads": THREADS,
            "message": r.message, "git": git_state(), "cpu_count": os.cpu_count()}
     OUT.parent.mkdir(parents=True, exist_ok=True)
