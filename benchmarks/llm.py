@@ -136,6 +136,11 @@ def _n(x) -> str:
     return "-" if x is None else f"{x:.0f}"
 
 
+def _load(r: dict) -> str:
+    load = r.get("load_start", r.get("load"))
+    return "-" if load is None else f"{load:.1f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--one")
@@ -160,7 +165,8 @@ def main() -> None:
             if "perplexity" in r:
                 latest[r["method"]] = r
             elif r.get("time_only"):
-                key = f"{r['method']} (time only, {r.get('threads', THREADS)} thread{'s' if r.get('threads', 2) > 1 else ''})"
+                key = (f"{r['method']}{' minmax' if r.get('scales') else ''} (time only, {r.get('threads', THREADS)} "
+                       f"thread{'s' if r.get('threads', 2) > 1 else ''})")
                 latest[key] = dict(r, method=key)
         rows = list(latest.values())
     for name in [] if args.render else args.only.split(","):
@@ -191,7 +197,7 @@ def main() -> None:
     for r in rows:
         head = f"| {r['method']} | {r.get('bits', 32)} | {r.get('calib', 'tweets') if r['method'] != 'fp32' else '-'} |"
         tail = (f" {_n(r.get('quant_s'))} | {_n(r.get('quant_cpu_s'))} | {r.get('threads', THREADS)} | "
-                f"{r.get('load_start', r.get('load', 0)):.1f} | {r.get('peak_rss_mib', 0):.0f} |")
+                f"{_load(r)} | {r.get('peak_rss_mib', 0):.0f} |")
         if r.get("time_only"):
             md.append(f"{head} - | - |{tail} - |")
         elif "perplexity" not in r:

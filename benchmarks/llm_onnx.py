@@ -105,16 +105,21 @@ def main() -> None:
         model, tok = A.smollm2()
         prompts = greedy_prompts(tok, args.prompts)
         s4 = llm_session(d / "int4.onnx", 1)
-        agree, example = [], None
+        agree, example, margins = [], None, []
         for p in prompts:
             ids = p.reshape(1, -1)
             with torch.no_grad():
                 ref = model.generate(ids, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                      do_sample=False)[0, ids.shape[1]:].tolist()
             got = generate(s4, ids, args.new_tokens)["tokens"][0].tolist()
-            agree.append(next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref)))
+            k = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), len(ref))
+            agree.append(k)
+            if k < len(ref):  # how close fp32 itself was at the first disagreement (a near tie flips on any change)
+                with torch.no_grad():
+                    prob = model(torch.cat([ids, torch.tensor([ref[:k]], dtype=ids.dtype)], 1)).logits[0, -1].softmax(-1)
+                margins.append({"at": k, "p_fp32_token": float(prob[ref[k]]), "p_int4_token": float(prob[got[k]])})
             example = example or {"prompt": tok.decode(p), "fp32_torch": tok.decode(ref), "int4_ort": tok.decode(got)}
-        row.update(first_tokens_agreeing=agree, example=example, new_tokens=args.new_tokens)
+        row.update(first_tokens_agreeing=agree, example=example, new_tokens=args.new_tokens, disagreements=margins)
     else:
         prompt = torch.arange(100, 116).reshape(1, -1)  # any 16 tokens: the speed does not depend on them
         sessions = {"fp32": llm_session(d / "fp32.onnx", THREADS), "int4": llm_session(d / "int4.onnx", THREADS)}
@@ -155,6 +160,9 @@ def render(method: str) -> None:
         md += ["", f"Greedy ({gr['date']}): {len(gr['first_tokens_agreeing'])} prompts of 16 tokens of prose, "
                f"{gr['new_tokens']} new tokens: leading tokens where int4 ONNX Runtime agrees with fp32 PyTorch "
                f"{gr['first_tokens_agreeing']}; {n8} of {len(gr['first_tokens_agreeing'])} agree on at least the first 8."]
+        if gr.get("disagreements"):
+            md += ["", "At each first disagreement, fp32's own probabilities of (its token, int4's token): " + ", ".join(
+                f"({d['p_fp32_token']:.2f}, {d['p_int4_token']:.2f})" for d in gr["disagreements"]) + "."]
     write_results(RESULTS_DIR / "llm_onnx.json", {"machine": machine_info(THREADS), "rows": latest}, "\n".join(md) + "\n")
 
 
