@@ -104,17 +104,30 @@ def uniform(name: str, action: str | None, plan: dict[str, str] | None = None) -
     return row
 
 
+def _drops(message: str) -> str:
+    """The chosen candidate's drop on the search split and the held-out check, in points, from its message."""
+    import re
+
+    search = re.search(r"\(drop (-?[0-9.e-]+) <=", message)
+    held = re.search(r"held-out drop (-?[0-9.e-]+)", message)
+    return " / ".join("-" if m is None else f"{100 * float(m.group(1)):+.2f}" for m in (search, held))
+
+
 def render() -> str:
     rows = [json.loads(line) for line in OUT.read_text().splitlines() if line.strip()] if OUT.is_file() else []
     latest = {}
     for row in rows:
         latest[(row["model"], row["train_data"])] = row
-    lines = ["| model | --train-data | fp32 | artifact | ratio | test acc fp32 | drop (pt) | fits | evaluations | wall (s) | load (1 min) | date |",
-             "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|"]
+    lines = ["| model | --train-data | fp32 | artifact | ratio | test acc fp32 | test drop (pt) | search / held-out drop (pt) "
+             "| fits | evaluations | wall (s) | evaluations' own (s) | threads | load (1 min) | date |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for (model, with_train), r in sorted(latest.items()):
+        drops = _drops(r["message"])
+        own = "-" if "evaluation_seconds" not in r else f"{r['analysis_evaluation_seconds'] + r['evaluation_seconds']:.0f}"
         lines.append(f"| {model} | {'yes' if with_train else 'no'} | {r['fp32_bytes']:,} | {r['artifact_bytes']:,} | "
-                     f"{r['ratio']:.1f}x | {100 * r['test_accuracy_fp32']:.2f} % | {r['test_drop_pt']:+.2f} | {r['fits']} | "
-                     f"{r['evaluations']} | {r['search_seconds']:.0f} | {r['load_before'][0]:.1f} | {r['date']} |")
+                     f"{r['ratio']:.1f}x | {100 * r['test_accuracy_fp32']:.2f} % | {r['test_drop_pt']:+.2f} | {drops} | {r['fits']} | "
+                     f"{r['evaluations']} | {r['search_seconds']:.0f} | {own} | {r.get('threads', 2)} | {r['load_before'][0]:.1f} | "
+                     f"{r['date']} |")
     return "\n".join(lines) + "\n"
 
 
