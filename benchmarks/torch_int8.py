@@ -326,6 +326,11 @@ def main() -> int:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(THREADS)
+    # Every compiled MiniLM shares SentenceEncoder.forward's code object, and each compiled instance
+    # takes two of dynamo's cache entries for it (no_grad at the first call, inference_mode when timed).
+    # Past the default limit of 8 dynamo runs the later models EAGER, silently (seen on 2026-12-08 with
+    # five compiled MiniLMs: the last two rows were eager).
+    torch._dynamo.config.recompile_limit = 64
     ao = torchao()
     res: dict[str, Any] = {"date": today(), "git": git_state(), "machine": machine_info(THREADS),
                            "cpu_flags": cpu_flags(), "torchao": getattr(ao, "__version__", None)}
