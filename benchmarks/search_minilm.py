@@ -94,16 +94,9 @@ JOINT_EVALUATIONS = 12
 JOINT_TIME_BUDGET = "6m"  # the timed search's rounds; with the final figures the run fits the lock's 12 minutes
 
 
-def _dyn_action(bits: int) -> Action:
-    """int8 with dynamic activations (ONNX Runtime's MatMulIntegerToFloat), weights on a `bits` grid per
-    output channel, Huffman-coded in the artifact (`dyn8` with the smaller grid; predicted as fast)."""
-    weights = {"bits": bits, "granularity": "per_channel", "symmetric": True, "coding": "huffman"}
-    config = {"weights": weights, "activations": {"dynamic": True, "per_token": False}, "smooth": "auto"}
-    return Action(f"dyn{bits}h", "quantize", lambda layer: {**config, "layers": [layer]}, "quantize", float(bits), 0.3)
-
-
 def joint_actions() -> list[Action | str]:
-    return ["dyn8", *(_dyn_action(b) for b in (6, 5)), *JOINT_WEIGHT_ONLY]
+    # dyn6h / dyn5h: int8 dynamic activations, weights on a 6 / 5-bit grid Huffman-coded (quant/search_hooks.py)
+    return ["dyn8", "dyn6h", "dyn5h", *JOINT_WEIGHT_ONLY]
 
 
 def log(message: str) -> None:

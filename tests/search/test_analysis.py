@@ -267,7 +267,7 @@ def test_huffman_actions_keep_the_drop_and_cost_fewer_bytes_and_dyn8_runs():
         model[0].weight.normal_(0, 0.05)
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(16, 256, generator=g) for _ in range(3)]
-    a = analyze(model, data, actions=["quant4", "quant4h", "gptq4", "gptq4h", "dyn8"], **FAST)
+    a = analyze(model, data, actions=["quant4", "quant4h", "gptq4", "gptq4h", "dyn8", "dyn6h"], **FAST)
     r = a.results["0"]
     for plain, coded in (("quant4", "quant4h"), ("gptq4", "gptq4h")):
         assert a.drop("0", coded) == a.drop("0", plain)  # the same integers, coded otherwise
@@ -275,6 +275,9 @@ def test_huffman_actions_keep_the_drop_and_cost_fewer_bytes_and_dyn8_runs():
         # manifest keys more per layer, which small layers do not earn back)
         assert r[coded]["bytes_after"] < r[plain]["bytes_after"] - 256 * 128 * 0.5 / 8
     assert r["dyn8"]["status"] == "ok" and 0 <= a.drop("0", "dyn8") < 1e-2
+    # dyn6h: dyn8's kernels, the weights on a 6-bit grid coded: fewer bytes than dyn8, a little more drop
+    assert r["dyn6h"]["status"] == "ok" and r["dyn6h"]["bytes_after"] < r["dyn8"]["bytes_after"] - 256 * 128 * 2 / 8
+    assert a.drop("0", "dyn8") <= a.drop("0", "dyn6h") < 2e-2
 
 
 def test_analyze_takes_its_settings_as_one_config_or_as_keywords():

@@ -1,7 +1,8 @@
 """What `quantize` offers the search (`st.analyze` / `st.auto`), declared where it registers.
 
 Weight-only per-channel symmetric actions carry the size (quant8 ... quant2; GPTQ's rounding and
-Huffman-coded integers by name); W8A8 static (`int8`) and dynamic (`dyn8`) are the speed actions;
+Huffman-coded integers by name); W8A8 static (`int8`) and dynamic (`dyn8`, and `dyn6h` / `dyn5h` with the
+weights on a smaller Huffman-coded grid) are the speed actions;
 log2 (power-of-two) weights by name (`log2_4`, `log2_3`) for shift-only targets.
 With recovery, a stage of `qat_bits` bits or fewer trains through fake quantization (the `qat`
 method: PTQ, fine-tuning to the float model's outputs, converted to exactly PTQ's layers).
@@ -51,6 +52,10 @@ QUANTIZE_SEARCH = SearchHooks(
         # 12 ms of int8 kernels against 61 ms of fp32 MatMul on all-MiniLM-L6-v2's Linears: speed 0.3
         SearchAction("dyn8", {"weights": _weights(8, False), "activations": {"dynamic": True, "per_token": False},
                               "smooth": "auto"}, 8.0, speed=0.3, default=False),
+        # the same int8 kernels with the weights on a 6 / 5-bit grid, Huffman-coded in the artifact (int8 in the
+        # ONNX file): size and speed in one action, the joint objective's (`--min-speedup`; docs/search.md)
+        *(SearchAction(f"dyn{b}h", {"weights": _weights(b, True), "activations": {"dynamic": True, "per_token": False},
+                                    "smooth": "auto"}, float(b), speed=0.3, default=False) for b in (6, 5)),
         *(_weight_only(b, huffman=True) for b in (8, 6, 5, 4, 3)),
         *(_weight_only(b, huffman=True, gptq=True) for b in (6, 5, 4, 3)),
         # log2 (power-of-two) weights: the same bytes as intN, a shift instead of a multiply on hardware
