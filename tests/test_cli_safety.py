@@ -105,12 +105,20 @@ def test_read_only_out_parent_is_refused(d, tmp_path):
 
 def test_auto_exits_3_when_no_candidate_meets_the_budget(d, tmp_path):
     out = tmp_path / "out"
-    code, stdout, err = run_cli("auto", MLP, "--data", d / "good.npz", "--max-drop", "0", "--actions", "quant2",
-                                "--out", out, "--cache-dir", tmp_path / "cache")
+    code, stdout, err = run_cli("auto", f"{FACTORIES}:wide_mlp", "--data", d / "good.npz", "--max-drop", "0",
+                                "--actions", "quant2", "--out", out, "--cache-dir", tmp_path / "cache")
     assert code == EXIT_NO_CANDIDATE == 3, err
     assert "no candidate meets the budget" in err.strip().splitlines()[-1]
     assert json.loads((out / "auto.json").read_text())["fits"] is False  # complete, marked, never half-written
     assert (out / "manifest.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_auto_keeps_the_original_when_no_action_makes_a_layer_smaller(d, tmp_path):
+    # SmallMLP's 96- and 48-weight layers: 2-bit codes plus their scales and manifest keys cost more bytes
+    code, stdout, err = run_cli("auto", MLP, "--data", d / "good.npz", "--max-drop", "0", "--actions", "quant2",
+                                "--out", tmp_path / "out", "--cache-dir", tmp_path / "cache")
+    assert code == 0, err
+    assert "no action makes any layer cheaper" in stdout + err
 
 
 def test_export_refuses_to_overwrite_without_force(d, tmp_path):

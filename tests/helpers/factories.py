@@ -34,6 +34,12 @@ def mlp():
     return SmallMLP().eval()
 
 
+def wide_mlp():
+    """Wide enough that 2-bit weights make each layer smaller on disk (SmallMLP's are too small to shrink)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 256), nn.ReLU(), nn.Linear(256, 3)).eval()
+
+
 def mlp_other_weights():
     """Same architecture, different weights (the artifact's tensors must win on load)."""
     torch.manual_seed(123)
