@@ -97,3 +97,15 @@ def finish(res: dict[str, Any], *, name: str, command: str, started: float, thre
     write_results(RESULTS_DIR / f"{stem or name}.json", res, markdown)
     print(markdown)
     return 0
+
+
+def targets_markdown(targets: list[dict[str, Any]], title: str = "Targets", miss: str = "**FAIL**",
+                     digits: int = 4) -> str:
+    """The targets table of a benchmark: each {description, measured, unit, op, limit, passed}."""
+    from shrinktunnel.report import Table
+
+    t = Table(title, ["target", "measured", "required", "result"])
+    for x in targets:
+        t.add(x["description"], f"{x['measured']:.{digits}g} {x['unit']}", f"{x['op']} {x['limit']:g} {x['unit']}",
+              "pass" if x["passed"] else miss)
+    return t.to_markdown()

@@ -62,7 +62,7 @@ from shrinktunnel.report import Table, fmt_bytes  # noqa: E402
 from shrinktunnel.search import Action, analyze, auto  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import COMMAND, RESULTS_DIR, git_state, machine_info, today, write_results  # noqa: E402
+from _common import COMMAND, RESULTS_DIR, git_state, machine_info, targets_markdown, today, write_results  # noqa: E402
 
 NAME = "search_minilm"
 THREADS = 2
@@ -193,11 +193,7 @@ def render_joint(res: dict[str, Any]) -> str:
     t.add("search", f"analysis of {res['layers']} layers ({res['analysis_evaluated']} evaluated in this run) "
           f"{res['analysis_seconds']:.0f} s; {len(res['evaluated'])} candidates in {res['auto_seconds']:.0f} s; fits: {res['fits']}")
     lines.append(t.to_markdown())
-    tt = Table("Targets (joint objective)", ["target", "measured", "required", "result"])
-    for x in res["targets"]:
-        tt.add(x["description"], f"{x['measured']:.4g} {x['unit']}", f"{x['op']} {x['limit']:g} {x['unit']}",
-               "pass" if x["passed"] else "**NOT MET**")
-    lines.append(tt.to_markdown())
+    lines.append(targets_markdown(res["targets"], "Targets (joint objective)", miss="**NOT MET**"))
     return "\n".join(lines)
 
 
@@ -327,11 +323,7 @@ def render(res: dict[str, Any]) -> str:
     lines.append(t.to_markdown())
     lines.append(plan_table(res).to_markdown())
     lines.append(latency_table(res["latency"]).to_markdown())
-    tt = Table("Targets", ["target", "measured", "required", "result"])
-    for x in res["targets"]:
-        tt.add(x["description"], f"{x['measured']:.4g} {x['unit']}", f"{x['op']} {x['limit']:g} {x['unit']}",
-               "pass" if x["passed"] else "**FAIL**")
-    lines.append(tt.to_markdown())
+    lines.append(targets_markdown(res["targets"]))
     return "\n".join(lines)
 
 

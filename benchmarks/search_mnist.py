@@ -34,7 +34,7 @@ from shrinktunnel.report import Table, fmt_bytes, fmt_pct
 from shrinktunnel.search import ACTIONS, RecoveryConfig, analyze, auto, build_plan
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import COMMAND, RESULTS_DIR, git_state, machine_info, today, write_results  # noqa: E402
+from _common import COMMAND, RESULTS_DIR, git_state, machine_info, targets_markdown, today, write_results  # noqa: E402
 
 NAME = "search_mnist"
 THREADS = 2
@@ -254,11 +254,7 @@ def render(res: dict[str, Any]) -> str:
     an = res["analysis"]
     lines.append(f"Analysis: {an['evaluations']} evaluations in {an['seconds']:.0f} s; the second run read {an['cached_hits']} "
                  f"from the cache in {an['cached_seconds']:.2f} s.\n")
-    tt = Table("Targets", ["target", "measured", "required", "result"])
-    for x in res["targets"]:
-        tt.add(x["description"], f"{x['measured']:.3g} {x['unit']}", f"{x['op']} {x['limit']:g} {x['unit']}",
-               "pass" if x["passed"] else "**FAIL**")
-    lines.append(tt.to_markdown())
+    lines.append(targets_markdown(res["targets"], digits=3))
     return "\n".join(lines)
 
 

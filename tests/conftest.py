@@ -5,6 +5,7 @@ Every model is built here, from a fixed seed, in milliseconds. Nothing is ever d
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import sys
@@ -263,3 +264,16 @@ def run_cli(*args) -> tuple[int, str, str]:
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def without_openvino(monkeypatch):
+    """`importlib.import_module("openvino")` fails as on a machine without the package (the runtimes import it so)."""
+    real = importlib.import_module
+
+    def fake(name, *args, **kwargs):
+        if name == "openvino":
+            raise ImportError("No module named 'openvino'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", fake)

@@ -3,7 +3,6 @@ PyTorch; the CLI's --openvino / --executorch / eval --backend; a missing runtime
 
 from __future__ import annotations
 
-import importlib
 import warnings
 
 import numpy as np
@@ -84,15 +83,7 @@ def test_executorch_lowers_our_static_int8_layers_exactly(int8, tmp_path):
     assert float((got - want).abs().gt(1e-6).float().mean()) <= 0.1
 
 
-def test_a_missing_runtime_names_its_package(monkeypatch, tmp_path):
-    real = importlib.import_module
-
-    def fake(name, *a, **k):
-        if name == "openvino":
-            raise ImportError("No module named 'openvino'")
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(importlib, "import_module", fake)
+def test_a_missing_runtime_names_its_package(without_openvino, tmp_path):
     with pytest.raises(R.RuntimeMissingError, match="pip install openvino"):
         R.session(tmp_path / "m.onnx", "openvino")
     with pytest.raises(st.errors.ExportError, match="unknown runtime 'tflite'"):

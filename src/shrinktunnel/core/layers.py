@@ -320,7 +320,7 @@ def classify(model: nn.Module, recurrent: bool = False) -> dict[str, tuple[str, 
     """{name: (how, detail)} for every module with a weight that is not already canonical:
     ("replace", kind), ("wrap", (Call, returns)), or ("skip", reason). `recurrent`: exact LSTM / GRU / RNN
     become core/recurrent.RecurrentLinears (their matrices as Linears read for their weight)."""
-    from .recurrent_linears import RECURRENT
+    from .recurrent_linears import RECURRENT, holds_matrices
 
     from .mha import unsupported_reason
 
@@ -332,7 +332,7 @@ def classify(model: nn.Module, recurrent: bool = False) -> dict[str, tuple[str, 
             continue
         if any(name.startswith(r + ".") for r in rewritten):
             continue
-        if recurrent and type(module) in RECURRENT and _holds_matrices(module):
+        if recurrent and type(module) in RECURRENT and holds_matrices(module):
             out[name] = ("replace", "rnn")
             rewritten.append(name)
             continue
@@ -366,11 +366,6 @@ def classify(model: nn.Module, recurrent: bool = False) -> dict[str, tuple[str, 
             call, why, returns = probe(module)
             out[name] = ("wrap", (call, returns)) if call is not None else ("skip", why)
     return out
-
-
-def _holds_matrices(module: nn.Module) -> bool:
-    """A recurrent layer with its own matrices (not the placeholder `rnn` inside core/recurrent's layers)."""
-    return any(isinstance(p, nn.Parameter) and p.dim() >= 2 for p in module._parameters.values())
 
 
 def _unreachable_reason(module: nn.Module, matrices: list[str]) -> str:

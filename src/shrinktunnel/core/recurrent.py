@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .recurrent_linears import _CLASSES, RECURRENT, _placeholder_rnn, RecurrentLinears, recurrent_matrices, recurrent_spec
+from .recurrent_linears import (_CLASSES, RECURRENT, RecurrentLayer, RecurrentLinears, _placeholder_rnn, holds_matrices,
+                                recurrent_matrices, recurrent_spec)
 
 STORAGE = ("int8", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")
 _SCALED = ("int8", "float8_e4m3fn", "float8_e5m2")
@@ -34,7 +35,7 @@ __all__ = ["RECURRENT", "RecurrentWeightOnly", "RecurrentLinears", "recurrent_ma
            "store_recurrent", "replay_recurrent"]
 
 
-class RecurrentWeightOnly(nn.Module):
+class RecurrentWeightOnly(RecurrentLayer):
     """An nn.LSTM / GRU / RNN whose matrices are stored as `storage` and expanded to float32 per forward."""
 
     def __init__(self, spec: dict[str, Any]) -> None:
@@ -88,25 +89,6 @@ class RecurrentWeightOnly(nn.Module):
             w = w * getattr(self, f"{name}_scale")[:, None]
         return w
 
-    def forward(self, *args, **kwargs):
-        matrices = {name: self.matrix(name) for name in self._spec["matrices"]}
-        return torch.func.functional_call(self.rnn, matrices, args, kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        """The replaced layer's attributes (hidden_size, weight_ih_l0 as float32, ...), as model code reads them."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            spec = self.__dict__.get("_spec")
-            if spec is not None and name in spec["matrices"]:
-                return self.matrix(name)
-            if spec is not None and name in spec["config"]:
-                return spec["config"][name]
-            rnn = self.__dict__["_modules"].get("rnn")
-            if rnn is not None and name in rnn._parameters:  # the biases, kept by the inner layer
-                return rnn._parameters[name]
-            raise
-
     def extra_repr(self) -> str:
         return f"{self._spec['kind']}, {len(self._spec['matrices'])} matrices stored {self._spec['storage']} (weight-only)"
 
@@ -121,8 +103,8 @@ def store_recurrent(model: nn.Module, layers: list[str], skip: list[str], storag
 
     specs: dict[str, dict[str, Any]] = {}
     for name, module in list(visible_modules(model)):
-        own = any(isinstance(p, nn.Parameter) and p.dim() >= 2 for p in module._parameters.values())  # not a placeholder
-        if name and type(module) in RECURRENT and own and matches(name, layers) and not matches(name, skip):
+        selected = name and matches(name, layers) and not matches(name, skip)
+        if selected and type(module) in RECURRENT and holds_matrices(module):
             layer = RecurrentWeightOnly.from_module(module, storage)
             set_submodule(model, name, layer)
             specs[name] = layer.spec()

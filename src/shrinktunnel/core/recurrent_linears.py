@@ -13,7 +13,7 @@ from torch import nn
 
 from .dense import dense_weight
 
-__all__ = ["RECURRENT", "RecurrentLinears", "recurrent_matrices", "recurrent_spec"]
+__all__ = ["RECURRENT", "RecurrentLayer", "RecurrentLinears", "holds_matrices", "recurrent_matrices", "recurrent_spec"]
 
 RECURRENT = {nn.LSTM: "lstm", nn.GRU: "gru", nn.RNN: "rnn"}  # exact classes: a subclass may compute otherwise
 _CLASSES = {v: k for k, v in RECURRENT.items()}
@@ -34,6 +34,11 @@ def recurrent_spec(module: nn.Module, storage: str) -> dict[str, Any]:
     return {"kind": RECURRENT[type(module)], "config": cfg, "storage": storage, "matrices": recurrent_matrices(module)}
 
 
+def holds_matrices(module: nn.Module) -> bool:
+    """A recurrent layer with matrices of its own, not the placeholder `rnn` inside a RecurrentLayer."""
+    return any(isinstance(p, nn.Parameter) and p.dim() >= 2 for p in module._parameters.values())
+
+
 def _placeholder_rnn(spec: dict[str, Any]) -> nn.Module:
     """The recurrent layer of `spec` with its matrices removed: zero-stride, non-persistent stand-ins of
     their shapes (the forward passes the real ones), so nothing is stored twice."""
@@ -45,7 +50,38 @@ def _placeholder_rnn(spec: dict[str, Any]) -> nn.Module:
     return rnn
 
 
-class RecurrentLinears(nn.Module):
+class RecurrentLayer(nn.Module):
+    """What the layers that stand for a recurrent layer share: `_spec` (kind, config, matrices), the inner
+    `rnn` with placeholder matrices, and `matrix(name)`, the float matrix the op runs on. The forward runs
+    the recurrent op on those matrices; model code reads the replaced layer's attributes as before."""
+
+    _spec: dict[str, Any]
+    rnn: nn.Module
+
+    def matrix(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, *args, **kwargs):
+        matrices = {name: self.matrix(name) for name in self._spec["matrices"]}
+        return torch.func.functional_call(self.rnn, matrices, args, kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        """The replaced layer's attributes (hidden_size, weight_ih_l0 as float32, ...), as model code reads them."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            spec = self.__dict__.get("_spec")
+            if spec is not None and name in spec["matrices"]:
+                return self.matrix(name)
+            if spec is not None and name in spec["config"]:
+                return spec["config"][name]
+            rnn = self.__dict__["_modules"].get("rnn")
+            if rnn is not None and name in rnn._parameters:  # the biases, kept by the inner layer
+                return rnn._parameters[name]
+            raise
+
+
+class RecurrentLinears(RecurrentLayer):
     """An nn.LSTM / GRU / RNN whose matrices are bias-less `nn.Linear` children (`matrices.<name>`, weight
     (rows, columns) as the recurrent layer holds it), read for the weight each computes with."""
 
@@ -79,25 +115,6 @@ class RecurrentLinears(nn.Module):
     def matrix(self, name: str) -> torch.Tensor:
         """A matrix as the layer computes with it: its child's weight (decoded, dequantized, fake-quantized)."""
         return dense_weight(self.matrices[name])
-
-    def forward(self, *args, **kwargs):
-        matrices = {name: self.matrix(name) for name in self._spec["matrices"]}
-        return torch.func.functional_call(self.rnn, matrices, args, kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        """The replaced layer's attributes (hidden_size, weight_ih_l0 as float32, ...), as model code reads them."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            spec = self.__dict__.get("_spec")
-            if spec is not None and name in spec["matrices"]:
-                return self.matrix(name)
-            if spec is not None and name in spec["config"]:
-                return spec["config"][name]
-            rnn = self.__dict__["_modules"].get("rnn")
-            if rnn is not None and name in rnn._parameters:  # the biases, kept by the inner layer
-                return rnn._parameters[name]
-            raise
 
     def extra_repr(self) -> str:
         return f"{self._spec['kind']}, {len(self._spec['matrices'])} matrices as Linears"
