@@ -277,3 +277,14 @@ def without_openvino(monkeypatch):
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(importlib, "import_module", fake)
+
+
+def runtime_installed(runtime: str) -> bool:
+    """Whether an export runtime's package imports here (export/packages.require), for skipif marks."""
+    from shrinktunnel.export.packages import RuntimeMissingError, require
+
+    try:
+        require(runtime)
+        return True
+    except RuntimeMissingError:
+        return False

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import shrinktunnel as st
-from conftest import FACTORIES, run_cli
+from conftest import FACTORIES, run_cli, runtime_installed
 from shrinktunnel.export import runtimes as R
 
 
@@ -36,16 +36,8 @@ def int8():
         return q, x, q(x)
 
 
-def _installed(runtime: str) -> bool:
-    try:
-        R.require(runtime)
-        return True
-    except R.RuntimeMissingError:
-        return False
-
-
-openvino = pytest.mark.skipif(not _installed("openvino"), reason="openvino not installed (scripts/install.sh installs it)")
-executorch = pytest.mark.skipif(not _installed("executorch"), reason="executorch not installed (scripts/install.sh "
+openvino = pytest.mark.skipif(not runtime_installed("openvino"), reason="openvino not installed (scripts/install.sh installs it)")
+executorch = pytest.mark.skipif(not runtime_installed("executorch"), reason="executorch not installed (scripts/install.sh "
                                 "installs it into .venv/executorch-extra)")
 
 

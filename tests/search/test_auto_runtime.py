@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_cli
+from conftest import run_cli, runtime_installed
 from shrinktunnel.errors import ConfigError, ExportError
 from shrinktunnel.export import runtimes as R
 from shrinktunnel.search import auto
@@ -27,14 +27,6 @@ def tiny_cnn() -> nn.Module:
 def tiny_data() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     return [torch.randn(8, 1, 8, 8, generator=g) for _ in range(2)]
-
-
-def _installed(runtime: str) -> bool:
-    try:
-        R.require(runtime)
-        return True
-    except R.RuntimeMissingError:
-        return False
 
 
 @pytest.fixture
@@ -74,14 +66,14 @@ def test_auto_times_and_checks_in_onnx_runtime_by_default(sessions):
     _check_timed_in(r, "ort", sessions, ".onnx")
 
 
-@pytest.mark.skipif(not _installed("openvino"), reason="openvino not installed (scripts/install.sh installs it)")
+@pytest.mark.skipif(not runtime_installed("openvino"), reason="openvino not installed (scripts/install.sh installs it)")
 def test_auto_times_and_checks_candidates_in_openvino(sessions):
     r = _search("openvino")
     _check_timed_in(r, "openvino", sessions, ".onnx")  # OpenVINO reads the exported ONNX file itself
 
 
 @pytest.mark.slow  # every candidate is lowered to XNNPACK: 20 s and more each here
-@pytest.mark.skipif(not _installed("executorch"), reason="executorch not installed (scripts/install.sh)")
+@pytest.mark.skipif(not runtime_installed("executorch"), reason="executorch not installed (scripts/install.sh)")
 def test_auto_times_and_checks_candidates_in_executorch(sessions):
     r = _search("executorch")
     _check_timed_in(r, "executorch", sessions, ".pte")
@@ -99,7 +91,7 @@ def test_an_unknown_or_missing_runtime_is_a_config_error(without_openvino, tmp_p
 
 
 @pytest.mark.slow  # the search on a real model and data through the command line
-@pytest.mark.skipif(not _installed("openvino"), reason="openvino not installed")
+@pytest.mark.skipif(not runtime_installed("openvino"), reason="openvino not installed")
 def test_cli_auto_runtime_openvino_records_it(tmp_path):
     x = torch.cat(tiny_data()).numpy()
     np.savez(tmp_path / "d.npz", x=x, y=np.zeros(len(x), dtype=np.int64))
